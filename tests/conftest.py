@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny hand-made BraTS cases and a preprocessed phantom set."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from data_pipeline import brats  # noqa: E402
+
+REAL_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "brats_real_sample",
+                           "TCGA-DU-7294")
+BRATS_AFFINE = np.array([[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0],
+                         [0, 0, 0, 1]], float)
+
+
+def write_nifti(path, array, affine=BRATS_AFFINE):
+  import nibabel as nib
+  img = nib.Nifti1Image(array, affine)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  nib.save(img, path)
+
+
+def make_case(root, version, number, shape=(24, 24, 20), seed=0, ext=".nii.gz",
+              tumor=True, labels=None):
+  """Writes one small synthetic case (ellipsoid brain, a blob tumor)."""
+  rng = np.random.default_rng([seed, number])
+  case_id = brats.case_id_for(version, number)
+  folder = os.path.join(root, case_id)
+  os.makedirs(folder, exist_ok=True)
+  grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
+                              indexing="ij"))
+  brain = (grid ** 2).sum(0) < 0.8
+  seg = np.zeros(shape, np.uint8)
+  if tumor:
+    blob = ((grid - np.array([0.2, 0.1, 0.0])[:, None, None, None]) ** 2).sum(0)
+    et = 3 if version == "2023" else 4
+    seg[(blob < 0.25) & brain] = 2
+    seg[(blob < 0.1) & brain] = et
+    seg[(blob < 0.03) & brain] = 1
+  if labels is not None:
+    seg = labels
+  for modality in brats.MODALITIES:
+    vol = np.where(brain, rng.integers(100, 1000, shape), 0).astype(np.int16)
+    write_nifti(os.path.join(folder, brats.file_stem(version, case_id, modality)
+                             + ext), vol)
+  write_nifti(os.path.join(folder, brats.file_stem(version, case_id, "seg")
+                           + ext), seg)
+  return case_id, folder
+
+
+@pytest.fixture(scope="session")
+def phantom_2020(tmp_path_factory):
+  """Eight downsampled BraTS 2020 phantom cases (CBICA, TCIA and others)."""
+  from data_pipeline import phantom
+  out = tmp_path_factory.mktemp("phantom2020")
+  return phantom.generate(str(out), version="2020", num_cases=8, seed=0,
+                          scale=0.4)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_cfg():
+  from configs import tiny
+  return tiny.get_config().data.to_dict()
+
+
+@pytest.fixture(scope="session")
+def preprocessed_2020(phantom_2020, tiny_data_cfg, tmp_path_factory):
+  """The phantom set preprocessed with the tiny config (both formats)."""
+  from data_pipeline import preprocess
+  out = str(tmp_path_factory.mktemp("slices2020"))
+  manifest = preprocess.run(phantom_2020.data_dir, out, tiny_data_cfg,
+                            progress=False)
+  return out, manifest

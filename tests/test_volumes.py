@@ -1,0 +1,185 @@
+"""Validation of every bad input, and the real BraTS case (data_pipeline/volumes.py)."""
+
+import gzip
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from data_pipeline import brats
+from data_pipeline import case_slices
+from data_pipeline import volumes
+from tests.conftest import REAL_SAMPLE, make_case, write_nifti
+
+T2 = ("t2",)
+
+
+def _case(tmp_path, version="2020", number=1, **kw):
+  make_case(str(tmp_path), version, number, **kw)
+  return brats.discover_cases(str(tmp_path))[0]
+
+
+def test_good_case_loads_with_canonical_labels(tmp_path):
+  case = _case(tmp_path)
+  vols = volumes.load_case(case, T2)
+  assert set(np.unique(vols.labels)) == {0, 1, 2, 3}  # 2020's 4 -> 3.
+  assert vols.brain.any() and vols.images["t2"].dtype == np.float32
+
+
+def test_2023_label_3_is_enhancing_and_kept(tmp_path):
+  case = _case(tmp_path, version="2023")
+  vols = volumes.load_case(case, T2)
+  assert np.count_nonzero(vols.labels == 3) > 0
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+  case = _case(tmp_path)
+  path = case.files["t2"]
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(brats.BratsDataError) as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == path
+  assert "truncated" in e.value.reason or "not a readable" in e.value.reason
+
+
+def test_garbage_file_names_the_file(tmp_path):
+  case = _case(tmp_path)
+  with open(case.files["seg"], "wb") as f:
+    f.write(gzip.compress(b"this is not a nifti file" * 10))
+  with pytest.raises(brats.BratsDataError, match="not a readable NIfTI") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["seg"]
+
+
+@pytest.mark.parametrize("modality", ["t2", "flair", "seg"])
+def test_missing_file_names_the_case_and_modality(tmp_path, modality):
+  case = _case(tmp_path)
+  os.remove(case.files[modality])
+  case = brats.discover_cases(str(tmp_path))[0]
+  if modality == "seg":
+    # The quirk rule must not pick a modality file as the segmentation.
+    assert "seg" not in case.files
+  with pytest.raises(brats.BratsDataError, match=f"missing {modality} file") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.folder
+
+
+def test_missing_unused_modality_allowed_when_not_required(tmp_path):
+  case = _case(tmp_path)
+  os.remove(case.files["flair"])
+  case = brats.discover_cases(str(tmp_path))[0]
+  volumes.load_case(case, T2, require_all_modalities=False)
+
+
+def test_shape_mismatch_names_the_file(tmp_path):
+  case = _case(tmp_path)
+  write_nifti(case.files["seg"], np.zeros((24, 24, 19), np.uint8))
+  with pytest.raises(brats.BratsDataError, match=r"shape \(24, 24, 19\) differs") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["seg"]
+
+
+def test_affine_mismatch_names_the_file(tmp_path):
+  case = _case(tmp_path)
+  img = np.zeros((24, 24, 20), np.int16)
+  img[5:15, 5:15, 5:15] = 100
+  write_nifti(case.files["flair"], img, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+  with pytest.raises(brats.BratsDataError, match="affine differs") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["flair"]
+
+
+def test_label_3_in_a_2020_case_is_rejected(tmp_path):
+  labels = np.zeros((24, 24, 20), np.uint8)
+  labels[10:12, 10:12, 10:12] = 3
+  case = _case(tmp_path, labels=labels)
+  with pytest.raises(brats.BratsDataError, match=r"label values \[3\]") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["seg"]
+
+
+def test_non_integer_labels_rejected(tmp_path):
+  case = _case(tmp_path)
+  write_nifti(case.files["seg"], np.full((24, 24, 20), 0.5, np.float32))
+  with pytest.raises(brats.BratsDataError, match="non-integer"):
+    volumes.load_case(case, T2)
+
+
+def test_nans_name_the_file(tmp_path):
+  case = _case(tmp_path)
+  vol = np.ones((24, 24, 20), np.float32)
+  vol[3, 4, 5] = np.nan
+  write_nifti(case.files["t2"], vol)
+  with pytest.raises(brats.BratsDataError, match="1 non-finite") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["t2"]
+
+
+def test_empty_brain_names_the_file(tmp_path):
+  case = _case(tmp_path)
+  write_nifti(case.files["t2"], np.zeros((24, 24, 20), np.int16))
+  with pytest.raises(brats.BratsDataError, match="empty brain") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["t2"]
+
+
+def test_4d_file_rejected(tmp_path):
+  case = _case(tmp_path)
+  write_nifti(case.files["t2"], np.ones((24, 24, 20, 4), np.int16))
+  with pytest.raises(brats.BratsDataError, match="expected a 3D volume"):
+    volumes.load_case(case, T2)
+
+
+def test_normalise_maps_brain_to_unit_range_background_minus_one():
+  vol = np.zeros((10, 10, 10), np.float32)
+  vol[2:8, 2:8, 2:8] = np.linspace(-50, 1000, 216).reshape(6, 6, 6)
+  brain = vol != 0
+  out, stats = volumes.normalise(vol, brain, (0.5, 99.5))
+  assert np.all(out[~brain] == -1.0)
+  assert out[brain].min() == -1.0 and out[brain].max() == 1.0
+  assert stats.brain_voxels == 216 and stats.lo < 0
+
+
+@pytest.fixture(scope="module")
+def real_case(tmp_path_factory):
+  """The real BraTS-space case copied into a BraTS 2020 layout."""
+  if not os.path.isdir(REAL_SAMPLE):
+    pytest.fail(f"{REAL_SAMPLE} is missing: ../shared must sit beside the repo")
+  root = tmp_path_factory.mktemp("real") / "MICCAI_BraTS2020_TrainingData"
+  folder = root / "BraTS20_Training_042"
+  folder.mkdir(parents=True)
+  for m in brats.MODALITIES + ("seg",):
+    shutil.copy(os.path.join(REAL_SAMPLE, f"TCGA-DU-7294_{m}.nii.gz"),
+                folder / f"BraTS20_Training_042_{m}.nii.gz")
+  return brats.discover_cases(str(root.parent))[0]
+
+
+def test_real_case_loads_and_keeps_negative_brain_voxels(real_case):
+  vols = volumes.load_case(real_case, T2)
+  t2 = vols.images["t2"]
+  assert t2.shape == (240, 240, 155)
+  assert t2.min() < 0  # interpolation leaves negative values in the brain.
+  assert np.count_nonzero(vols.brain) == np.count_nonzero(t2 != 0)
+  assert np.count_nonzero(vols.brain) > np.count_nonzero(t2 > 0)
+  assert np.count_nonzero(vols.labels) == 24188
+  assert set(np.unique(vols.labels)) == {0, 1, 2}
+
+
+def test_real_case_slices(real_case, tiny_data_cfg):
+  cfg = dict(tiny_data_cfg, image_size=128)
+  arrays, meta = case_slices.extract(real_case, cfg)
+  assert 1 <= meta["num_tumor_slices"] <= 5
+  assert meta["num_healthy_slices"] >= 1
+  assert all(z % 5 == 0 for z in arrays["tumor_z"])
+  image = arrays["tumor_image"]
+  assert image.shape[1:] == (128, 128, 1)
+  assert image.min() >= -1.0 - 1e-6 and image.max() <= 1.0 + 1e-6
+  assert np.all(arrays["tumor_label"].reshape(len(image), -1).max(1) > 0)
+  assert np.all(arrays["healthy_label"] == 0)
+  # Background stays exactly -1 after resizing; the brain is mostly above it.
+  assert np.all(image[:, :4, :4] == -1.0)  # corners are background.
+  brain = arrays["tumor_brain"].astype(bool)
+  assert np.mean(image[..., 0][brain] > -0.99) > 0.95
