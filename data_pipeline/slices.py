@@ -116,12 +116,14 @@ def to_output_grid(image: np.ndarray, size: int, method: str, fill: float
     return out
   if method != "resize":
     raise ValueError(f"unknown spatial method {method!r}; use resize or pad")
-  image = pad_to_square(image, fill)
+  # Resample the offset from `fill` so that pure background stays exactly
+  # `fill` (weights summing to 1 +- float error would blur it otherwise).
+  image = pad_to_square(image, fill) - fill
   r = resample_matrix(image.shape[0], size)
   # Separable: rows then columns (two small matmuls, not one 4-index einsum).
   rows = np.tensordot(r, image, axes=(1, 0))            # (size, W, ...)
   out = np.tensordot(r, rows, axes=(1, 1)).swapaxes(0, 1)  # (size, size, ...)
-  return np.ascontiguousarray(out, dtype=np.float32)
+  return np.ascontiguousarray(out + fill, dtype=np.float32)
 
 
 def labels_to_output_grid(labels: np.ndarray, size: int, method: str
