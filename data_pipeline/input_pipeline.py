@@ -97,16 +97,14 @@ def _hide_gpus_from_tf(tf) -> None:
 def _tf_dataset(data_dir, split, process_index, process_count):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   _hide_gpus_from_tf(tf)
-  b = _tfds_builder(data_dir, "tf")
-  return tf, b.as_dataset(split=_shard_split(data_dir, split, process_index,
-                                             process_count),
-                          shuffle_files=False)
+  sharded = _shard_split(data_dir, split, process_index, process_count)
+  return tf, _tfds_builder(data_dir, "tf").as_dataset(split=sharded,
+                                                      shuffle_files=False)
 
 
 def _grain_source(data_dir, split, process_index, process_count):
-  b = _tfds_builder(data_dir, "grain")
-  return b.as_data_source(split=_shard_split(data_dir, split, process_index,
-                                             process_count))
+  sharded = _shard_split(data_dir, split, process_index, process_count)
+  return _tfds_builder(data_dir, "grain").as_data_source(split=sharded)
 
 
 def read_examples(data_dir: str, split: str, reader: str = "grain",

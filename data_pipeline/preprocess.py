@@ -311,4 +311,4 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
   }
   _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
   shutil.rmtree(staging_root, ignore_errors=True)
-  return manifest
+  return read_manifest(out_dir)  # the JSON form, as a reuse would return it.

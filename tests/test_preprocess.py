@@ -1,0 +1,212 @@
+"""Preprocessing end to end on phantom data (data_pipeline/preprocess.py)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from data_pipeline import brats
+from data_pipeline import input_pipeline
+from data_pipeline import phantom
+from data_pipeline import preprocess
+
+AR_ONLY = {"formats": ("array_record",)}  # TF-free and faster where tf.data is not tested.
+
+
+def _splits_of(manifest):
+  return {c["case_id"]: c["split"] for c in manifest["cases"]}
+
+
+def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020):
+  out, manifest = preprocessed_2020
+  centers = phantom_2020.center_of_case
+  assert {c["case_id"]: c["center"] for c in manifest["cases"]} == centers
+  assert manifest["skipped"] == []
+  assert set(manifest["splits"]) == {"CBICA_train", "CBICA_test", "TCIA_train",
+                                     "TCIA_test", "healthy"}
+  split_of = _splits_of(manifest)
+  for center in ("CBICA", "TCIA"):
+    ids = [c for c, k in centers.items() if k == center]
+    n_test = int(np.floor(0.2 * len(ids) + 0.5))
+    assert sum(split_of[c] == "test" for c in ids) == n_test
+    assert sum(split_of[c] == "train" for c in ids) == len(ids) - n_test
+    for part in ("train", "test"):
+      listed = {cid for cid, _ in manifest["slices"][f"{center}_{part}"]}
+      assert listed <= {c for c in ids if split_of[c] == part}
+      assert manifest["splits"][f"{center}_{part}"]["num_cases"] == len(listed)
+  for cid in centers:
+    if centers[cid] not in ("CBICA", "TCIA"):
+      assert split_of[cid] == "public"
+  healthy_cases = {cid for cid, _ in manifest["slices"]["healthy"]}
+  assert healthy_cases and all(split_of[c] != "test" for c in healthy_cases)
+  for name, split in manifest["splits"].items():
+    assert split["num_slices"] == len(manifest["slices"][name])
+  for file_format, rel in manifest["formats"].items():
+    assert os.path.isdir(os.path.join(out, rel)), file_format
+
+
+def test_examples_hold_image_mask_labels_and_provenance(preprocessed_2020):
+  out, manifest = preprocessed_2020
+  centers = {c["case_id"]: c["center"] for c in manifest["cases"]}
+  tumor = list(input_pipeline.read_examples(out, "CBICA_train", "grain"))
+  healthy = list(input_pipeline.read_examples(out, "healthy", "grain"))
+  assert len(tumor) == manifest["splits"]["CBICA_train"]["num_slices"]
+  size = manifest["image_size"]
+  for ex in tumor + healthy:
+    assert ex["image"].shape == (size, size, 1) and ex["image"].dtype == np.float32
+    assert -1.0 <= ex["image"].min() and ex["image"].max() <= 1.0
+    np.testing.assert_array_equal(ex["mask"], (ex["label"] > 0).astype(np.uint8))
+    assert set(np.unique(ex["label"])) <= {0, 1, 2, 3}
+    assert ex["center"] == centers[ex["case_id"]]
+    assert ex["key"] == f"{ex['case_id']}/{ex['slice_index']:03d}"
+    # 5 mm stride on 2.5 mm phantom slices: every second slice.
+    assert ex["slice_index"] % 2 == 0
+  assert all(ex["mask"].sum() > 0 for ex in tumor)
+  assert all(ex["mask"].sum() == 0 for ex in healthy)
+  assert all(ex["brain"].sum() > 0.15 * size * size * 0.5 for ex in healthy)
+
+
+def test_finished_output_is_reused_and_other_config_refused(preprocessed_2020,
+                                                            phantom_2020,
+                                                            tiny_data_cfg):
+  out, manifest = preprocessed_2020
+  stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+  calls = []
+  again = preprocess.run(phantom_2020.data_dir, out, tiny_data_cfg,
+                         progress=False, on_case_done=lambda *a: calls.append(a))
+  assert again == manifest and calls == []
+  assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    preprocess.run(phantom_2020.data_dir, out,
+                   dict(tiny_data_cfg, image_size=16), progress=False)
+
+
+@pytest.mark.parametrize("version", ["2021", "2023"])
+def test_other_versions(tmp_path, tiny_data_cfg, version):
+  info = phantom.generate(str(tmp_path / "raw"), version=version, num_cases=4,
+                          scale=0.4)
+  manifest = preprocess.run(info.data_dir, str(tmp_path / "out"),
+                            dict(tiny_data_cfg, **AR_ONLY), progress=False)
+  center = f"BraTS{version}"
+  assert manifest["version"] == version
+  assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy"}
+  assert manifest["splits"][f"{center}_test"]["num_cases"] == 1
+  labels = set()
+  for ex in input_pipeline.read_examples(str(tmp_path / "out"), f"{center}_train"):
+    labels |= set(np.unique(ex["label"]).tolist())
+  assert 3 in labels  # the enhancing tumor survives the label mapping.
+
+
+def test_kaggle_layout_nii_and_quirk_355(tmp_path, tiny_data_cfg):
+  info = phantom.generate(str(tmp_path / "raw"), version="2020", num_cases=3,
+                          scale=0.4, compressed=False, kaggle_nesting=True,
+                          quirk_355=True)
+  manifest = preprocess.run(str(tmp_path / "raw"), str(tmp_path / "out"),
+                            dict(tiny_data_cfg, centers="all", **AR_ONLY),
+                            progress=False)
+  assert "BraTS20_Training_355" in {c["case_id"] for c in manifest["cases"]}
+  assert len(manifest["cases"]) == len(info.cases) == 3
+
+
+def _copy(phantom_info, tmp_path):
+  dst = tmp_path / "raw"
+  shutil.copytree(phantom_info.data_dir, dst)
+  return str(dst)
+
+
+def test_bad_case_raises_or_is_skipped_and_listed(tmp_path, phantom_2020,
+                                                  tiny_data_cfg):
+  raw = _copy(phantom_2020, tmp_path)
+  victim = phantom_2020.case_ids[2]
+  path = os.path.join(raw, victim, f"{victim}_t2.nii.gz")
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 3])
+  cfg = dict(tiny_data_cfg, **AR_ONLY)
+  with pytest.raises(brats.BratsDataError) as e:
+    preprocess.run(raw, str(tmp_path / "out"), cfg, progress=False)
+  assert e.value.path == path
+  assert not os.path.exists(tmp_path / "out" / "manifest.json")
+  manifest = preprocess.run(raw, str(tmp_path / "out"),
+                            dict(cfg, on_error="skip"), progress=False)
+  assert [s["path"] for s in manifest["skipped"]] == [path]
+  assert manifest["skipped"][0]["reason"]
+  assert victim not in {c["case_id"] for c in manifest["cases"]}
+  assert len(manifest["cases"]) == len(phantom_2020.cases) - 1
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_run_leaves_nothing_complete_and_resumes(
+    tmp_path, phantom_2020, preprocessed_2020, tiny_data_cfg):
+  raw = _copy(phantom_2020, tmp_path)
+  out = str(tmp_path / "out")
+  done = []
+
+  def interrupt_after_three(case_id, result):
+    done.append(case_id)
+    if len(done) == 3:
+      raise _Interrupt()
+
+  with pytest.raises(_Interrupt):
+    preprocess.run(raw, out, tiny_data_cfg, progress=False,
+                   on_case_done=interrupt_after_three)
+  assert not os.path.exists(os.path.join(out, "manifest.json"))
+  with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    next(input_pipeline.read_examples(out, "healthy"))
+
+  reused = []
+  manifest = preprocess.run(raw, out, tiny_data_cfg, progress=False,
+                            on_case_done=lambda c, r: reused.append(r["reused"]))
+  assert sum(reused) == 3 and len(reused) == len(phantom_2020.cases)
+  ref_out, ref = preprocessed_2020
+  assert manifest["slices"] == ref["slices"]
+  assert manifest["splits"] == ref["splits"]
+  assert not os.path.exists(os.path.join(out, preprocess.STAGING))
+  for a, b in zip(input_pipeline.read_examples(out, "TCIA_train"),
+                  input_pipeline.read_examples(ref_out, "TCIA_train")):
+    assert a["key"] == b["key"]
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_parallel_workers_and_overwrite(tmp_path, phantom_2020, preprocessed_2020,
+                                        tiny_data_cfg):
+  out = str(tmp_path / "out")
+  cfg = dict(tiny_data_cfg, **AR_ONLY)
+  manifest = preprocess.run(phantom_2020.data_dir, out, cfg, num_workers=2,
+                            progress=False)
+  assert manifest["slices"] == preprocessed_2020[1]["slices"]
+  calls = []
+  preprocess.run(phantom_2020.data_dir, out, cfg, overwrite=True,
+                 progress=False, on_case_done=lambda c, r: calls.append(r))
+  assert len(calls) == len(phantom_2020.cases)
+  assert not any(r["reused"] for r in calls)
+  with open(os.path.join(out, "manifest.json")) as f:
+    assert json.load(f)["slices"] == manifest["slices"]
+
+
+def test_padding_to_a_larger_grid(tmp_path, phantom_2020, tiny_data_cfg):
+  cfg = dict(tiny_data_cfg, image_size=128, spatial="pad", **AR_ONLY)
+  out = str(tmp_path / "out")
+  preprocess.run(phantom_2020.data_dir, out, cfg, progress=False)
+  ex = next(input_pipeline.read_examples(out, "healthy"))
+  assert ex["image"].shape == (128, 128, 1)
+  # The 96 x 96 phantom slice sits in the middle; the border is background.
+  assert np.all(ex["image"][:16] == -1.0) and np.all(ex["image"][-16:] == -1.0)
+  assert np.all(ex["brain"][:16] == 0)
+
+
+def test_healthy_cap_prefers_public_cases(preprocessed_2020, phantom_2020,
+                                          tiny_data_cfg, tmp_path):
+  out = str(tmp_path / "out")
+  manifest = preprocess.run(phantom_2020.data_dir, out,
+                            dict(tiny_data_cfg, healthy_max=3, **AR_ONLY),
+                            progress=False)
+  split_of = _splits_of(manifest)
+  chosen = manifest["slices"]["healthy"]
+  assert len(chosen) == 3
+  assert all(split_of[cid] == "public" for cid, _ in chosen)
