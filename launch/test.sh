@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set up, then run the default (fast) test suite.
+# Extra arguments go to pytest, e.g. `bash launch/test.sh -m slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+exec .venv/bin/python -m pytest -q tests "$@"
