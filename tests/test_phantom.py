@@ -1,0 +1,358 @@
+"""Tests of the BraTS-format phantom generator (BRATS_FORMAT.md section 6)."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from data_pipeline import brats
+from data_pipeline import phantom
+
+SCALE = 0.4  # 96 x 96 x 62 voxels of 2.5 mm: fast, still anatomical.
+SEG_VALUES = {"2020": {0, 1, 2, 4}, "2021": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}
+ET_LABEL = {"2020": 4, "2021": 4, "2023": 3}
+
+
+def load(path):
+  return np.asarray(nib.load(path).dataobj)
+
+
+def case_volumes(info, case_id):
+  folder = os.path.join(info.data_dir, case_id)
+  files = brats.case_files(info.version, case_id, folder)
+  return {name: load(path) for name, path in files.items()}
+
+
+@pytest.fixture(scope="module")
+def ph2020(tmp_path_factory):
+  return phantom.generate(str(tmp_path_factory.mktemp("p2020")), version="2020",
+                          num_cases=8, seed=0, scale=SCALE)
+
+
+@pytest.fixture(scope="module")
+def volumes2020(ph2020):
+  return {c.case_id: case_volumes(ph2020, c.case_id) for c in ph2020.cases}
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+  # Two cases: pick 0 (medium tumor) and pick 1 (the large border tumor).
+  return phantom.generate(str(tmp_path_factory.mktemp("full")), version="2020",
+                          num_cases=2, seed=0)
+
+
+@pytest.mark.parametrize("version", brats.VERSIONS)
+def test_file_names_per_version(tmp_path, version):
+  info = phantom.generate(str(tmp_path), version=version, num_cases=2, scale=SCALE)
+  assert info.data_dir == os.path.join(str(tmp_path), brats.DATA_FOLDER_NAMES[version])
+  folders = sorted(d for d in os.listdir(info.data_dir)
+                   if os.path.isdir(os.path.join(info.data_dir, d)))
+  assert folders == info.case_ids
+  pattern = brats.CASE_PATTERNS[version]
+  for case in info.cases:
+    assert pattern.match(case.case_id)
+    names = sorted(os.listdir(os.path.join(info.data_dir, case.case_id)))
+    expected = sorted(brats.file_stem(version, case.case_id, m) + ".nii.gz"
+                      for m in brats.MODALITIES + ("seg",))
+    assert names == expected
+    volumes = case_volumes(info, case.case_id)
+    assert set(np.unique(volumes["seg"])) <= SEG_VALUES[version]
+  if version == "2023":
+    assert any(n.endswith("-t2f.nii.gz") for n in names)
+    assert all(c.center == "BraTS2023" for c in info.cases)
+  csvs = {n for n in os.listdir(info.data_dir) if n.endswith(".csv")}
+  assert csvs == ({brats.NAME_MAPPING_FILE, brats.SURVIVAL_FILE}
+                  if version == "2020" else set())
+  assert [c.case_id for c in brats.discover_cases(str(tmp_path))] == info.case_ids
+
+
+def test_uncompressed_kaggle_nesting_and_quirk_355(tmp_path):
+  info = phantom.generate(str(tmp_path), num_cases=3, compressed=False,
+                          kaggle_nesting=True, quirk_355=True, scale=SCALE)
+  assert info.data_dir == os.path.join(str(tmp_path), brats.KAGGLE_OUTER_FOLDER,
+                                       brats.DATA_FOLDER_NAMES["2020"])
+  assert "BraTS20_Training_355" in info.case_ids
+  for case in info.cases:
+    names = os.listdir(os.path.join(info.data_dir, case.case_id))
+    assert len(names) == 5 and all(n.endswith(".nii") for n in names)
+  quirk = os.listdir(os.path.join(info.data_dir, "BraTS20_Training_355"))
+  assert brats.QUIRK_355_SEG_STEM + ".nii" in quirk
+  assert "BraTS20_Training_355_seg.nii" not in quirk
+  cases = brats.discover_cases(str(tmp_path))
+  assert [c.case_id for c in cases] == info.case_ids
+  assert all(set(c.files) == set(brats.MODALITIES) | {"seg"} for c in cases)
+  with pytest.raises(ValueError):
+    phantom.generate(str(tmp_path), version="2021", kaggle_nesting=True)
+
+
+def test_full_size_geometry_and_headers(full_size):
+  case_id = full_size.cases[0].case_id
+  folder = os.path.join(full_size.data_dir, case_id)
+  for name, path in brats.case_files("2020", case_id, folder).items():
+    image = nib.load(path)
+    header = image.header
+    assert isinstance(image, nib.Nifti1Image) and header["magic"] == b"n+1"
+    assert image.shape == (240, 240, 155)
+    np.testing.assert_array_equal(image.affine, phantom.BRATS_AFFINE)
+    np.testing.assert_array_equal(header.get_qform(), phantom.BRATS_AFFINE)
+    np.testing.assert_array_equal(header.get_sform(), phantom.BRATS_AFFINE)
+    assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+    assert header.get_zooms() == (1.0, 1.0, 1.0)
+    assert int(header["xyzt_units"]) == 2  # mm, like the real files.
+    assert header.get_data_dtype() == (np.uint8 if name == "seg" else np.int16)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+  volumes = case_volumes(full_size, case_id)
+  brain = volumes["t1"] > 0
+  lo, hi = np.argwhere(brain).min(0), np.argwhere(brain).max(0)
+  for got, want in zip(np.stack([lo, hi], 1), phantom.BRAIN_BOX):
+    assert abs(got[0] - want[0]) <= 8 and abs(got[1] - want[1]) <= 8, (lo, hi)
+  assert 1.4e6 < brain.sum() < 1.9e6
+  # Orientation: the lowest brain slices (cerebellum) lie posterior (large y).
+  idx = np.argwhere(brain)
+  low = idx[idx[:, 2] < lo[2] + 20]
+  assert low[:, 1].mean() > idx[:, 1].mean() + 15
+
+
+def test_full_size_tumors(full_size):
+  for case in full_size.cases:
+    volumes = case_volumes(full_size, case.case_id)
+    seg, brain = volumes["seg"], volumes["t1"] > 0
+    assert np.count_nonzero(seg) == case.tumor_voxels
+    assert not np.any((seg > 0) & ~brain)
+    z_brain = brain.any(axis=(0, 1))
+    z_tumor = (seg > 0).any(axis=(0, 1))
+    assert np.sum(z_brain & ~z_tumor) >= 30
+  # The second pick is the large tumor near the superior border.
+  large_id = brats.case_id_for("2020", phantom.select_case_numbers("2020", 2)[1])
+  large = full_size.cases[full_size.case_ids.index(large_id)]
+  assert large.tumor_voxels > 80_000
+  volumes = case_volumes(full_size, large_id)
+  top_brain = np.nonzero(volumes["t1"].any(axis=(0, 1)))[0].max()
+  assert np.nonzero((volumes["seg"] > 0).any(axis=(0, 1)))[0].max() >= top_brain - 15
+
+
+def test_masks_background_and_containment(ph2020, volumes2020):
+  for case_id, vol in volumes2020.items():
+    masks = [vol[m] != 0 for m in brats.MODALITIES]
+    for m in brats.MODALITIES:
+      assert vol[m].dtype == np.int16 and vol[m].min() >= 0
+    for mask in masks[1:]:
+      np.testing.assert_array_equal(mask, masks[0])
+    brain = masks[0]
+    np.testing.assert_array_equal(ndimage.binary_fill_holes(brain), brain)
+    seg = vol["seg"]
+    assert seg.dtype == np.uint8
+    assert set(np.unique(seg)) <= SEG_VALUES["2020"]
+    assert not np.any((seg > 0) & ~brain), case_id
+    assert np.count_nonzero(seg) == {c.case_id: c.tumor_voxels
+                                     for c in ph2020.cases}[case_id]
+
+
+def test_label_nesting(volumes2020):
+  for case_id, vol in volumes2020.items():
+    seg = vol["seg"]
+    wt = seg > 0
+    if not wt.any():
+      continue
+    boundary = wt & ~ndimage.binary_erosion(wt)
+    assert np.mean(seg[boundary] == 2) > 0.9, case_id  # Edema outermost.
+    core = (seg == 1) | (seg == 4)
+    assert not np.any(core & boundary), case_id
+    if np.any(seg == 4):  # ET surrounds the necrosis.
+      ncr = seg == 1
+      assert not np.any(ncr & ~ndimage.binary_erosion(core)), case_id
+
+
+def test_tumor_free_slices(volumes2020):
+  for case_id, vol in volumes2020.items():
+    brain_z = (vol["t1"] > 0).any(axis=(0, 1))
+    tumor_z = (vol["seg"] > 0).any(axis=(0, 1))
+    # >= 30 mm of tumor-free brain (= 30 slices at full size).
+    assert np.sum(brain_z & ~tumor_z) >= np.ceil(30 * SCALE), case_id
+
+
+def test_tumor_variety(ph2020, volumes2020):
+  voxel_mm3 = (1 / SCALE) ** 3
+  no_et = [cid for cid, v in volumes2020.items() if not np.any(v["seg"] == 4)]
+  assert no_et
+  assert any(np.any(v["seg"] == 4) for v in volumes2020.values())
+  small = [cid for cid, v in volumes2020.items()
+           if 0 < np.count_nonzero(v["seg"]) * voxel_mm3 < 2000
+           and (v["seg"] > 0).any(axis=(0, 1)).sum() <= 3]
+  assert small
+  sizes = [c.tumor_voxels * voxel_mm3 for c in ph2020.cases]
+  assert max(sizes) > 80_000 and max(sizes) / max(min(sizes), 1) > 20
+  assert sum(10_000 <= s <= 200_000 for s in sizes) >= 5
+  lgg = [c.case_id for c in ph2020.cases if c.grade == "LGG"]
+  assert lgg and all(not np.any(volumes2020[cid]["seg"] == 4) for cid in lgg)
+
+
+def _regions(maps, seg):
+  tumor = ndimage.binary_dilation(seg > 0, iterations=3)
+  inner = ndimage.binary_erosion(maps.brain, iterations=2)
+  return {"csf": (maps.csf > 0.8) & inner & ~tumor,
+          "gm": (maps.gm > 0.7) & inner & ~tumor,
+          "wm": (maps.wm > 0.9) & inner & ~tumor}
+
+
+def test_tissue_contrast(volumes2020):
+  maps = phantom.tissue_maps(SCALE)
+  for case_id, vol in volumes2020.items():
+    regions = _regions(maps, vol["seg"])
+    mean = {(m, r): float(vol[m][mask].mean())
+            for m in brats.MODALITIES for r, mask in regions.items()}
+    assert mean["t2", "csf"] > mean["t2", "gm"] > mean["t2", "wm"], case_id
+    assert mean["t1", "wm"] > mean["t1", "gm"] > mean["t1", "csf"], case_id
+    assert mean["flair", "csf"] < mean["flair", "wm"], case_id
+    assert mean["t1ce", "wm"] > 2.5 * mean["t1", "wm"], case_id
+    # Tumor appearance relative to white matter.
+    seg = vol["seg"]
+    for label, modality, low, high in ((2, "t2", 1.4, 3.0), (2, "flair", 1.5, 3.5),
+                                       (4, "t1ce", 1.3, 2.5), (1, "t1ce", 0.1, 0.8)):
+      core = ndimage.binary_erosion(seg == label)
+      if core.sum() >= 5:
+        ratio = vol[modality][core].mean() / mean[modality, "wm"]
+        assert low < ratio < high, (case_id, label, modality, ratio)
+
+
+def test_center_intensity_scale(ph2020, volumes2020):
+  maps = phantom.tissue_maps(SCALE)
+  wm_t1 = {}
+  for case in ph2020.cases:
+    vol = volumes2020[case.case_id]
+    wm = _regions(maps, vol["seg"])["wm"]
+    wm_t1.setdefault(case.center, []).append(float(np.median(vol["t1"][wm])))
+  per_center = {c: np.mean(v) for c, v in wm_t1.items()}
+  assert len(per_center) == 5
+  assert max(per_center.values()) / min(per_center.values()) > 2.5
+  assert per_center["CBICA"] / per_center["TCIA"] > 1.3
+
+
+def read_csv_rows(path):
+  with open(path, "rb") as f:
+    raw = f.read()
+  assert b"\r" not in raw
+  return list(csv.reader(raw.decode().splitlines()))
+
+
+def test_name_mapping_and_survival(ph2020):
+  rows = read_csv_rows(os.path.join(ph2020.data_dir, brats.NAME_MAPPING_FILE))
+  assert tuple(rows[0]) == brats.NAME_MAPPING_HEADER
+  body = rows[1:]
+  ids = [r[5] for r in body]
+  assert ids == sorted(ids) == ph2020.case_ids  # 1:1 with the folders.
+  for row in body:
+    assert all(row), row  # Missing values are the literal NA.
+    case_id = row[5]
+    site = row[4].split("_")[1] if row[4] != "NA" else "NA"
+    assert site == ph2020.sites[case_id]
+    number = brats.case_number("2020", case_id)
+    assert (site, row[0]) == phantom.site_of_number(number)
+  mapping = brats.read_name_mapping(os.path.join(ph2020.data_dir,
+                                                 brats.NAME_MAPPING_FILE))
+  discovered = {c.case_id: c.center for c in brats.discover_cases(ph2020.data_dir)}
+  assert discovered == ph2020.center_of_case
+  for case in ph2020.cases:
+    if case.case_id in mapping:
+      assert mapping[case.case_id] == (case.center, case.grade)
+  survival = read_csv_rows(os.path.join(ph2020.data_dir, brats.SURVIVAL_FILE))
+  assert tuple(survival[0]) == brats.SURVIVAL_HEADER
+  hgg = [c.case_id for c in ph2020.cases if c.grade == "HGG"]
+  assert [r[0] for r in survival[1:]] == hgg
+  for row in survival[1:]:
+    assert re.fullmatch(r"\d+\.\d{3}", row[1])
+    assert row[3] in ("GTR", "STR", "NA")
+  assert any(not r[2].isdigit() for r in survival[1:])
+
+
+def test_full_mapping_counts(tmp_path):
+  info = phantom.generate(str(tmp_path), num_cases=1, scale=SCALE, full_mapping=True)
+  rows = read_csv_rows(os.path.join(info.data_dir, brats.NAME_MAPPING_FILE))[1:]
+  assert [r[5] for r in rows] == [brats.case_id_for("2020", n) for n in range(1, 370)]
+  sites = [re.sub(r"\d+$", "", r[4].split("_")[1]) or r[4].split("_")[1]
+           if r[4] != "NA" else "NA" for r in rows]
+  counts = {s: sites.count(s) for s in set(sites)}
+  assert counts == {"CBICA": 129, "TCIA": 167, "2013": 30, "TMC": 9, "NA": 34}
+  assert sum(r[0] == "HGG" for r in rows) == 293
+  assert sum(r[0] == "LGG" for r in rows) == 76
+  assert len({r[4] for r in rows if r[4] != "NA"}) == 335
+  for row in rows:
+    site = row[4].split("_")[1] if row[4] != "NA" else "NA"
+    if site.startswith("TCIA"):
+      local = row[4].split("_")[2]
+      assert row[1] == f"Brats17_TCIA_{local}_1"
+      assert row[2] == f"Brats18_{site}_{local}_1"
+      assert re.fullmatch(rf"TCGA-{phantom.TCGA_PREFIX[site]}-\d{{4}}", row[3])
+    elif site == "CBICA":
+      assert re.fullmatch(r"Brats17_CBICA_[A-Z]{3}_1", row[1]) and row[3] == "NA"
+    elif site == "TMC":
+      assert row[1:4] == ["NA"] * 3 and re.fullmatch(r"BraTS19_TMC_\d{5}_1", row[4])
+    elif site == "NA":
+      assert row[:5] == ["HGG", "NA", "NA", "NA", "NA"]
+  mapping = brats.read_name_mapping(os.path.join(info.data_dir,
+                                                 brats.NAME_MAPPING_FILE))
+  centers = [center for center, _ in mapping.values()]
+  assert centers.count("CBICA") == 129 and centers.count("TCIA") == 167
+
+
+def test_case_selection():
+  numbers = phantom.select_case_numbers("2020", 8)
+  centers = [phantom.center_of_number("2020", n) for n in numbers]
+  assert set(centers) == {"CBICA", "TCIA", "2013", "TMC", "BraTS2020"}
+  assert any(phantom.site_of_number(n)[1] == "LGG" for n in numbers)
+  many = phantom.select_case_numbers("2020", 100)
+  assert len(set(many)) == 100
+  centers = [phantom.center_of_number("2020", n) for n in many]
+  assert 0.35 <= centers.count("CBICA") / 100 <= 0.45
+  assert 0.35 <= centers.count("TCIA") / 100 <= 0.45
+  assert sorted(phantom.select_case_numbers("2020", 369)) == list(range(1, 370))
+  assert 355 in phantom.select_case_numbers("2020", 2, quirk_355=True)
+  ids_2021 = phantom.select_case_numbers("2021", 20)
+  assert len(set(ids_2021)) == 20 and max(ids_2021) <= 1666
+
+
+def test_determinism(tmp_path, ph2020, volumes2020):
+  same = phantom.generate(str(tmp_path / "same"), num_cases=2, seed=0, scale=SCALE)
+  other = phantom.generate(str(tmp_path / "other"), num_cases=2, seed=1, scale=SCALE)
+  assert same.case_ids == other.case_ids
+  for case_id in same.case_ids:
+    # A case does not depend on how many cases were generated with it.
+    a, b = case_volumes(same, case_id), volumes2020[case_id]
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+      assert a[name].dtype == b[name].dtype
+    c = case_volumes(other, case_id)
+    assert not np.array_equal(a["t1"], c["t1"])
+    assert not np.array_equal(a["seg"], c["seg"])
+    stem = brats.file_stem("2020", case_id, "t2") + ".nii.gz"
+    with open(os.path.join(same.data_dir, case_id, stem), "rb") as f1, \
+        open(os.path.join(ph2020.data_dir, case_id, stem), "rb") as f2:
+      assert f1.read() == f2.read()
+
+
+def test_parallel_matches_serial(tmp_path, volumes2020):
+  info = phantom.generate(str(tmp_path), num_cases=3, seed=0, scale=SCALE,
+                          num_workers=2)
+  for case_id in info.case_ids:
+    vol = case_volumes(info, case_id)
+    for name in vol:
+      np.testing.assert_array_equal(vol[name], volumes2020[case_id][name])
+
+
+def test_cli(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.make_phantom", f"--out_dir={tmp_path}",
+       "--version=2023", "--num_cases=1", "--scale=0.3", "--nocompressed"],
+      cwd=repo, capture_output=True, text=True, check=True)
+  data_dir = result.stdout.strip().splitlines()[-1]
+  assert data_dir == os.path.join(str(tmp_path), brats.DATA_FOLDER_NAMES["2023"])
+  (case_id,) = os.listdir(data_dir)
+  assert sorted(os.listdir(os.path.join(data_dir, case_id))) == sorted(
+      f"{case_id}-{s}.nii" for s in ("t1n", "t1c", "t2w", "t2f", "seg"))
