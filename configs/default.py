@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import data
+from configs import diffusion
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -11,4 +12,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = data.get_data_config()
   config.data.centers = "CBICA,TCIA"
+  diffusion.add_diffusion_sections(config)
   return config

@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import data
+from configs import diffusion
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -17,4 +18,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data = data.get_data_config()
   config.data.centers = "CBICA,TCIA"
   config.data.healthy_max = 200
+  diffusion.add_diffusion_sections(config)
+  config.model.preset = "tiny"
+  config.data.image_size = 64
+  config.train.batch_size = 8
+  config.train.num_steps = 300
+  config.train.warmup_steps = 50
+  config.train.lr = 1e-3
+  config.train.steps_per_dispatch = 10
+  config.train.log_every = 50
+  config.train.checkpoint_every = 100
   return config

@@ -1,0 +1,73 @@
+"""Sections for the diffusion model: model, diffusion, mask, train.
+
+Defaults follow shared/docs/ALGORITHM.md Appendix A; departures are noted.
+"""
+
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = "small"  # tiny | small | full | large (dfgm_jax/models/unet.py)
+  c.dtype = "float32"  # activations: float32 or bfloat16 (params stay float32)
+  c.attention_impl = ""  # '' = XLA default, 'cudnn' on GPU, 'xla'
+  # Any UNetConfig field, e.g. {'dropout': 0.0, 'remat': True}.
+  c.overrides = ml_collections.ConfigDict()
+  return c
+
+
+def get_diffusion_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.schedule = "linear"  # linear | cosine
+  c.num_steps = 1000
+  c.beta_start = 1e-4
+  c.beta_end = 0.02
+  return c
+
+
+def get_mask_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Radii given on the 240 px grid (about mm), scaled to the image size:
+  # r_out 6 -> 3 px at 128 (ALGORITHM.md 3).
+  c.r_out_240 = 6.0
+  c.r_in_240 = 0.0
+  # The region the model conditions on / regenerates: ring (dfgm), inner
+  # (dfgm_inner, needs r_in_240 > 0), dilated (anomalydiffusion).
+  c.region = "ring"
+  return c
+
+
+def get_train_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.center = "CBICA"  # private center whose <center>_train split is used.
+  c.reader = "grain"  # grain (no TF) | tf | synthetic
+  c.batch_size = 32  # global, over all devices and processes.
+  c.p_healthy = 0.5
+  c.n_shot = 0  # private tumor slices a client may use; 0 = all.
+  c.loss_region = "ring"  # ring | dilated | full (tumor examples)
+  c.lr = 2e-4
+  c.warmup_steps = 1000
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0
+  c.ema_decay = 0.999
+  c.num_steps = 60_000
+  c.steps_per_dispatch = 1  # >1: k updates in one lax.scan per dispatch.
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.checkpoints_to_keep = 3
+  c.async_checkpoints = True
+  c.tensorboard = True
+  c.sampler_seed = 0
+  c.aug_hflip = 0.5
+  c.aug_rot_prob = 0.3
+  c.aug_rot_deg = 10.0
+  return c
+
+
+def add_diffusion_sections(config: ml_collections.ConfigDict) -> None:
+  config.model = get_model_config()
+  config.diffusion = get_diffusion_config()
+  config.mask = get_mask_config()
+  config.train = get_train_config()

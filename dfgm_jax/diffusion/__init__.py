@@ -1,0 +1,1 @@
+"""Diffusion process: schedules, forward noising, posterior, masked loss."""

@@ -1,0 +1,1 @@
+"""Memory bank, matching, cut-paste composition and the boundary-ring masks."""

@@ -1,0 +1,1 @@
+"""Training loops: diffusion (central and federated), segmentation."""

@@ -1,0 +1,295 @@
+"""Training the few-shot diffusion model: state, update step, loop.
+
+Banner sections, big_vision style: optimizer, state, update step, compile,
+loop (metrics, checkpoints, preemption). The step is one jitted function of
+(state, batches) with the state donated; the batch is sharded over the mesh's
+`data` axis and the parameters replicated, so the same code runs on 1 CPU,
+8 fake CPU devices, one GPU or a multi-host pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dfgm_jax import checkpoint as ckpt_lib
+from dfgm_jax import parallel
+from dfgm_jax.diffusion import loss as loss_lib
+from dfgm_jax.diffusion import schedule as schedule_lib
+from dfgm_jax.models import unet
+from dfgm_jax.synthesis import masks
+from dfgm_jax.train import augment as augment_lib
+from dfgm_jax.train import metrics as metrics_lib
+
+# --- Model and optimizer -------------------------------------------------------
+
+
+def model_config(config) -> "unet.UNetConfig":
+  """UNetConfig from config.model (preset + overrides) and config.data."""
+  m = config.model
+  overrides = dict(m.get("overrides", {}) or {})
+  overrides.setdefault("image_size", config.data.image_size)
+  overrides.setdefault("in_channels", len(config.data.modalities))
+  overrides["dtype"] = m.dtype
+  overrides["attention_impl"] = m.attention_impl or None
+  return unet.get_preset(m.preset, **overrides)
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then constant lr, global-norm clipping."""
+  lr = optax.warmup_constant_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+
+
+def learning_rate(t, step):
+  return optax.warmup_constant_schedule(0.0, t.lr, max(t.warmup_steps, 1))(step)
+
+
+def ema_decay(max_decay: float, step):
+  """min(max_decay, (1 + n) / (10 + n)): fast early, max_decay later."""
+  n = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+# --- State ---------------------------------------------------------------------
+
+
+def init_state(config, rng_seed: int | None = None):
+  """(graphdef, rest, state): state = {step, params, ema, opt_state, key}."""
+  seed = config.seed if rng_seed is None else rng_seed
+  model = unet.create_model(model_config(config), jax.random.key(seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(config.train)
+  params = jax.tree.map(jnp.asarray, params)
+  state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "ema": jax.tree.map(jnp.copy, params),
+      "opt_state": tx.init(params),
+      "key": jax.random.key_data(jax.random.key(seed + 1)),
+  }
+  return graphdef, rest, state
+
+
+# --- Update step ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """The static parts of the update step (hashable, closed over by jit)."""
+
+  r_out: int
+  r_in: int
+  cond_region: str
+  loss_region: str
+  p_flip: float
+  p_rot: float
+  rot_deg: float
+
+
+def step_settings(config) -> StepSettings:
+  s = config.data.image_size
+  t = config.train
+  return StepSettings(
+      r_out=masks.radius_for_size(config.mask.r_out_240, s),
+      r_in=masks.radius_for_size(config.mask.r_in_240, s),
+      cond_region=config.mask.region, loss_region=t.loss_region,
+      p_flip=t.aug_hflip, p_rot=t.aug_rot_prob, rot_deg=t.aug_rot_deg)
+
+
+def make_train_step(graphdef, rest, config) -> Callable:
+  """Returns train_step(state, batches) -> (state, metrics).
+
+  `batches` holds k stacked steps (leading axis k, then the global batch):
+  image (k,B,S,S,C) float32, mask (k,B,S,S,1), is_tumor (k,B) int32. The k
+  steps run in one lax.scan: one dispatch, k updates.
+  """
+  settings = step_settings(config)
+  sched = schedule_lib.make_schedule(config.diffusion.schedule,
+                                     config.diffusion.num_steps,
+                                     config.diffusion.beta_start,
+                                     config.diffusion.beta_end)
+  tx = make_optimizer(config.train)
+  t_cfg = config.train
+  num_t = config.diffusion.num_steps
+
+  def loss_fn(params, batch, key):
+    k_aug, k_t, k_noise, k_drop = jax.random.split(key, 4)
+    is_tumor = batch["is_tumor"]
+    tumor = is_tumor[:, None, None, None].astype(jnp.float32)
+    x0, mask = augment_lib.augment(k_aug, batch["image"], batch["mask"] * tumor,
+                                   is_tumor, settings.p_flip, settings.p_rot,
+                                   settings.rot_deg)
+    cond = masks.region(mask, settings.cond_region, settings.r_out, settings.r_in)
+    # Tumor examples learn only in their ring (or the configured region);
+    # healthy ones everywhere (ALGORITHM.md 4.5).
+    weight = tumor * masks.region(mask, settings.loss_region, settings.r_out,
+                                  settings.r_in) + (1.0 - tumor)
+    b = x0.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, num_t)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    x_t = schedule_lib.q_sample(sched, x0, t, noise)
+    model = nnx.merge(graphdef, params, rest)
+    eps_hat = model(x_t, t, is_tumor, cond, mask, dropout_key=k_drop)
+    per_example = loss_lib.masked_mse(noise, eps_hat, weight)
+    return jnp.mean(per_example), per_example
+
+  def one_step(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, key)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    decay = ema_decay(t_cfg.ema_decay, state["step"])
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                       state["ema"], params)
+    new_state = dict(state, step=state["step"] + 1, params=params, ema=ema,
+                     opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": learning_rate(t_cfg, state["step"])}
+    return new_state, metrics
+
+  def train_step(state, batches):
+    state, metrics = jax.lax.scan(one_step, state, batches)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return train_step
+
+
+# --- Loop ----------------------------------------------------------------------
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """(k, B, ...) stacked batches: the batch axis (1) over `data`."""
+  return NamedSharding(mesh, P(None, parallel.DATA))
+
+
+def _stack_local(batch_fn, step, k):
+  items = [batch_fn(step + i) for i in range(k)]
+  return {name: np.stack([it[name] for it in items]) for name in items[0]}
+
+
+def _to_global(local, mesh):
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def _validate(config):
+  t = config.train
+  k = t.steps_per_dispatch
+  for name in ("num_steps", "checkpoint_every", "log_every"):
+    if getattr(t, name) % k:
+      raise ValueError(f"train.{name}={getattr(t, name)} must be a multiple of "
+                       f"train.steps_per_dispatch={k}")
+  if t.batch_size % jax.device_count():
+    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the "
+                     f"{jax.device_count()} devices")
+
+
+def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
+          mesh=None, progress: bool = True, stop_at: int | None = None) -> dict:
+  """Trains (or resumes) the diffusion model in `workdir`.
+
+  Args:
+    config: the full config (model, diffusion, mask, train, data).
+    workdir: checkpoints in workdir/checkpoints, metrics.jsonl, tensorboard/.
+    batch_fn: step -> this process's batch for that step (numpy dict: image,
+      mask, is_tumor), batch_size / process_count examples. Pure in the step,
+      so a resumed run replays exactly.
+    mesh: defaults to all devices on a `data` axis.
+    progress: show a progress bar (process 0).
+    stop_at: stop (with a checkpoint) after this step, as if preempted; for
+      tests and staged runs. None runs to train.num_steps.
+
+  Returns:
+    dict with step, state (on device), compile_s, preempted, metrics (last).
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  _validate(config)
+  t = config.train
+  k = t.steps_per_dispatch
+  mesh = mesh or parallel.make_mesh()
+  graphdef, rest, state = init_state(config)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=t.checkpoints_to_keep,
+      save_interval_steps=t.checkpoint_every, async_save=t.async_checkpoints)
+  start, restored, meta = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d (%s)", start, checkpointer.directory)
+  step = int(start or 0)
+
+  # Compile ahead of time, so the compile time is measured and logged.
+  step_fn = jax.jit(make_train_step(graphdef, rest, config),
+                    in_shardings=(parallel.replicated(mesh), batch_sharding(mesh)),
+                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                    donate_argnums=0)
+  local = _stack_local(batch_fn, step, k)
+  compile_start = time.perf_counter()
+  compiled = step_fn.lower(state, _to_global(local, mesh)).compile()
+  compile_s = time.perf_counter() - compile_start
+  logging.info("train step compiled in %.1fs (%d steps per dispatch)", compile_s, k)
+
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
+                                     tensorboard=t.tensorboard)
+  watcher = ckpt_lib.PreemptionWatcher()
+  meta_base = {"config": json.loads(config.to_json_best_effort()),
+               "sampler": "step-indexed"}
+  end = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
+  bar = tqdm(total=end, initial=step, desc="train", unit="step",
+             disable=not (progress and is_main))
+  preempted, last = False, {}
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    while step < end:
+      if local is None:
+        local = _stack_local(batch_fn, step, k)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = compiled(state, _to_global(local, mesh))
+      local = None
+      step += k
+      window_steps += k
+      bar.update(k)
+      if step % t.log_every == 0 or step == end:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        last = {name: float(v) for name, v in metrics.items()}
+        last.update(step_time_s=elapsed / window_steps,
+                    images_per_s=window_steps * t.batch_size / elapsed)
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+        window_start, window_steps = time.perf_counter(), 0
+      checkpointer.save(step, state, {**meta_base, "next_step": step})
+      if watcher.requested():
+        preempted = True
+        break
+    if preempted or step == end:
+      checkpointer.save(step, state, {**meta_base, "next_step": step}, force=True)
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+    watcher.restore_handlers()
+  if preempted:
+    logging.warning("stopped at step %d on a preemption signal; checkpoint "
+                    "saved, rerun with the same --workdir to resume", step)
+  return {"step": step, "state": state, "compile_s": compile_s,
+          "preempted": preempted, "metrics": last, "graphdef": graphdef,
+          "rest": rest}

@@ -1,0 +1,136 @@
+"""Training metrics to `metrics.jsonl` and TensorBoard event files.
+
+The event files are written here without TensorFlow or tensorboard (neither
+is on the GPU hosts): an event file is a TFRecord stream of `Event` protocol
+buffers, and a scalar event needs only a handful of protobuf fields, encoded
+below by hand (wire format: varint keys, fixed64 double, fixed32 float,
+length-delimited strings/messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+
+_CRC_TABLE = None
+
+
+def _crc32c(data: bytes) -> int:
+  global _CRC_TABLE
+  if _CRC_TABLE is None:
+    table = []
+    for i in range(256):
+      c = i
+      for _ in range(8):
+        c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+      table.append(c)
+    _CRC_TABLE = table
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = _crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    b = n & 0x7F
+    n >>= 7
+    if n:
+      out.append(b | 0x80)
+    else:
+      out.append(b)
+      return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int, summary: bytes | None = None,
+           file_version: str | None = None) -> bytes:
+  msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
+  msg += _varint(2 << 3 | 0) + _varint(step)
+  if file_version is not None:
+    msg += _field_bytes(3, file_version.encode())
+  if summary is not None:
+    msg += _field_bytes(5, summary)
+  return msg
+
+
+def _scalar_summary(scalars: dict) -> bytes:
+  out = b""
+  for tag, value in scalars.items():
+    v = _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack(
+        "<f", float(value))
+    out += _field_bytes(1, v)
+  return out
+
+
+def _record(data: bytes) -> bytes:
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", _masked_crc(header)) + data +
+          struct.pack("<I", _masked_crc(data)))
+
+
+class EventFileWriter:
+  """Appends scalar summaries to one TensorBoard event file."""
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}")
+    self.path = os.path.join(logdir, name)
+    self._f = open(self.path, "ab")
+    self._f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
+    self._f.flush()
+
+  def scalars(self, step: int, scalars: dict) -> None:
+    self._f.write(_record(_event(time.time(), int(step),
+                                 summary=_scalar_summary(scalars))))
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard scalars; only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(self.jsonl_path, "a")
+      if tensorboard:
+        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
+             for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.scalars(step, {k: v for k, v in clean.items()
+                              if isinstance(v, float)})
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
