@@ -1,0 +1,1 @@
+"""Flax NNX networks: the diffusion denoiser (unet), segmentation UNet, VGG."""
