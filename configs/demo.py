@@ -25,7 +25,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.num_steps = 300
   config.train.warmup_steps = 50
   config.train.lr = 1e-3
-  config.train.steps_per_dispatch = 10
   config.train.log_every = 50
   config.train.checkpoint_every = 100
   return config

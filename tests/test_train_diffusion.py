@@ -1,0 +1,162 @@
+"""Diffusion training: loss falls, device/process-count invariance, resume,
+preemption (dfgm_jax/train/diffusion.py, launch/train_diffusion.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+# Subprocesses compiling the same program share a persistent compilation cache.
+_CACHE = os.path.join(tempfile.gettempdir(), f"dfgm_test_jax_cache_{os.getuid()}")
+
+
+def _env(devices=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+             JAX_COMPILATION_CACHE_DIR=_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _run_worker(tmp_path, name, devices=None, env_devices=None, **kw):
+  out = tmp_path / f"{name}.npz"
+  cmd = [sys.executable, WORKER, f"--workdir={tmp_path / name}", f"--out={out}"]
+  if devices:
+    cmd.append(f"--devices={devices}")
+  cmd += [f"--{k}={v}" for k, v in kw.items()]
+  r = subprocess.run(cmd, env=_env(env_devices), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return dict(np.load(out))
+
+
+def _assert_same_params(a, b, atol):
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+def test_loss_falls_on_phantom_data(preprocessed_2020, tmp_path):
+  from configs import tiny
+  from dfgm_jax.train import diffusion
+  from launch import train_data
+  out, manifest = preprocessed_2020
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  config.train.center = "TCIA"
+  config.train.num_steps = 200
+  config.train.log_every = 10
+  config.train.checkpoint_every = 200
+  config.train.warmup_steps = 20
+  sampler = train_data.make_sampler(config, out)
+  assert sampler.tumor_image is not None and len(sampler.tumor_image) == \
+      manifest["splits"]["TCIA_train"]["num_slices"]
+  result = diffusion.train(config, str(tmp_path), sampler.batch, progress=False)
+  assert result["step"] == 200 and not result["preempted"]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [l["loss"] for l in lines]
+  assert len(losses) == 20 and all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+  assert {"grad_norm", "lr", "images_per_s", "step_time_s"} <= set(lines[-1])
+  assert os.listdir(tmp_path / "tensorboard")
+  assert "200" in os.listdir(tmp_path / "checkpoints")
+
+
+def test_one_and_eight_devices_agree(tmp_path):
+  one = _run_worker(tmp_path, "one", devices=1, env_devices=8)
+  eight = _run_worker(tmp_path, "eight", devices=8, env_devices=8)
+  assert int(one["step"]) == int(eight["step"]) == 6
+  _assert_same_params(one, eight, atol=2e-5)
+
+
+def test_two_processes_match_one(tmp_path):
+  portpicker = pytest.importorskip("portpicker")
+  port = portpicker.pick_unused_port()
+  single = _run_worker(tmp_path, "single")
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, WORKER, f"--workdir={tmp_path / 'multi'}",
+           f"--out={tmp_path / 'multi.npz'}", "--num_processes=2",
+           f"--process_id={pid}", f"--port={port}"]
+    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  multi = dict(np.load(tmp_path / "multi.npz"))
+  _assert_same_params(single, multi, atol=2e-5)
+
+
+def _binary(workdir, *flags):
+  return [sys.executable, "-m", "launch.train_diffusion", "--config=configs/tiny.py",
+          f"--workdir={workdir}", "--config.train.num_steps=40",
+          "--config.train.checkpoint_every=10", "--config.train.log_every=10",
+          *flags]
+
+
+def _wait_for(path, proc, timeout=300):
+  start = time.time()
+  while not (os.path.exists(path) and os.path.getsize(path)):
+    if proc.poll() is not None:
+      raise AssertionError(f"exited early: {proc.stderr.read()[-3000:]}")
+    if time.time() - start > timeout:
+      raise AssertionError(f"{path} never appeared")
+    time.sleep(0.05)
+
+
+def _params_of(workdir):
+  """Final parameters read back from the last checkpoint of a run."""
+  import jax
+  from configs import tiny
+  from dfgm_jax import checkpoint as ckpt_lib
+  from dfgm_jax.train import diffusion
+  _, _, target = diffusion.init_state(tiny.get_config())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step, state, _ = ckpt.restore_latest(target)
+  ckpt.close()
+  return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path):
+  ref = subprocess.run(_binary(tmp_path / "ref"), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  victim = subprocess.Popen(_binary(tmp_path / "run"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(tmp_path / "run" / "checkpoints" / "20", victim)
+  victim.kill()  # SIGKILL: no chance to clean up.
+  victim.wait()
+  resumed = subprocess.run(_binary(tmp_path / "run"), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr
+  step_a, a = _params_of(tmp_path / "ref")
+  step_b, b = _params_of(tmp_path / "run")
+  assert step_a == step_b == 40
+  _assert_same_params(a, b, atol=0)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(_binary(tmp_path, "--config.train.num_steps=100000",
+                                  "--config.train.checkpoint_every=100000"),
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for(tmp_path / "metrics.jsonl", proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped at step" in err
+  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 10
+  assert "stopped" in out
