@@ -28,6 +28,7 @@ import io
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from typing import NamedTuple, Sequence
 
@@ -855,8 +856,12 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
   jobs = [(spec, os.path.join(data_dir, brats.case_id_for(version, spec.number)),
            scale, compressed, quirk_355) for spec in specs]
   if num_workers > 1 and len(jobs) > 1:
+    # fork reuses the caches built above, but is unsafe once a multithreaded
+    # runtime (JAX, TensorFlow) lives in this process: then spawn.
+    threaded = any(m in sys.modules for m in ("jax", "tensorflow"))
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    context = multiprocessing.get_context(
+        "fork" if "fork" in methods and not threaded else "spawn")
     with concurrent.futures.ProcessPoolExecutor(
         min(num_workers, len(jobs)), mp_context=context) as pool:
       cases = list(pool.map(_write_case_job, jobs))

@@ -1,0 +1,40 @@
+"""Throughput benchmarks (launch/benchmark_train.py, later benchmark_sampler).
+
+  --config=configs/benchmark.py        GPU/TPU: small preset, 128 x 128,
+                                       batch 64, bfloat16 (PERFORMANCE.md)
+  --config=configs/benchmark.py:cpu    this 2-core CPU: small preset at 64 x 64,
+                                       batch 4, float32
+"""
+
+import ml_collections
+
+from configs import data
+from configs import diffusion
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = data.get_data_config()
+  diffusion.add_diffusion_sections(config)
+  config.model.preset = "small"
+  config.model.dtype = "bfloat16"
+  config.data.image_size = 128
+  config.train.batch_size = 64
+  config.train.reader = "synthetic"
+  config.train.warmup_steps = 10
+  config.bench = ml_collections.ConfigDict()
+  config.bench.warmup_steps = 3  # untimed calls after compiling.
+  config.bench.steps = 20  # timed calls.
+  # Peak dense TFLOP/s of the chip for `peak_fraction`; 0 = look the device
+  # kind up in launch/benchmark_common.py (none for CPUs).
+  config.bench.peak_tflops = 0.0
+  if arg == "cpu":
+    config.model.dtype = "float32"
+    config.data.image_size = 64
+    config.train.batch_size = 4
+    config.bench.warmup_steps = 1
+    config.bench.steps = 3
+  elif arg not in (None, "", "gpu"):
+    raise ValueError(f"unknown benchmark variant {arg!r}; use cpu or gpu")
+  return config

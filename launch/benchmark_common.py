@@ -1,0 +1,42 @@
+"""Device facts shared by the benchmarks: peak FLOP/s, memory, description."""
+
+from __future__ import annotations
+
+import jax
+
+# Dense bf16 peak TFLOP/s by device kind (vendor figures). PERFORMANCE.md
+# measured about 800 on an H100 with matmuls; pass --config.bench.peak_tflops
+# to use a measured figure instead.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,
+    "NVIDIA H100": 989.4,
+    "NVIDIA H200": 989.4,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def peak_tflops(override: float = 0.0) -> float | None:
+  """Peak TFLOP/s of one local device (None when unknown, e.g. CPUs)."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  for name, value in PEAK_TFLOPS.items():
+    if kind.startswith(name):
+      return value
+  return None
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  return f"{jax.device_count()} x {d.device_kind} ({d.platform})"

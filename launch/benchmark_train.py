@@ -1,0 +1,90 @@
+r"""Diffusion train-step throughput on synthetic data (no TensorFlow needed).
+
+  python -m launch.benchmark_train --config=configs/benchmark.py      # GPU
+  python -m launch.benchmark_train --config=configs/benchmark.py:cpu  # CPU
+
+Prints one JSON line: images/s, step time, compile time, parameters, FLOPs
+per image (XLA's count of the whole step, forward + backward + update), the
+achieved TFLOP/s and its share of the chip's peak, peak device memory.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+
+from launch import common
+
+common.quiet_tensorflow()
+common.define_config_flag("benchmark.py")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  from launch import benchmark_common  # pylint: disable=g-import-not-at-top
+  from launch import train_data  # pylint: disable=g-import-not-at-top
+
+  config = flags.FLAGS.config
+  mesh = parallel.make_mesh()
+  sampler = train_data.make_sampler(config, None)
+  graphdef, rest, state = diffusion.init_state(config)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  step_fn = jax.jit(diffusion.make_train_step(graphdef, rest, config),
+                    in_shardings=(parallel.replicated(mesh),
+                                  diffusion.batch_sharding(mesh)),
+                    out_shardings=(parallel.replicated(mesh),
+                                   parallel.replicated(mesh)),
+                    donate_argnums=0)
+  batch = diffusion._to_global(diffusion._stack_local(sampler.batch, 0, 1), mesh)  # pylint: disable=protected-access
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  step_flops = float((cost or {}).get("flops", 0.0))
+  b = config.train.batch_size
+  for _ in range(config.bench.warmup_steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(config.bench.steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - start
+  step_s = elapsed / config.bench.steps
+  tflops = step_flops / step_s / 1e12 if step_flops else None
+  peak = benchmark_common.peak_tflops(config.bench.peak_tflops)
+  per_device_peak = peak * jax.device_count() if peak else None
+  mcfg = diffusion.model_config(config)
+  print(json.dumps({
+      "benchmark": "train",
+      "device": benchmark_common.device_description(),
+      "preset": config.model.preset,
+      "image_size": config.data.image_size,
+      "batch_size": b,
+      "dtype": config.model.dtype,
+      "params": params,
+      "images_per_s": round(b / step_s, 2),
+      "step_time_s": round(step_s, 4),
+      "compile_s": round(compile_s, 2),
+      "train_flops_per_image_xla": step_flops / b if step_flops else None,
+      "forward_flops_per_image_analytic": unet.flops_per_image(mcfg),
+      "tflops": round(tflops, 2) if tflops else None,
+      "peak_tflops": per_device_peak,
+      "peak_fraction": round(tflops / per_device_peak, 4) if tflops and per_device_peak else None,
+      "peak_memory_bytes": benchmark_common.peak_memory_bytes(),
+      "devices": jax.device_count(),
+      "final_loss": float(metrics["loss"]),
+  }))
+
+
+if __name__ == "__main__":
+  app.run(main)
