@@ -1,9 +1,11 @@
-"""Throughput benchmarks (launch/benchmark_train.py, later benchmark_sampler).
+"""Throughput benchmarks (launch/benchmark_train.py, launch/benchmark_sampler.py).
 
   --config=configs/benchmark.py        GPU/TPU: small preset, 128 x 128,
-                                       batch 64, bfloat16 (PERFORMANCE.md)
+                                       batch 64, bfloat16; sampler: DDIM blend
+                                       S=100, jl=5, r=2 = 195 NFE (PERFORMANCE.md)
   --config=configs/benchmark.py:cpu    this 2-core CPU: small preset at 64 x 64,
-                                       batch 4, float32
+                                       batch 4, float32; sampler: 10 steps, no
+                                       resampling
 """
 
 import ml_collections
@@ -29,7 +31,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Peak dense TFLOP/s of the chip for `peak_fraction`; 0 = look the device
   # kind up in launch/benchmark_common.py (none for CPUs).
   config.bench.peak_tflops = 0.0
+  config.bench.reps = 2  # timed sampler runs (best and mean reported).
+  config.bench.checkpoint_dir = ""  # trained weights (EMA) instead of random.
+  config.sampler.batch_size = 64
   if arg == "cpu":
+    config.sampler.batch_size = 4
+    config.sampler.steps = 10
+    config.sampler.resamples = 1
     config.model.dtype = "float32"
     config.data.image_size = 64
     # The network keeps the 128 x 128 layout (attention at 16 and 8 px levels

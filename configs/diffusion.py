@@ -66,8 +66,24 @@ def get_train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def get_sampler_config() -> ml_collections.ConfigDict:
+  """Blended sampler (dfgm_jax/diffusion/sampler.py, ALGORITHM.md 5)."""
+  c = ml_collections.ConfigDict()
+  c.kind = "ddim_blend"  # ddim_blend | ddpm_blend (1000 steps, paper-faithful)
+  c.steps = 100  # DDIM grid size
+  c.eta = 1.0
+  c.jump_length = 5  # RePaint jumps; resamples = 1 disables them.
+  c.resamples = 2  # S=100, jl=5, r=2: 290 transitions, 195 network calls.
+  c.start_strength = 1.0
+  c.adaptive_dilation = False
+  c.final_paste = True
+  c.batch_size = 64  # global synthesis batch
+  return c
+
+
 def add_diffusion_sections(config: ml_collections.ConfigDict) -> None:
   config.model = get_model_config()
   config.diffusion = get_diffusion_config()
   config.mask = get_mask_config()
   config.train = get_train_config()
+  config.sampler = get_sampler_config()

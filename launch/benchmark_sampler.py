@@ -1,0 +1,130 @@
+r"""Blended-sampler throughput: the product's headline figure.
+
+  python -m launch.benchmark_sampler --config=configs/benchmark.py      # GPU
+  python -m launch.benchmark_sampler --config=configs/benchmark.py:cpu  # CPU
+      [--config.sampler.steps=100 --config.sampler.resamples=2 ...]
+
+Random weights (or EMA weights from config.bench.checkpoint_dir), synthetic
+inputs; needs no TensorFlow, tfds or nibabel, so it runs on bare GPU hosts.
+The whole sampler is one compiled program, data-parallel over all devices.
+Prints one JSON line (keys in PERFORMANCE.md's vocabulary).
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+
+from launch import common
+
+common.quiet_tensorflow()
+common.define_config_flag("benchmark.py")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import masks  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  from launch import benchmark_common  # pylint: disable=g-import-not-at-top
+
+  config = flags.FLAGS.config
+  s = config.sampler
+  size = config.data.image_size
+  b = s.batch_size
+  mesh = parallel.make_mesh()
+  graphdef, rest, state = diffusion.init_state(config)
+  params = state["params"]
+  weights = "random"
+  if config.bench.checkpoint_dir:
+    from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    ckpt = ckpt_lib.Checkpointer(config.bench.checkpoint_dir)
+    step, restored, _ = ckpt.restore_latest(state)
+    ckpt.close()
+    if restored is None:
+      raise FileNotFoundError(f"no checkpoint in {config.bench.checkpoint_dir}")
+    params, weights = restored["ema"], f"ema@{step}"
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  params = jax.device_put(params, parallel.replicated(mesh))
+
+  examples = [input_pipeline.synthetic_example(i, size, len(config.data.modalities))
+              for i in range(b)]
+  tumor = jnp.asarray(np.stack([e["mask"] for e in examples]), jnp.float32)
+  ring = masks.ring(tumor, masks.radius_for_size(config.mask.r_out_240, size))
+  data = parallel.data_sharding(mesh)
+  inputs = [jax.device_put(x, data) for x in (
+      np.stack([e["image"] for e in examples]), np.asarray(ring),
+      np.asarray(tumor), np.arange(b, dtype=np.int32))]
+  sched = schedule_lib.make_schedule(config.diffusion.schedule,
+                                     config.diffusion.num_steps,
+                                     config.diffusion.beta_start,
+                                     config.diffusion.beta_end)
+  scfg = sampler_lib.SamplerConfig(
+      kind=s.kind, steps=s.steps, eta=s.eta, jump_length=s.jump_length,
+      resamples=s.resamples, start_strength=s.start_strength,
+      adaptive_dilation=s.adaptive_dilation, final_paste=s.final_paste)
+  plan = sampler_lib.make_plan(scfg, sched.num_steps)
+
+  def sample(params, y, ring, tumor, index):
+    def eps_fn(x, t, c, r, m):
+      return nnx.merge(graphdef, params, rest)(x, t, c, r, m)
+    return sampler_lib.blend_sample(eps_fn, sched, scfg, y, ring, tumor,
+                                    jax.random.key(config.seed), index)
+
+  jitted = jax.jit(sample, in_shardings=(parallel.replicated(mesh),) + (data,) * 4,
+                   out_shardings=data)
+  start = time.perf_counter()
+  compiled = jitted.lower(params, *inputs).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, *inputs))  # warm-up
+  times = []
+  for _ in range(config.bench.reps):
+    start = time.perf_counter()
+    out = compiled(params, *inputs)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  mcfg = diffusion.model_config(config)
+  flops = unet.flops_per_image(mcfg, image_size=size)
+  tflops = plan.nfe * b * flops / best / 1e12
+  peak = benchmark_common.peak_tflops(config.bench.peak_tflops)
+  peak = peak * jax.device_count() if peak else None
+  print(json.dumps({
+      "benchmark": "sampler",
+      "device": benchmark_common.device_description(),
+      "preset": config.model.preset,
+      "image_size": size,
+      "batch_size": b,
+      "sampler": s.kind,
+      "steps": s.steps,
+      "jump_length": s.jump_length,
+      "resamples": s.resamples,
+      "dtype": config.model.dtype,
+      "weights": weights,
+      "params": num_params,
+      "nfe_per_image": plan.nfe,
+      "images_per_s": round(b / best, 3),
+      "images_per_s_mean": round(b * len(times) / sum(times), 3),
+      "nfe_images_per_s": round(plan.nfe * b / best, 1),
+      "forward_gflops_per_image": round(flops / 1e9, 3),
+      "tflops": round(tflops, 3),
+      "peak_fraction": round(tflops / peak, 4) if peak else None,
+      "compile_s": round(compile_s, 2),
+      "peak_memory_bytes": benchmark_common.peak_memory_bytes(),
+      "devices": jax.device_count(),
+      "finite": bool(np.isfinite(np.asarray(out)).all()),
+  }))
+
+
+if __name__ == "__main__":
+  app.run(main)

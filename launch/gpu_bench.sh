@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU benchmark job: train step, blended sampler (XLA and cuDNN attention)
+# and the PyTorch peer (PERFORMANCE.md), side by side on the same GPU.
+#
+# For a bare GPU host without internet: put the wheels of ml-collections,
+# diffusers and importlib-metadata (cp312, py3-none-any) and a copy of
+# shared/bench/diffusers_repaint_bench.py in .whl/, then
+#   OUT=/tmp/out bash launch/gpu_bench.sh
+# Each result is one JSON line in $OUT/*.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/dfgm_gpu_bench}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+run() {  # name, command...
+  local name=$1; shift
+  local start=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$? ${name} $(( $(date +%s) - start ))s"
+  grep '^{' "$OUT/$name.log" | tail -n 3 | tee "$OUT/$name.json"
+}
+run sampler_xla python3 -m launch.benchmark_sampler --config=configs/benchmark.py
+run sampler_cudnn python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
+  --config.model.attention_impl=cudnn
+run train python3 -m launch.benchmark_train --config=configs/benchmark.py
+if [ -f .whl/diffusers_repaint_bench.py ]; then
+  run peer env S=128 B=64 MODES=bf16_compile REPS=2 python3 .whl/diffusers_repaint_bench.py
+fi
