@@ -78,6 +78,7 @@ def get_sampler_config() -> ml_collections.ConfigDict:
   c.adaptive_dilation = False
   c.final_paste = True
   c.batch_size = 64  # global synthesis batch
+  c.unroll = 1  # lax.scan unroll of the sampling loop
   return c
 
 

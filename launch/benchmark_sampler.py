@@ -72,7 +72,8 @@ def main(argv):
   scfg = sampler_lib.SamplerConfig(
       kind=s.kind, steps=s.steps, eta=s.eta, jump_length=s.jump_length,
       resamples=s.resamples, start_strength=s.start_strength,
-      adaptive_dilation=s.adaptive_dilation, final_paste=s.final_paste)
+      adaptive_dilation=s.adaptive_dilation, final_paste=s.final_paste,
+      unroll=s.unroll)
   plan = sampler_lib.make_plan(scfg, sched.num_steps)
 
   def sample(params, y, ring, tumor, index):

@@ -50,6 +50,7 @@ class SamplerConfig:
       floor((t + 100) k / 1000), k = 0.1 S at t = T) and shrink it to m.
     final_paste: the exact paste at the end (keep True).
     clip_x0: clip the predicted x0 to [-1, 1].
+    unroll: lax.scan unroll factor (compile time grows with it).
   """
 
   kind: str = "ddim_blend"
@@ -61,6 +62,7 @@ class SamplerConfig:
   adaptive_dilation: bool = False
   final_paste: bool = True
   clip_x0: bool = True
+  unroll: int = 1
 
 
 def jump_schedule(num_steps: int, jump_length: int, resamples: int) -> list[int]:
@@ -233,7 +235,7 @@ def blend_sample(eps_fn: EpsFn, sched: schedule_lib.Schedule, cfg: SamplerConfig
 
   transitions = (jnp.arange(plan.num_transitions, dtype=jnp.int32),
                  jnp.asarray(plan.frm), jnp.asarray(plan.to))
-  x, trajectory = jax.lax.scan(body, x, transitions)
+  x, trajectory = jax.lax.scan(body, x, transitions, unroll=cfg.unroll)
   if cfg.final_paste:
     x = m * jnp.clip(x, -1.0, 1.0) + (1.0 - m) * y
   return (x, trajectory) if return_trajectory else x
