@@ -1,0 +1,67 @@
+"""Matching + placement + generation for a center's tumors (synthesis/pipeline.py)."""
+
+import numpy as np
+import pytest
+
+from data_pipeline import input_pipeline
+from dfgm_jax.diffusion import sampler
+from dfgm_jax.diffusion import schedule as schedule_lib
+from dfgm_jax.synthesis import masks
+from dfgm_jax.synthesis import matching
+from dfgm_jax.synthesis import pipeline
+
+
+def _data(n_bank=10, n_tumor=3, s=32):
+  h = [input_pipeline.synthetic_example(i, s, tumor=False, seed=5) for i in range(n_bank)]
+  t = [input_pipeline.synthetic_example(i, s, tumor=True, seed=6) for i in range(n_tumor)]
+  tumors = {"image": np.stack([e["image"] for e in t]),
+            "mask": np.stack([e["mask"] for e in t]),
+            "case_id": [f"BraTS20_Training_{i:03d}" for i in range(n_tumor)],
+            "center": ["CBICA"] * n_tumor, "slice_index": [70] * n_tumor}
+  bank = pipeline.build_bank(np.stack([e["image"] for e in h]),
+                             np.stack([e["brain"] for e in h]).astype(np.float32),
+                             [f"BraTS20_Training_{100 + i}" for i in range(n_bank)],
+                             [e["key"] for e in h], "pixels")
+  return bank, tumors
+
+
+def _eps_factory(params):
+  import jax.numpy as jnp
+  return lambda x, t, c, r, m: params["w"] * jnp.tanh(x)
+
+
+@pytest.mark.parametrize("mode", ["dfgm", "cutpaste"])
+def test_synthesize_pairs_keep_background_and_hide_ids(mode):
+  bank, tumors = _data()
+  settings = pipeline.SynthesisSettings(
+      mode=mode, match=matching.MatchConfig(backend="pixels", k=2), r_out=1,
+      batch_size=4, salt="center-secret")
+  sched = schedule_lib.make_schedule("linear", 20)
+  out = pipeline.synthesize(settings, bank, tumors, _eps_factory, {"w": np.float32(0.3)},
+                            sched, sampler.SamplerConfig(steps=4, resamples=1))
+  n = len(out["image"])
+  assert n == 6 and out["mask"].shape == (6, 32, 32, 1)
+  assert sorted(out["rank"]) == [0, 0, 0, 1, 1, 1]
+  for i in range(n):
+    j = [k for k in bank.keys if pipeline.salted_hash(k, "center-secret") == out["healthy"][i]]
+    assert len(j) == 1
+    h = bank.images[bank.keys.index(j[0])]
+    d = np.asarray(masks.dilate(out["mask"][i:i + 1].astype(np.float32), 1))[0] > 0
+    np.testing.assert_array_equal(out["image"][i][~d], h[~d])
+  for field in ("source", "healthy"):
+    assert all("BraTS" not in v and len(v) == 16 for v in out[field])
+  assert out["source"][0] == pipeline.salted_hash("BraTS20_Training_000", "center-secret")
+
+
+def test_bank_cache_is_reused(tmp_path):
+  bank, _ = _data()
+  path = str(tmp_path / "bank.npz")
+  a = pipeline.build_bank(bank.images, bank.brain, ["a"] * 10, bank.keys, "pixels",
+                          cache_path=path)
+  np.savez(path, features=a.features * 0 + 7, fingerprint=np.load(path)["fingerprint"])
+  b = pipeline.build_bank(bank.images, bank.brain, ["a"] * 10, bank.keys, "pixels",
+                          cache_path=path)
+  assert np.all(b.features == 7)  # read from the cache, not recomputed.
+  c = pipeline.build_bank(bank.images, bank.brain, ["a"] * 10, bank.keys[::-1], "pixels",
+                          cache_path=path)
+  assert not np.all(c.features == 7)  # another bank: recomputed.
