@@ -25,7 +25,7 @@ from data_pipeline import builder
 
 READERS = ("tf", "grain", "synthetic")
 FORMAT_OF_READER = {"tf": "tfrecord", "grain": "array_record"}
-TEXT_FIELDS = ("key", "case_id", "center")
+TEXT_FIELDS = ("key", "case_id", "center", "source", "healthy", "mode")
 
 
 def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
@@ -56,7 +56,9 @@ def split_size(data_dir: str, split: str) -> int:
 def _tfds_builder(data_dir: str, reader: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   file_format = FORMAT_OF_READER[reader]
-  path = builder.dataset_dir(data_dir, file_format)
+  # Real slices (brats_slices) or a synthetic set (synthetic_slices).
+  name = load_manifest(data_dir).get("dataset", builder.DATASET_NAME)
+  path = builder.dataset_dir(data_dir, file_format, name)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no {file_format} copy of the data set "
                             f"(config data.formats)")
