@@ -28,4 +28,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.checkpoint_every = 100
   config.train.async_checkpoints = True
+  # Synthesis: a short blended DDIM run (the paper-scale default is 195 NFE).
+  config.sampler.steps = 25
+  config.sampler.resamples = 1
+  config.sampler.batch_size = 8
   return config

@@ -82,9 +82,26 @@ def get_sampler_config() -> ml_collections.ConfigDict:
   return c
 
 
+def get_synthesis_config() -> ml_collections.ConfigDict:
+  """Synthesis (ALGORITHM.md 2, 3, 8; launch/synthesize.py)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "dfgm"  # dfgm | dfgm_inner | anomalydiffusion | cutpaste | real_only
+  c.centers = ""  # comma-separated private centers; '' = train.center
+  c.backend = "vgg16_imagenet"  # vgg16_imagenet | vgg16_random | pixels
+  c.k = 2  # matches per tumor slice (Fig. 2: the two closest)
+  c.mask_tumor = True  # ignore feature cells touched by the dilated tumor
+  c.min_inside_brain = 0.95
+  c.exclude_same_patient = True
+  c.placement = "same"  # same | random_shift
+  c.hflip = False
+  c.figure_rows = 4
+  return c
+
+
 def add_diffusion_sections(config: ml_collections.ConfigDict) -> None:
   config.model = get_model_config()
   config.diffusion = get_diffusion_config()
   config.mask = get_mask_config()
   config.train = get_train_config()
   config.sampler = get_sampler_config()
+  config.synthesis = get_synthesis_config()

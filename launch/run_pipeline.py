@@ -8,7 +8,11 @@ Stages (each resumable; a finished stage is reused on rerun):
   S0 phantom     config.phantom -> WORKDIR/phantom (skipped with --brats_dir)
   S1 preprocess  -> WORKDIR/slices (TFRecord + ArrayRecord + manifest.json)
   S2 train G1    -> WORKDIR/g1 (orbax checkpoints, metrics.jsonl, tensorboard/)
+  S3 synthesize  -> WORKDIR/synthetic (synthetic set, summary.json, comparison.png)
 """
+
+import subprocess
+import sys
 
 import json
 import os
@@ -81,6 +85,21 @@ def stage_train(config, workdir: str) -> dict:
   return result
 
 
+def stage_synthesize(workdir: str) -> dict:
+  """S3: the synthesis binary, in its own process (its flags, its JAX state)."""
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
+  cmd = [sys.executable, "-m", "launch.synthesize", *overrides,
+         f"--workdir={workdir}", f"--model_dir={os.path.join(workdir, 'g1')}",
+         f"--data_dir={os.path.join(workdir, 'slices')}"]
+  start = time.perf_counter()
+  subprocess.run(cmd, check=True)
+  with open(os.path.join(workdir, "synthetic", "summary.json")) as f:
+    summary = json.load(f)
+  logging.info("S3 synthesize: %d pairs in %.1fs", summary["synthetic_total"],
+               time.perf_counter() - start)
+  return summary
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -91,6 +110,7 @@ def main(argv):
   manifest = stage_preprocess(config, brats_dir, workdir)
   slices_dir = os.path.join(workdir, "slices")
   trained = stage_train(config, workdir)
+  synthesized = stage_synthesize(workdir)
   common.print_artifacts("pipeline done:", {
       "BraTS data": brats_dir,
       "slices manifest": os.path.join(slices_dir, "manifest.json"),
@@ -101,6 +121,9 @@ def main(argv):
       "G1 checkpoints": os.path.join(workdir, "g1", "checkpoints"),
       "G1 metrics": os.path.join(workdir, "g1", "metrics.jsonl"),
       "G1 final loss": trained["metrics"].get("loss"),
+      "synthetic set": os.path.join(workdir, "synthetic"),
+      "synthetic pairs": synthesized["synthetic_total"],
+      "comparison figure": synthesized["figure"],
   })
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: figures (and, later, Dice and privacy metrics)."""
