@@ -32,7 +32,6 @@ def main(argv):
   from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
   from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
   from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import masks  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
@@ -65,15 +64,8 @@ def main(argv):
   inputs = [jax.device_put(x, data) for x in (
       np.stack([e["image"] for e in examples]), np.asarray(ring),
       np.asarray(tumor), np.arange(b, dtype=np.int32))]
-  sched = schedule_lib.make_schedule(config.diffusion.schedule,
-                                     config.diffusion.num_steps,
-                                     config.diffusion.beta_start,
-                                     config.diffusion.beta_end)
-  scfg = sampler_lib.SamplerConfig(
-      kind=s.kind, steps=s.steps, eta=s.eta, jump_length=s.jump_length,
-      resamples=s.resamples, start_strength=s.start_strength,
-      adaptive_dilation=s.adaptive_dilation, final_paste=s.final_paste,
-      unroll=s.unroll)
+  sched = diffusion.schedule_from(config)
+  scfg = diffusion.sampler_config_from(config)
   plan = sampler_lib.make_plan(scfg, sched.num_steps)
 
   def sample(params, y, ring, tumor, index):

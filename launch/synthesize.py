@@ -70,7 +70,6 @@ def main(argv):
   from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
   from dfgm_jax.eval import figures  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import masks  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import matching  # pylint: disable=g-import-not-at-top
@@ -117,12 +116,8 @@ def main(argv):
   bank = pipeline.build_bank(healthy["image"], healthy["brain"], healthy["case_id"],
                              healthy["key"], syn.backend, config.seed,
                              cache_path=os.path.join(out_dir, f"bank_{syn.backend}.npz"))
-  sched = schedule_lib.make_schedule(config.diffusion.schedule, config.diffusion.num_steps,
-                                     config.diffusion.beta_start, config.diffusion.beta_end)
-  scfg = sampler_lib.SamplerConfig(
-      kind=s.kind, steps=s.steps, eta=s.eta, jump_length=s.jump_length,
-      resamples=s.resamples, start_strength=s.start_strength,
-      adaptive_dilation=s.adaptive_dilation, final_paste=s.final_paste, unroll=s.unroll)
+  sched = diffusion.schedule_from(config)
+  scfg = diffusion.sampler_config_from(config)
   size = config.data.image_size
   r_out = masks.radius_for_size(config.mask.r_out_240, size)
   r_in = masks.radius_for_size(config.mask.r_in_240, size)

@@ -65,6 +65,20 @@ def ema_decay(max_decay: float, step):
   return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
 
 
+def schedule_from(config) -> schedule_lib.Schedule:
+  """The noise schedule of config.diffusion."""
+  d = config.diffusion
+  return schedule_lib.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end)
+
+
+def sampler_config_from(config):
+  """SamplerConfig from config.sampler (fields it does not know are ignored)."""
+  from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(sampler_lib.SamplerConfig)}
+  return sampler_lib.SamplerConfig(**{k: v for k, v in config.sampler.to_dict().items()
+                                      if k in fields})
+
+
 # --- State ---------------------------------------------------------------------
 
 
@@ -119,10 +133,7 @@ def make_train_step(graphdef, rest, config) -> Callable:
   steps run in one lax.scan: one dispatch, k updates.
   """
   settings = step_settings(config)
-  sched = schedule_lib.make_schedule(config.diffusion.schedule,
-                                     config.diffusion.num_steps,
-                                     config.diffusion.beta_start,
-                                     config.diffusion.beta_end)
+  sched = schedule_from(config)
   tx = make_optimizer(config.train)
   t_cfg = config.train
   num_t = config.diffusion.num_steps
