@@ -15,7 +15,18 @@ import time
 
 from absl import app
 from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from data_pipeline import input_pipeline
+from dfgm_jax import parallel
+from dfgm_jax.diffusion import sampler as sampler_lib
+from dfgm_jax.models import unet
+from dfgm_jax.synthesis import masks
+from dfgm_jax.train import diffusion
+from launch import benchmark_common
 from launch import common
 
 common.quiet_tensorflow()
@@ -25,18 +36,6 @@ common.define_config_flag("benchmark.py")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.synthesis import masks  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  from launch import benchmark_common  # pylint: disable=g-import-not-at-top
-
   config = flags.FLAGS.config
   s = config.sampler
   size = config.data.image_size

@@ -13,8 +13,15 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import numpy as np
 
+from dfgm_jax import parallel
+from dfgm_jax.models import unet
+from dfgm_jax.train import diffusion
+from launch import benchmark_common
 from launch import common
+from launch import train_data
 
 common.quiet_tensorflow()
 common.define_config_flag("benchmark.py")
@@ -23,14 +30,6 @@ common.define_config_flag("benchmark.py")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  from launch import benchmark_common  # pylint: disable=g-import-not-at-top
-  from launch import train_data  # pylint: disable=g-import-not-at-top
-
   config = flags.FLAGS.config
   mesh = parallel.make_mesh()
   sampler = train_data.make_sampler(config, None)

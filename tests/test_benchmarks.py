@@ -1,0 +1,44 @@
+"""The benchmark binaries print one JSON line with the documented keys."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+SAMPLER_KEYS = {"preset", "image_size", "batch_size", "steps", "jump_length",
+                "resamples", "dtype", "nfe_per_image", "images_per_s",
+                "nfe_images_per_s", "tflops", "peak_fraction", "compile_s",
+                "peak_memory_bytes", "devices"}
+
+
+def _json_line(args):
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+  assert len(lines) == 1, r.stdout
+  return json.loads(lines[0])
+
+
+def test_sampler_benchmark_line():
+  out = _json_line(["launch.benchmark_sampler", "--config=configs/benchmark.py:cpu",
+                    "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
+                    "--config.data.image_size=32", "--config.sampler.steps=4",
+                    "--config.sampler.resamples=2", "--config.sampler.jump_length=2",
+                    "--config.bench.reps=1"])
+  assert SAMPLER_KEYS <= set(out)
+  assert out["nfe_per_image"] == 6  # S=4, jl=2, r=2: one jump of 2 steps.
+  assert out["images_per_s"] > 0 and out["finite"] and out["devices"] == 1
+
+
+def test_train_benchmark_line():
+  out = _json_line(["launch.benchmark_train", "--config=configs/benchmark.py:cpu",
+                    "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
+                    "--config.data.image_size=32", "--config.bench.steps=1",
+                    "--config.bench.warmup_steps=0"])
+  assert {"images_per_s", "step_time_s", "compile_s", "params", "train_flops_per_image",
+          "tflops", "peak_fraction"} <= set(out)
+  assert out["params"] > 0 and out["images_per_s"] > 0
