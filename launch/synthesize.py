@@ -11,10 +11,12 @@ weights. Writes WORKDIR/synthetic/:
                              image + mask + provenance (salted hashes only)
   manifest.json, summary.json (counts, mode, backend, time, images/s)
   comparison.png             tumor, matches, cut-paste, anomalydiffusion, dfgm
-The salt stays in WORKDIR/synthetic/.salt (private); rerun reuses a finished
-output.
+The salt stays in WORKDIR/synthetic/.salt (private). Each finished center is
+staged in WORKDIR/synthetic/.staging, so a killed run resumes with the next
+center; a finished output is reused (--overwrite redoes everything).
 """
 
+import hashlib
 import json
 import os
 import secrets
@@ -132,11 +134,24 @@ def main(argv):
   def eps_factory(p):
     return lambda x, t, c, r, m: nnx.merge(graphdef, p, rest)(x, t, c, r, m)
 
-  # --- Synthesis per center ---
+  # --- Synthesis per center, each staged so that a killed run resumes ---
+  staging = os.path.join(out_dir, ".staging")
+  if _OVERWRITE.value:
+    shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging, exist_ok=True)
+  run_id = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
   results, tumors_by_center, timings = {}, {}, {}
   for center in centers:
     tumors = _load(_DATA_DIR.value, f"{center}_train", reader)
     tumors_by_center[center] = tumors
+    staged = os.path.join(staging, f"{center}.{run_id}.npz")
+    if os.path.exists(staged):
+      with np.load(staged) as f:
+        results[center] = {k: (f[k] if k in ("image", "mask") else f[k].tolist())
+                           for k in f.files if k != "seconds"}
+        timings[center] = float(f["seconds"])
+      logging.info("%s: reusing staged %s", center, staged)
+      continue
     bar = tqdm(total=len(tumors["image"]) * syn.k, desc=f"synthesize {center}",
                unit="img")
     start = time.perf_counter()
@@ -144,6 +159,10 @@ def main(argv):
                                           sched, scfg, progress=bar.update)
     timings[center] = time.perf_counter() - start
     bar.close()
+    tmp = staged + ".tmp.npz"
+    np.savez(tmp, seconds=timings[center],
+             **{k: np.asarray(v) for k, v in results[center].items()})
+    os.replace(tmp, staged)
     logging.info("%s: %d synthetic pairs in %.1fs", center,
                  len(results[center]["image"]), timings[center])
 
@@ -231,6 +250,7 @@ def main(argv):
   with open(manifest_path + ".tmp", "w") as f:
     json.dump(manifest, f, indent=1)
   os.replace(manifest_path + ".tmp", manifest_path)  # last: marks completion.
+  shutil.rmtree(staging, ignore_errors=True)
   common.print_artifacts("synthesis done:", {
       "synthetic set": out_dir, "summary": os.path.join(out_dir, "summary.json"),
       "figure": figure, "pairs": total,

@@ -54,3 +54,46 @@ def test_synthesize_writes_set_summary_and_figure(preprocessed_2020, tmp_path):
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
   assert again.returncode == 0 and "reused" in again.stdout
+
+
+def test_killed_synthesis_resumes_from_staged_centers(preprocessed_2020, tmp_path):
+  import signal
+  import time
+  from configs import tiny
+  from dfgm_jax.train import diffusion
+  from launch import train_data
+  data_dir, _ = preprocessed_2020
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  config.train.center = "CBICA"
+  config.train.num_steps = 2
+  model_dir = str(tmp_path / "g1")
+  diffusion.train(config, model_dir, train_data.make_sampler(config, data_dir).batch,
+                  progress=False)
+  cmd = [sys.executable, "-m", "launch.synthesize", "--config=configs/tiny.py",
+         "--config.synthesis.centers=CBICA,TCIA", "--config.synthesis.backend=pixels",
+         "--config.sampler.steps=30", "--config.sampler.resamples=1",
+         "--config.sampler.batch_size=4", f"--workdir={tmp_path}",
+         f"--model_dir={model_dir}", f"--data_dir={data_dir}"]
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  staging = tmp_path / "synthetic" / ".staging"
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  start = time.time()
+  while not (staging.exists() and any(p.name.startswith("CBICA.") and p.suffix == ".npz"
+                                      and ".tmp" not in p.name for p in staging.iterdir())):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() - start < 600
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "synthetic" / "manifest.json").exists()
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "CBICA: reusing staged" in r.stderr
+  summary = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
+  assert set(summary["centers"]) == {"CBICA", "TCIA"}
+  assert all(v["synthetic"] > 0 for v in summary["centers"].values())
+  assert not staging.exists()
+  cbica = list(input_pipeline.read_examples(str(tmp_path / "synthetic"), "CBICA_synthetic"))
+  assert len(cbica) == summary["centers"]["CBICA"]["synthetic"]
