@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from absl import flags  # noqa: F401  (re-exported for binaries)
 from absl import logging
 from ml_collections import config_flags
 

@@ -196,15 +196,16 @@ def main(argv):
   # --- Figure: tumor, matches, cut-paste, anomalydiffusion, dfgm ---
   center = centers[0]
   tumors, res = tumors_by_center[center], results[center]
-  rows, scfg_fig = [], scfg
+  rows = []
   hashes = [pipeline.salted_hash(c, settings.salt) for c in tumors["case_id"]]
+  healthy_index = {pipeline.salted_hash(k, settings.salt): j for j, k in enumerate(bank.keys)}
   for q in range(len(tumors["image"])):
     mine = [i for i in range(len(res["image"]))
             if res["source"][i] == hashes[q] and res["slice_index"][i] == tumors["slice_index"][q]]
     if not mine:
       continue
-    healthy_keys = {pipeline.salted_hash(k, settings.salt): j for j, k in enumerate(bank.keys)}
-    matches = [bank.images[healthy_keys[res["healthy"][i]]] for i in sorted(mine, key=lambda i: res["rank"][i])]
+    matches = [bank.images[healthy_index[res["healthy"][i]]]
+               for i in sorted(mine, key=lambda i: res["rank"][i])]
     rows.append({"tumor": tumors["image"][q], "mask": tumors["mask"][q], "matches": matches,
                  "h": matches[0], "x": tumors["image"][q]})
     if len(rows) == syn.figure_rows:
@@ -216,7 +217,7 @@ def main(argv):
     idx = jnp.arange(len(rows), dtype=jnp.int32)
     for mode in ("cutpaste", "anomalydiffusion", "dfgm"):
       out = jax.jit(lambda p, x, t, h, i, mode=mode: modes.synthesize_batch(
-          mode, eps_factory(p), sched, scfg_fig, x, t, h, jax.random.key(config.seed),
+          mode, eps_factory(p), sched, scfg, x, t, h, jax.random.key(config.seed),
           i, r_out, r_in))(params, x, t, h, idx)
       for r, img in zip(rows, np.asarray(out)):
         r[mode] = img

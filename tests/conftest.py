@@ -78,3 +78,19 @@ def preprocessed_2020(phantom_2020, tiny_data_cfg, tmp_path_factory):
   manifest = preprocess.run(phantom_2020.data_dir, out, tiny_data_cfg,
                             progress=False)
   return out, manifest
+
+
+def train_tiny(data_dir, workdir, center, num_steps, **train_overrides):
+  """Trains the tiny preset on preprocessed slices; returns (config, result)."""
+  from configs import tiny
+  from dfgm_jax.train import diffusion
+  from launch import train_data
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  config.train.center = center
+  config.train.num_steps = num_steps
+  for key, value in train_overrides.items():
+    setattr(config.train, key, value)
+  sampler = train_data.make_sampler(config, data_dir)
+  return config, sampler, diffusion.train(config, str(workdir), sampler.batch,
+                                          progress=False)

@@ -5,24 +5,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 from data_pipeline import input_pipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_tiny
 
 
 def test_synthesize_writes_set_summary_and_figure(preprocessed_2020, tmp_path):
-  from configs import tiny
-  from dfgm_jax.train import diffusion
-  from launch import train_data
   data_dir, manifest = preprocessed_2020
-  config = tiny.get_config()
-  config.train.reader = "grain"
-  config.train.center = "TCIA"
-  config.train.num_steps = 10
   model_dir = str(tmp_path / "g1")
-  sampler = train_data.make_sampler(config, data_dir)
-  diffusion.train(config, model_dir, sampler.batch, progress=False)
+  train_tiny(data_dir, model_dir, "TCIA", 10)
 
   cmd = [sys.executable, "-m", "launch.synthesize", "--config=configs/tiny.py",
          "--config.train.center=TCIA", "--config.synthesis.backend=pixels",
@@ -59,17 +49,9 @@ def test_synthesize_writes_set_summary_and_figure(preprocessed_2020, tmp_path):
 def test_killed_synthesis_resumes_from_staged_centers(preprocessed_2020, tmp_path):
   import signal
   import time
-  from configs import tiny
-  from dfgm_jax.train import diffusion
-  from launch import train_data
   data_dir, _ = preprocessed_2020
-  config = tiny.get_config()
-  config.train.reader = "grain"
-  config.train.center = "CBICA"
-  config.train.num_steps = 2
   model_dir = str(tmp_path / "g1")
-  diffusion.train(config, model_dir, train_data.make_sampler(config, data_dir).batch,
-                  progress=False)
+  train_tiny(data_dir, model_dir, "CBICA", 2)
   cmd = [sys.executable, "-m", "launch.synthesize", "--config=configs/tiny.py",
          "--config.synthesis.centers=CBICA,TCIA", "--config.synthesis.backend=pixels",
          "--config.sampler.steps=30", "--config.sampler.resamples=1",

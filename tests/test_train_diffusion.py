@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_tiny
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 # Subprocesses compiling the same program share a persistent compilation cache.
@@ -47,21 +47,11 @@ def _assert_same_params(a, b, atol):
 
 
 def test_loss_falls_on_phantom_data(preprocessed_2020, tmp_path):
-  from configs import tiny
-  from dfgm_jax.train import diffusion
-  from launch import train_data
   out, manifest = preprocessed_2020
-  config = tiny.get_config()
-  config.train.reader = "grain"
-  config.train.center = "TCIA"
-  config.train.num_steps = 200
-  config.train.log_every = 10
-  config.train.checkpoint_every = 200
-  config.train.warmup_steps = 20
-  sampler = train_data.make_sampler(config, out)
+  _, sampler, result = train_tiny(out, tmp_path, "TCIA", 200, log_every=10,
+                                  checkpoint_every=200, warmup_steps=20)
   assert sampler.tumor_image is not None and len(sampler.tumor_image) == \
       manifest["splits"]["TCIA_train"]["num_slices"]
-  result = diffusion.train(config, str(tmp_path), sampler.batch, progress=False)
   assert result["step"] == 200 and not result["preempted"]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [l["loss"] for l in lines]
