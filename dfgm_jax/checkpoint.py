@@ -80,6 +80,18 @@ class Checkpointer:
       return step, state, meta
     return None, None, None
 
+  def latest_meta(self) -> tuple[int | None, dict | None]:
+    """(step, meta) of the newest checkpoint whose meta is readable."""
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax raises many types.
+        logging.warning("checkpoint step %d meta unreadable (%s)", step, e)
+        continue
+      return step, restored["meta"]
+    return None, None
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

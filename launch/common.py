@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
@@ -31,3 +32,21 @@ def print_artifacts(title: str, paths: dict) -> None:
     print(f"  {name}: {path}")
 
 
+
+
+def define_distributed_flags() -> None:
+  """--jax_distributed and the explicit coordinator flags (multi-host binaries)."""
+  flags.DEFINE_bool("jax_distributed", None, "Call jax.distributed.initialize(); "
+                    "default: when a launcher environment is detected.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (local multi-process).")
+  flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+  flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+
+
+def initialize_distributed() -> bool:
+  """jax.distributed.initialize() per the flags above; before any JAX call."""
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  return parallel.maybe_initialize_distributed(
+      f.jax_distributed, f.coordinator_address, f.num_processes, f.process_id)

@@ -8,7 +8,8 @@ Stages (each resumable; a finished stage is reused on rerun):
   S0 phantom     config.phantom -> WORKDIR/phantom (skipped with --brats_dir)
   S1 preprocess  -> WORKDIR/slices (TFRecord + ArrayRecord + manifest.json)
   S2 train G1    -> WORKDIR/g1 (orbax checkpoints, metrics.jsonl, tensorboard/)
-  S3 synthesize  -> WORKDIR/synthetic (synthetic set, summary.json, comparison.png)
+  S3 export G1   -> WORKDIR/model (model.json + params.npz, self-contained)
+  S4 synthesize  -> WORKDIR/synthetic (synthetic set, summary.json, comparison.png)
 """
 
 import subprocess
@@ -85,17 +86,32 @@ def stage_train(config, workdir: str) -> dict:
   return result
 
 
-def stage_synthesize(workdir: str) -> dict:
-  """S3: the synthesis binary, in its own process (its flags, its JAX state)."""
+def stage_export(config, workdir: str, step: int) -> str:
+  """S3: G1's EMA weights as a self-contained export (re-exported when G1 moved on)."""
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, "model")
+  if model_io.is_export(out) and model_io.read_export(out)[0]["step"] == step:
+    logging.info("S3 export: reusing %s (step %d)", out, step)
+    return out
+  config, _, _, params, step = model_io.load_for_sampling(
+      os.path.join(workdir, "g1"), config, parallel.make_mesh(1))
+  model_io.export(params, config, step, out, overwrite=True)
+  logging.info("S3 export: step %d -> %s", step, out)
+  return out
+
+
+def stage_synthesize(workdir: str, model_dir: str) -> dict:
+  """S4: the synthesis binary, in its own process (its flags, its JAX state)."""
   overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
   cmd = [sys.executable, "-m", "launch.synthesize", *overrides,
-         f"--workdir={workdir}", f"--model_dir={os.path.join(workdir, 'g1')}",
+         f"--workdir={workdir}", f"--model_dir={model_dir}",
          f"--data_dir={os.path.join(workdir, 'slices')}"]
   start = time.perf_counter()
   subprocess.run(cmd, check=True)
   with open(os.path.join(workdir, "synthetic", "summary.json")) as f:
     summary = json.load(f)
-  logging.info("S3 synthesize: %d pairs in %.1fs", summary["synthetic_total"],
+  logging.info("S4 synthesize: %d pairs in %.1fs", summary["synthetic_total"],
                time.perf_counter() - start)
   return summary
 
@@ -110,7 +126,8 @@ def main(argv):
   manifest = stage_preprocess(config, brats_dir, workdir)
   slices_dir = os.path.join(workdir, "slices")
   trained = stage_train(config, workdir)
-  synthesized = stage_synthesize(workdir)
+  model_dir = stage_export(config, workdir, trained["step"])
+  synthesized = stage_synthesize(workdir, model_dir)
   common.print_artifacts("pipeline done:", {
       "BraTS data": brats_dir,
       "slices manifest": os.path.join(slices_dir, "manifest.json"),
@@ -121,6 +138,7 @@ def main(argv):
       "G1 checkpoints": os.path.join(workdir, "g1", "checkpoints"),
       "G1 metrics": os.path.join(workdir, "g1", "metrics.jsonl"),
       "G1 final loss": trained["metrics"].get("loss"),
+      "G1 export": model_dir,
       "synthetic set": os.path.join(workdir, "synthetic"),
       "synthetic pairs": synthesized["synthetic_total"],
       "comparison figure": synthesized["figure"],

@@ -29,13 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Preprocessing output "
                                 "(launch.preprocess --out_dir); not needed "
                                 "with config.train.reader=synthetic.")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", None, "Call "
-                                 "jax.distributed.initialize(); default: when "
-                                 "a launcher environment is detected.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (local multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+common.define_distributed_flags()
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop (with a checkpoint) "
                                 "after this step.")
 flags.mark_flags_as_required(["workdir"])
@@ -44,10 +38,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.maybe_initialize_distributed(
-      _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-      _PROCESS_ID.value)
+  common.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
   from launch import train_data  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,7 @@ from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.synthesis import masks
 from dfgm_jax.synthesis import matching
 from dfgm_jax.synthesis import pipeline
+from dfgm_jax.synthesis import runner
 
 
 def _data(n_bank=10, n_tumor=3, s=32):
@@ -37,7 +38,7 @@ def test_synthesize_pairs_keep_background_and_hide_ids(mode):
       mode=mode, match=matching.MatchConfig(backend="pixels", k=2), r_out=1,
       batch_size=4, salt="center-secret")
   sched = schedule_lib.make_schedule("linear", 20)
-  out = pipeline.synthesize(settings, bank, tumors, _eps_factory, {"w": np.float32(0.3)},
+  out = runner.synthesize(settings, bank, tumors, _eps_factory, {"w": np.float32(0.3)},
                             sched, sampler.SamplerConfig(steps=4, resamples=1))
   n = len(out["image"])
   assert n == 6 and out["mask"].shape == (6, 32, 32, 1)

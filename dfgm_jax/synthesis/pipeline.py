@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfgm_jax import parallel
 from dfgm_jax.diffusion import sampler as sampler_lib
 from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.synthesis import compose
@@ -43,14 +44,21 @@ class MemoryBank:
   brain: np.ndarray       # (N,S,S,1) float32
   patients: np.ndarray    # (N,) int32 patient codes
   keys: list              # (N,) example keys
-  features: np.ndarray    # (N,g,g,F) float16
+  features: np.ndarray | None  # (N,g,g,F) float16; None: composition only
   backend: str
 
 
 def build_bank(images, brain, case_ids, keys, backend: str, seed: int = 0,
-               cache_path: str | None = None) -> MemoryBank:
-  """Computes (or loads from `cache_path`) the features of the healthy set."""
+               cache_path: str | None = None, compute_features: bool = True
+               ) -> MemoryBank:
+  """Computes (or loads from `cache_path`) the features of the healthy set.
+
+  compute_features=False gives a bank for composition only (the processes of a
+  multi-host run other than the one that plans the matches).
+  """
   patients = np.array([patient_code(c) for c in case_ids], np.int32)
+  if not compute_features:
+    return MemoryBank(images, brain, patients, list(keys), None, backend)
   fingerprint = hashlib.sha256(("|".join(keys) + backend).encode()).hexdigest()[:16]
   if cache_path and os.path.exists(cache_path):
     with np.load(cache_path) as f:
@@ -78,30 +86,18 @@ class SynthesisSettings:
   salt: str = ""
 
 
-def synthesize(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
-               eps_fn_factory: Callable | None, params, sched: schedule_lib.Schedule,
-               scfg: sampler_lib.SamplerConfig, progress: Callable | None = None
-               ) -> dict:
-  """Synthetic pairs for the tumor slices of one center.
+def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict) -> np.ndarray:
+  """The synthesis plan of one center: (P, 3) int32 rows (query, healthy, rank).
 
-  Args:
-    settings: mode, matching and placement.
-    bank: the memory bank.
-    tumors: dict with image (M,S,S,C), mask (M,S,S,1), case_id, center,
-      slice_index (length-M sequences).
-    eps_fn_factory: params -> eps_fn (the trained denoiser); None for modes
-      without diffusion.
-    params: the denoiser's parameters (EMA), passed as jit arguments.
-    sched, scfg: noise schedule and sampler settings.
-    progress: called with the number of pairs done after each batch.
-
-  Returns:
-    dict of arrays image, mask (pairs) and provenance lists: source (salted
-    case hash), center, slice_index, healthy (salted key of the healthy slice),
-    rank (0..k-1).
+  Every valid match of every tumor slice, in query order then rank order. The
+  plan fixes the work (and each pair's global example index query * k + rank)
+  before any generation, so that batches can be staged, resumed and spread
+  over processes without changing a single output.
   """
   if settings.mode == "real_only":
     raise ValueError("real_only produces no synthetic set")
+  if bank.features is None:
+    raise ValueError("the memory bank has no features (built with compute_features=False)")
   feat_params, feat_fn = matching.feature_extractor(settings.match.backend, settings.seed)
   bank_features = jnp.asarray(bank.features)
   bank_brain = jnp.asarray(bank.brain)
@@ -109,15 +105,8 @@ def synthesize(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
   match_fn = jax.jit(lambda fp, img, t, d, q: matching.match(
       settings.match, feat_fn(fp, img).astype(jnp.float16), t, d, q,
       bank_features, bank_brain, bank_patients))
-  gen_fn = jax.jit(lambda p, x, t, h, idx: modes.synthesize_batch(
-      settings.mode, eps_fn_factory(p) if eps_fn_factory else None, sched, scfg,
-      x, t, h, jax.random.key(settings.seed), idx, settings.r_out, settings.r_in))
-
-  rng = np.random.default_rng(settings.seed)
-  images, masks_out, prov = [], [], {k: [] for k in
-                                     ("source", "center", "slice_index", "healthy", "rank")}
+  rows = []
   n = len(tumors["image"])
-  pairs = []
   for lo in range(0, n, settings.batch_size):
     sl = slice(lo, min(lo + settings.batch_size, n))
     t = jnp.asarray(tumors["mask"][sl], jnp.float32)
@@ -128,29 +117,58 @@ def synthesize(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
     for qi in range(idx.shape[0]):
       for rank in range(idx.shape[1]):
         if valid[qi, rank]:
-          pairs.append((lo + qi, int(idx[qi, rank]), rank))
-  for lo in range(0, len(pairs), settings.batch_size):
-    chunk = pairs[lo:lo + settings.batch_size]
-    xs, ts, hs, index = [], [], [], []
-    for q, j, rank in chunk:
-      x, t, _ = compose.place(tumors["image"][q], tumors["mask"][q].astype(np.float32),
-                              bank.brain[j], rng, settings.placement, settings.hflip,
-                              min_inside=settings.match.min_inside_brain)
-      xs.append(x), ts.append(t), hs.append(bank.images[j])
-      index.append(q * settings.match.k + rank)
-      prov["source"].append(salted_hash(tumors["case_id"][q], settings.salt))
-      prov["center"].append(tumors["center"][q])
-      prov["slice_index"].append(int(tumors["slice_index"][q]))
-      prov["healthy"].append(salted_hash(bank.keys[j], settings.salt))
-      prov["rank"].append(rank)
-    pad = settings.batch_size - len(chunk)  # one compiled shape for every batch.
-    stack = lambda a: np.concatenate([np.stack(a)] + [np.stack(a[:1])] * pad)
-    out = gen_fn(params, stack(xs), stack(ts), stack(hs),
-                 np.asarray(index + [0] * pad, np.int32))
-    images.append(np.asarray(out)[:len(chunk)])
-    masks_out.append(np.stack(ts).astype(np.uint8))
-    if progress:
-      progress(len(chunk))
-  return {"image": np.concatenate(images) if images else np.zeros((0,)),
-          "mask": np.concatenate(masks_out) if masks_out else np.zeros((0,)),
-          **prov}
+          rows.append((lo + qi, int(idx[qi, rank]), rank))
+  return np.asarray(rows, np.int32).reshape(-1, 3)
+
+
+def compose_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
+                  pairs: np.ndarray) -> dict:
+  """Network inputs of some plan rows: x (tumor slice placed), tumor, h, index.
+
+  Each pair's placement draws from its own generator seeded by (seed, query,
+  rank), so a pair composes the same way in any batch, on any process.
+  """
+  xs, ts, hs = [], [], []
+  for q, j, rank in pairs:
+    rng = np.random.default_rng([settings.seed, int(q), int(rank)])
+    x, t, _ = compose.place(tumors["image"][q], tumors["mask"][q].astype(np.float32),
+                            bank.brain[j], rng, settings.placement, settings.hflip,
+                            min_inside=settings.match.min_inside_brain)
+    xs.append(x), ts.append(t), hs.append(bank.images[j])
+  return {"x": np.stack(xs).astype(np.float32), "tumor": np.stack(ts).astype(np.float32),
+          "h": np.stack(hs).astype(np.float32),
+          "index": (pairs[:, 0] * settings.match.k + pairs[:, 2]).astype(np.int32)}
+
+
+def provenance(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
+               pairs: np.ndarray) -> dict:
+  """Per-pair provenance without raw identifiers (salted hashes)."""
+  return {
+      "source": [salted_hash(tumors["case_id"][q], settings.salt) for q in pairs[:, 0]],
+      "center": [tumors["center"][q] for q in pairs[:, 0]],
+      "slice_index": [int(tumors["slice_index"][q]) for q in pairs[:, 0]],
+      "healthy": [salted_hash(bank.keys[j], settings.salt) for j in pairs[:, 1]],
+      "rank": [int(r) for r in pairs[:, 2]],
+  }
+
+
+def make_generate_fn(settings: SynthesisSettings, eps_fn_factory: Callable | None,
+                     sched: schedule_lib.Schedule, scfg: sampler_lib.SamplerConfig,
+                     mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """jit(params, x, tumor, h, index) -> images, the batch sharded over `mesh`."""
+  def generate(params, x, tumor, h, index):
+    return modes.synthesize_batch(
+        settings.mode, eps_fn_factory(params) if eps_fn_factory else None, sched, scfg,
+        x, tumor, h, jax.random.key(settings.seed), index, settings.r_out, settings.r_in)
+
+  if mesh is None:
+    return jax.jit(generate)
+  data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(generate, in_shardings=(rep, data, data, data, data), out_shardings=data)
+
+
+def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+  """Pads plan rows to `size` by repeating the first (one compiled shape)."""
+  if len(rows) >= size:
+    return rows
+  return np.concatenate([rows, np.repeat(rows[:1], size - len(rows), axis=0)])

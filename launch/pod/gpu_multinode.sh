@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on several GPU nodes: one process per node (it drives all local GPUs).
+# Train (STAGE=train, default) or synthesize (STAGE=synthesize) on several GPU
+# nodes: one process per node (it drives all local GPUs).
 #
 # Under SLURM (sbatch with --ntasks-per-node=1) jax.distributed.initialize()
 # reads the SLURM environment by itself; pass --jax_distributed. Without
@@ -21,6 +22,15 @@ if [ -n "${SLURM_NTASKS:-}" ]; then
 else
   dist=(--coordinator_address="${COORD:?host:port of node 0}"
         --num_processes="${NPROC:?number of nodes}" --process_id="${PID:?this node}")
+fi
+# Synthesis: batches are global over all GPUs; only process 0 writes, so
+# WORKDIR must be on node 0's disk (or shared); MODEL_DIR is an export.
+if [ "${STAGE:-train}" = synthesize ]; then
+  exec .venv/bin/python -m launch.synthesize "${dist[@]}" \
+    --config=configs/default.py --config.model.dtype=bfloat16 \
+    --config.sampler.batch_size="${BATCH:-256}" \
+    --model_dir="${MODEL_DIR:?exported model folder}" \
+    --data_dir="$DATA_DIR" --workdir="$WORKDIR"
 fi
 exec .venv/bin/python -m launch.train_diffusion "${dist[@]}" \
   --config=configs/default.py --config.train.reader=grain \

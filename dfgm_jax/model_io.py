@@ -1,0 +1,211 @@
+"""Exported models: a self-contained folder another institute can sample with.
+
+  <dir>/model.json   format, step, parameter count, sha256 of params.npz, and
+                     the config sections that define the network and its
+                     sampling (model, diffusion, mask, data.image_size,
+                     data.modalities)
+  <dir>/params.npz   the EMA parameters, one float array per leaf, named by
+                     its path ("down/0/res/0/conv1/kernel")
+
+No pickles (np.load with allow_pickle=False), no orbax version coupling, no
+paths, center data or patient identifiers. The folder is written to a
+temporary name and renamed, so an export that exists is complete; the
+sha256 catches a truncated or altered copy.
+
+`load_for_sampling` reads either an export or a training workdir (its orbax
+checkpoints) and returns replicated EMA parameters on a mesh.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+FORMAT = "dfgm-jax-model/1"
+MODEL_JSON = "model.json"
+PARAMS = "params.npz"
+# Sections an export carries: they define the network and how it samples.
+SECTIONS = ("model", "diffusion", "mask")
+DATA_FIELDS = ("image_size", "modalities")
+# Fields of those sections that stay the command's: how to run, not what.
+RUNTIME_FIELDS = {"model": ("dtype", "attention_impl")}
+
+
+class ModelError(ValueError):
+  """An export or checkpoint folder that cannot be used; names the path."""
+
+
+def is_export(directory: str) -> bool:
+  return os.path.exists(os.path.join(directory, MODEL_JSON))
+
+
+def leaf_name(path) -> str:
+  """'down/0/res/1/conv1/kernel' for a parameter leaf's pytree path."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      if key.name != "value":  # nnx.Variable's payload.
+        parts.append(key.name)
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def flatten(params) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {leaf_name(p): np.asarray(jax.device_get(x)) for p, x in leaves}
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
+           extra: dict | None = None) -> str:
+  """Writes an export of `params` (the EMA) with config's defining sections."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    if not overwrite:
+      raise ModelError(f"{out_dir} exists; pass overwrite to replace it")
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  arrays = flatten(params)
+  np.savez(os.path.join(tmp, PARAMS), **arrays)
+  record = {
+      "format": FORMAT, "step": int(step),
+      "num_params": int(sum(a.size for a in arrays.values())),
+      "num_leaves": len(arrays),
+      "params_sha256": _sha256(os.path.join(tmp, PARAMS)),
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "config": defining_config(config),
+      **(extra or {}),
+  }
+  with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+    json.dump(record, f, indent=1)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+def read_export(directory: str, verify: bool = True) -> tuple[dict, dict]:
+  """(model.json record, {leaf name: array}); checks format and checksum."""
+  path = os.path.join(directory, MODEL_JSON)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModelError(f"{path}: unreadable model description ({e})") from e
+  if record.get("format") != FORMAT:
+    raise ModelError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}")
+  params_path = os.path.join(directory, PARAMS)
+  if not os.path.exists(params_path):
+    raise ModelError(f"{params_path}: missing")
+  if verify and _sha256(params_path) != record["params_sha256"]:
+    raise ModelError(f"{params_path}: checksum mismatch (truncated or altered copy)")
+  try:
+    with np.load(params_path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as e:  # zipfile/numpy raise several types.
+    raise ModelError(f"{params_path}: unreadable ({type(e).__name__}: {e})") from e
+  return record, arrays
+
+
+def defining_config(config) -> dict:
+  """The config sections an export carries (JSON-able)."""
+  return {**{s: config[s].to_dict() for s in SECTIONS},
+          "data": {k: config.data[k] for k in DATA_FIELDS}}
+
+
+def apply_model_config(config, saved: dict, source: str):
+  """A copy of `config` whose defining sections are the model's (`saved`)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section in SECTIONS:
+    runtime = {k: config[section][k] for k in RUNTIME_FIELDS.get(section, ())
+               if k in config[section]}
+    if config[section].to_dict() != {**saved[section], **runtime}:
+      logging.info("config.%s comes from the model at %s", section, source)
+    config[section] = ml_collections.ConfigDict({**saved[section], **runtime})
+  for key in DATA_FIELDS:
+    value = saved["data"][key]
+    config.data[key] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def fill(template, arrays: dict, source: str):
+  """`template`'s pytree with its leaves replaced by `arrays` (by name)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = [leaf_name(p) for p, _ in paths]
+  missing = sorted(set(names) - set(arrays))
+  unexpected = sorted(set(arrays) - set(names))
+  if missing or unexpected:
+    raise ModelError(f"{source}: parameters do not fit the network "
+                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+  leaves = []
+  for (_, x), name in zip(paths, names):
+    a = arrays[name]
+    if a.shape != np.shape(x):
+      raise ModelError(f"{source}: {name} has shape {a.shape}, the network {np.shape(x)}")
+    leaves.append(a.astype(x.dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_for_sampling(model_dir: str, config, mesh):
+  """(config, graphdef, rest, params, step) from an export or a training workdir.
+
+  params are the EMA weights, replicated over `mesh`. With an export, the
+  returned config's model/diffusion/mask sections and data.image_size come
+  from it; with a workdir, `config` must describe the trained network.
+  """
+  from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  rep = parallel.replicated(mesh)
+  if is_export(model_dir):
+    record, arrays = read_export(model_dir)
+    config = apply_model_config(config, record["config"], model_dir)
+    graphdef, rest, state = diffusion.init_state(config)
+    params = fill(state["ema"], arrays, os.path.join(model_dir, PARAMS))
+    return config, graphdef, rest, jax.device_put(params, rep), record["step"]
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ModelError(f"{model_dir}: neither an exported model ({MODEL_JSON}) nor a "
+                     "training workdir (checkpoints/)")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir)
+  try:
+    _, meta = ckpt.latest_meta()
+    if meta is None:
+      raise ModelError(f"{ckpt_dir}: no readable checkpoint")
+    config = apply_model_config(config, _saved_sections(meta["config"]), ckpt_dir)
+    # The restore target needs the optimizer state the run was trained with.
+    trained = ml_collections.ConfigDict(config.to_dict())
+    trained.train = ml_collections.ConfigDict(meta["config"]["train"])
+    graphdef, rest, state = diffusion.init_state(trained)
+    step, restored, _ = ckpt.restore_latest(jax.device_put(state, rep))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ModelError(f"{ckpt_dir}: no readable checkpoint")
+  return config, graphdef, rest, restored["ema"], step
+
+
+def _saved_sections(config_json: dict) -> dict:
+  """The defining sections of a checkpoint's meta config (a JSON dict)."""
+  return {**{s: config_json[s] for s in SECTIONS},
+          "data": {k: config_json["data"][k] for k in DATA_FIELDS}}

@@ -1,0 +1,231 @@
+"""Staged, multi-host generation of one center's synthesis plan.
+
+The plan (pipeline.plan_pairs) is cut into global batches of
+`settings.batch_size` pairs. Every process runs every batch in lock step:
+each composes only its own rows, the jitted sampler sees one global batch
+sharded over the `data` axis of a mesh spanning all devices of all
+processes, and the outputs are gathered to process 0, which stages the batch
+as one file. A killed run resumes at the first batch not staged; since each
+pair's placement and noise depend only on its plan row, a resumed or
+re-sharded run writes the same images.
+
+Only process 0 touches the staging folder, so the workdir need not be shared
+between hosts; the other processes learn what is staged by broadcast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from dfgm_jax import parallel
+from dfgm_jax.synthesis import pipeline
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def broadcast(x: np.ndarray) -> np.ndarray:
+  """Process 0's array on every process (identity with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+class BatchStore:
+  """Staged results of one center: plan.npz and one bNNNNNN.npz per batch.
+
+  Every file is written to a temporary name and renamed, so a file that
+  exists is complete. directory=None keeps everything in memory (in-process
+  synthesis without resume).
+  """
+
+  def __init__(self, directory: str | None):
+    self.directory = directory
+    self._memory = {}
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self.directory, name)
+
+  def _write(self, name: str, **arrays) -> None:
+    if self.directory is None:
+      self._memory[name] = {k: np.asarray(v) for k, v in arrays.items()}
+      return
+    os.makedirs(self.directory, exist_ok=True)
+    tmp = self._path(name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, self._path(name))
+
+  def _exists(self, name: str) -> bool:
+    if self.directory is None:
+      return name in self._memory
+    return os.path.exists(self._path(name))
+
+  def _read(self, name: str) -> dict:
+    if self.directory is None:
+      return self._memory[name]
+    with np.load(self._path(name)) as f:
+      return {k: f[k] for k in f.files}
+
+  def load_plan(self) -> np.ndarray | None:
+    return self._read("plan.npz")["pairs"] if self._exists("plan.npz") else None
+
+  def save_plan(self, pairs: np.ndarray) -> None:
+    self._write("plan.npz", pairs=pairs)
+
+  def batch_name(self, i: int) -> str:
+    return f"b{i:06d}.npz"
+
+  def has(self, i: int) -> bool:
+    return self._exists(self.batch_name(i))
+
+  def save_batch(self, i: int, image: np.ndarray, mask: np.ndarray, seconds: float) -> None:
+    self._write(self.batch_name(i), image=image, mask=mask, seconds=np.float64(seconds))
+
+  def load_batch(self, i: int) -> dict:
+    f = self._read(self.batch_name(i))
+    return {"image": f["image"], "mask": f["mask"], "seconds": float(f["seconds"])}
+
+
+def num_batches(num_pairs: int, batch_size: int) -> int:
+  return -(-num_pairs // batch_size)
+
+
+def agreed_plan(store: BatchStore, plan_fn: Callable[[], np.ndarray]) -> np.ndarray:
+  """The staged plan, or process 0's fresh one (staged); the same on every process."""
+  pairs = None
+  if is_main():
+    pairs = store.load_plan()
+    if pairs is None:
+      pairs = plan_fn()
+      store.save_plan(pairs)
+  n = int(broadcast(np.int32(len(pairs) if pairs is not None else 0)))
+  return broadcast(pairs if pairs is not None else np.zeros((n, 3), np.int32))
+
+
+def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors: dict,
+        pairs: np.ndarray, generate: Callable, params, mesh: jax.sharding.Mesh,
+        store: BatchStore, *, progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        stop_after: int | None = None) -> dict:
+  """Generates every batch of `pairs` not yet staged in `store`.
+
+  Args:
+    settings, bank, tumors: as for pipeline.synthesize.
+    pairs: the agreed plan (same on every process).
+    generate: pipeline.make_generate_fn(..., mesh).
+    params: the denoiser's parameters, replicated over `mesh`.
+    mesh: the data-parallel mesh over all devices.
+    store: process 0's staging of this center.
+    progress: called with the number of pairs of each finished batch.
+    should_stop: polled after each batch (preemption, agreed across processes).
+    stop_after: stop after generating this many batches (tests, dry runs).
+
+  Returns:
+    {"generated": batches generated now, "reused": batches already staged,
+     "seconds": time spent generating now, "stopped": whether it stopped early}.
+  """
+  b = settings.batch_size
+  n_dev, n_proc = mesh.size, jax.process_count()
+  if b % n_dev:
+    raise ValueError(f"sampler.batch_size={b} must be a multiple of the {n_dev} devices")
+  total = num_batches(len(pairs), b)
+  staged = broadcast(np.array([store.has(i) if is_main() else False
+                               for i in range(total)], np.bool_))
+  local = b // n_proc
+  lo_row = jax.process_index() * local
+  data = parallel.data_sharding(mesh)
+  generated, seconds, stopped = 0, 0.0, False
+  if progress:
+    progress(int(sum(min(b, len(pairs) - i * b) for i in np.flatnonzero(staged))))
+  for i in range(total):
+    if staged[i]:
+      continue
+    start = time.perf_counter()
+    rows = pipeline.pad_rows(pairs[i * b:(i + 1) * b], b)
+    inputs = pipeline.compose_pairs(settings, bank, tumors, rows[lo_row:lo_row + local])
+    args = [jax.make_array_from_process_local_data(data, inputs[k])
+            for k in ("x", "tumor", "h", "index")]
+    out = generate(params, *args)
+    image, mask = _gather(out), _gather(args[1])
+    n = min(b, len(pairs) - i * b)
+    took = time.perf_counter() - start
+    if is_main():
+      store.save_batch(i, image[:n], mask[:n].astype(np.uint8), took)
+    generated, seconds = generated + 1, seconds + took
+    if progress:
+      progress(n)
+    if (should_stop is not None and should_stop()) or (
+        stop_after is not None and generated >= stop_after):
+      stopped = i + 1 < total
+      break
+  return {"generated": generated, "reused": int(staged.sum()), "seconds": seconds,
+          "stopped": stopped}
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A global batch as one host array (on every process)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def collect(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
+            tumors: dict, pairs: np.ndarray, store: BatchStore) -> dict:
+  """All staged batches of a finished center as pipeline.synthesize's dict."""
+  b = settings.batch_size
+  batches = [store.load_batch(i) for i in range(num_batches(len(pairs), b))]
+  size = tumors["image"].shape[1:]
+  return {
+      "image": (np.concatenate([x["image"] for x in batches]) if batches
+                else np.zeros((0,) + size, np.float32)),
+      "mask": (np.concatenate([x["mask"] for x in batches]) if batches
+               else np.zeros((0,) + size[:-1] + (1,), np.uint8)),
+      "seconds": float(sum(x["seconds"] for x in batches)),
+      **pipeline.provenance(settings, bank, tumors, pairs),
+  }
+
+
+def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
+               tumors: dict, eps_fn_factory: Callable | None, params, sched, scfg,
+               mesh: jax.sharding.Mesh | None = None,
+               progress: Callable[[int], None] | None = None) -> dict:
+  """Synthetic pairs for the tumor slices of one center, kept in memory.
+
+  Args:
+    settings: mode, matching and placement.
+    bank: the memory bank.
+    tumors: dict with image (M,S,S,C), mask (M,S,S,1), case_id, center,
+      slice_index (length-M sequences).
+    eps_fn_factory: params -> eps_fn (the trained denoiser); None for modes
+      without diffusion.
+    params: the denoiser's parameters (EMA), passed as jit arguments.
+    sched, scfg: noise schedule and sampler settings.
+    mesh: data-parallel mesh (default: every device).
+    progress: called with the number of pairs done after each batch.
+
+  Returns:
+    dict of arrays image, mask (pairs) and provenance lists: source (salted
+    case hash), center, slice_index, healthy (salted key of the healthy slice),
+    rank (0..k-1).
+  """
+  mesh = mesh or parallel.make_mesh()
+  store = BatchStore(None)
+  pairs = agreed_plan(store, lambda: pipeline.plan_pairs(settings, bank, tumors))
+  generate = pipeline.make_generate_fn(settings, eps_fn_factory, sched, scfg, mesh)
+  params = jax.device_put(params, parallel.replicated(mesh))
+  run(settings, bank, tumors, pairs, generate, params, mesh, store, progress=progress)
+  return collect(settings, bank, tumors, pairs, store)
