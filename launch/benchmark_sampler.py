@@ -4,13 +4,15 @@ r"""Blended-sampler throughput: the product's headline figure.
   python -m launch.benchmark_sampler --config=configs/benchmark.py:cpu  # CPU
       [--config.sampler.steps=100 --config.sampler.resamples=2 ...]
 
-Random weights (or EMA weights from config.bench.checkpoint_dir), synthetic
+Random weights (or the EMA weights of config.bench.checkpoint_dir: an export
+or a training workdir), synthetic
 inputs; needs no TensorFlow, tfds or nibabel, so it runs on bare GPU hosts.
 The whole sampler is one compiled program, data-parallel over all devices.
 Prints one JSON line (keys in PERFORMANCE.md's vocabulary).
 """
 
 import json
+import os
 import time
 
 from absl import app
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import input_pipeline
+from dfgm_jax import model_io
 from dfgm_jax import parallel
 from dfgm_jax.diffusion import sampler as sampler_lib
 from dfgm_jax.models import unet
@@ -37,21 +40,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
+  mesh = parallel.make_mesh()
+  weights = "random"
+  if config.bench.checkpoint_dir:
+    # An export or a training workdir (or its checkpoints/): trained EMA weights;
+    # the model's own config defines the network (and the image size).
+    model_dir = os.path.normpath(config.bench.checkpoint_dir)
+    if os.path.basename(model_dir) == "checkpoints":
+      model_dir = os.path.dirname(model_dir)
+    config, graphdef, rest, params, step = model_io.load_for_sampling(model_dir, config, mesh)
+    weights = f"ema@{step}"
+  else:
+    graphdef, rest, state = diffusion.init_state(config)
+    params = state["params"]
   s = config.sampler
   size = config.data.image_size
   b = s.batch_size
-  mesh = parallel.make_mesh()
-  graphdef, rest, state = diffusion.init_state(config)
-  params = state["params"]
-  weights = "random"
-  if config.bench.checkpoint_dir:
-    from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    ckpt = ckpt_lib.Checkpointer(config.bench.checkpoint_dir)
-    step, restored, _ = ckpt.restore_latest(state)
-    ckpt.close()
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint in {config.bench.checkpoint_dir}")
-    params, weights = restored["ema"], f"ema@{step}"
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   params = jax.device_put(params, parallel.replicated(mesh))
 

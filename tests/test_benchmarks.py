@@ -42,3 +42,20 @@ def test_train_benchmark_line():
   assert {"images_per_s", "step_time_s", "compile_s", "params", "train_flops_per_image",
           "tflops", "peak_fraction"} <= set(out)
   assert out["params"] > 0 and out["images_per_s"] > 0
+
+
+def test_sampler_benchmark_reads_an_exported_model(tmp_path):
+  import jax
+  from configs import tiny
+  from dfgm_jax import model_io
+  from dfgm_jax.train import diffusion
+  config = tiny.get_config()
+  _, _, state = diffusion.init_state(config)
+  export = model_io.export(state["ema"], config, 7, str(tmp_path / "model"))
+  out = _json_line(["launch.benchmark_sampler", "--config=configs/benchmark.py:cpu",
+                    f"--config.bench.checkpoint_dir={export}", "--config.sampler.steps=2",
+                    "--config.bench.reps=1"])
+  # The export's network (tiny at 32 px) runs, with its trained weights.
+  assert out["weights"] == "ema@7" and out["preset"] == "tiny"
+  assert out["image_size"] == 32
+  assert out["params"] == sum(x.size for x in jax.tree.leaves(state["ema"]))
