@@ -40,3 +40,9 @@ def peak_memory_bytes() -> int | None:
 def device_description() -> str:
   d = jax.devices()[0]
   return f"{jax.device_count()} x {d.device_kind} ({d.platform})"
+
+
+def software() -> dict:
+  """Versions and XLA flags in effect: what a figure depends on besides the chip."""
+  import os  # pylint: disable=g-import-not-at-top
+  return {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -98,6 +98,7 @@ def main(argv):
   print(json.dumps({
       "benchmark": "sampler",
       "device": benchmark_common.device_description(),
+      **benchmark_common.software(),
       "preset": config.model.preset,
       "image_size": size,
       "batch_size": b,

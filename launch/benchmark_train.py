@@ -71,6 +71,7 @@ def main(argv):
   print(json.dumps({
       "benchmark": "train",
       "device": benchmark_common.device_description(),
+      **benchmark_common.software(),
       "preset": config.model.preset,
       "image_size": config.data.image_size,
       "batch_size": b,

@@ -9,6 +9,10 @@ from absl import logging
 from ml_collections import config_flags
 
 import configs
+from dfgm_jax import platform
+
+# Before any binary starts a JAX backend (see dfgm_jax/platform.py).
+platform.apply_xla_flags()
 
 
 def define_config_flag(default: str = "default.py") -> None:

@@ -12,6 +12,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from data_pipeline import brats  # noqa: E402
+from dfgm_jax import platform  # noqa: E402
+
+platform.apply_xla_flags()  # the binaries' XLA flags, for in-process tests too.
 
 REAL_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "brats_real_sample",
                            "TCGA-DU-7294")

@@ -230,9 +230,13 @@ def blend_sample(eps_fn: EpsFn, sched: schedule_lib.Schedule, cfg: SamplerConfig
   def body(x, transition):
     s, frm, to = transition
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s + 1))(keys)
-    x = jax.lax.cond(to < frm, denoise, undo, x, frm, to, step_keys)
+    if all_denoise:  # no jumps: every transition calls the network, no branch.
+      x = denoise(x, frm, to, step_keys)
+    else:
+      x = jax.lax.cond(to < frm, denoise, undo, x, frm, to, step_keys)
     return x, (x if return_trajectory else None)
 
+  all_denoise = plan.nfe == plan.num_transitions
   transitions = (jnp.arange(plan.num_transitions, dtype=jnp.int32),
                  jnp.asarray(plan.frm), jnp.asarray(plan.to))
   x, trajectory = jax.lax.scan(body, x, transitions, unroll=cfg.unroll)
