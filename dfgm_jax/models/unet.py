@@ -64,6 +64,18 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 GN_EPS = 1e-5  # PyTorch / ADM / diffusers default.
 
 
+def silu(x):
+  """x * sigmoid(x), with sigmoid written as 0.5 + 0.5 tanh(x / 2).
+
+  The same function (max difference 5e-7 in float32); XLA:CPU lowers tanh to
+  a cheap rational approximation where jax.nn.sigmoid costs an exp and a
+  divide: GroupNorm + SiLU at 64 x 64 x 64, batch 4, 4.9 -> 2.9 ms; the whole
+  `small` forward at 64 x 64, batch 4, 2-core CPU, medians of 10 alternating
+  calls in three runs: 283/311/339 -> 276/279/327 ms (2-10 %).
+  """
+  return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+
+
 def _host_init(sample):
   """Wraps `sample(numpy_generator, shape)` as a JAX initializer.
 
@@ -330,7 +342,7 @@ class GroupNorm(nnx.Module):
       scale, shift = film
       y = y * (1.0 + scale) + shift
     if act:
-      y = jax.nn.silu(y)
+      y = silu(y)
     return y.astype(self.dtype)
 
 
@@ -435,8 +447,8 @@ class SpatialLevel(nnx.Module):
     self.inject = _conv(hidden, cout, 1, cfg, rngs, zero=True)
 
   def __call__(self, masks):
-    h = jax.nn.silu(self.conv1(masks))
-    return self.inject(jax.nn.silu(self.conv2(h)))
+    h = silu(self.conv1(masks))
+    return self.inject(silu(self.conv2(h)))
 
 
 class Level(nnx.Module):
@@ -569,11 +581,11 @@ class UNet(nnx.Module):
     key = dropout_key if train and cfg.dropout > 0 else None
     dt = cfg.compute_dtype
 
-    temb = self.time_fc2(jax.nn.silu(
+    temb = self.time_fc2(silu(
         self.time_fc1(timestep_embedding(t, cfg.base_channels))))
     if self.class_embed is not None:
       temb = temb + self.class_embed(jnp.asarray(class_id, jnp.int32))
-    emb = jax.nn.silu(temb)  # Every ResBlock's projection starts with SiLU.
+    emb = silu(temb)  # Every ResBlock's projection starts with SiLU.
 
     masks = jnp.concatenate([ring, tumor], axis=-1).astype(jnp.float32)
     h = self.conv_in(jnp.concatenate(
