@@ -66,3 +66,26 @@ def test_bank_cache_is_reused(tmp_path):
   c = pipeline.build_bank(bank.images, bank.brain, ["a"] * 10, bank.keys[::-1], "pixels",
                           cache_path=path)
   assert not np.all(c.features == 7)  # another bank: recomputed.
+
+
+def test_center_without_valid_matches_gives_an_empty_set():
+  bank, tumors = _data()
+  settings = pipeline.SynthesisSettings(
+      mode="dfgm", match=matching.MatchConfig(backend="pixels", k=2, min_inside_brain=1.5),
+      r_out=1, batch_size=4)
+  sched = schedule_lib.make_schedule("linear", 20)
+  out = runner.synthesize(settings, bank, tumors, _eps_factory, {"w": np.float32(0.3)},
+                          sched, sampler.SamplerConfig(steps=4, resamples=1))
+  assert out["image"].shape == (0, 32, 32, 1) and out["mask"].shape == (0, 32, 32, 1)
+  assert out["source"] == [] and out["rank"] == []
+
+
+def test_batch_store_reads_only_complete_files(tmp_path):
+  store = runner.BatchStore(str(tmp_path / "c"))
+  assert store.load_plan() is None and not store.has(0)
+  store.save_plan(np.array([[0, 1, 0]], np.int32))
+  store.save_batch(0, np.ones((1, 4, 4, 1), np.float32), np.ones((1, 4, 4, 1), np.uint8), 1.5)
+  (tmp_path / "c" / "b000001.npz.tmp.npz").write_bytes(b"cut short")
+  assert store.has(0) and not store.has(1)
+  assert store.load_batch(0)["seconds"] == 1.5
+  np.testing.assert_array_equal(store.load_plan(), [[0, 1, 0]])

@@ -112,6 +112,8 @@ def agreed_plan(store: BatchStore, plan_fn: Callable[[], np.ndarray]) -> np.ndar
       pairs = plan_fn()
       store.save_plan(pairs)
   n = int(broadcast(np.int32(len(pairs) if pairs is not None else 0)))
+  if n == 0:  # no valid match at all: nothing to broadcast.
+    return np.zeros((0, 3), np.int32)
   return broadcast(pairs if pairs is not None else np.zeros((n, 3), np.int32))
 
 
@@ -142,6 +144,8 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
   if b % n_dev:
     raise ValueError(f"sampler.batch_size={b} must be a multiple of the {n_dev} devices")
   total = num_batches(len(pairs), b)
+  if total == 0:
+    return {"generated": 0, "reused": 0, "seconds": 0.0, "stopped": False}
   staged = broadcast(np.array([store.has(i) if is_main() else False
                                for i in range(total)], np.bool_))
   local = b // n_proc
