@@ -8,6 +8,10 @@
 # its own shard of the healthy split; the batch is global over all chips.
 #
 #   TPU=my-v5e-32 ZONE=us-west4-a BUCKET=gs://my-bucket bash launch/pod/tpu_vm_pod.sh
+#
+# Synthesis runs the same way (launch.synthesize --jax_distributed ...), with
+# --model_dir an export and --workdir a local or mounted (gcsfuse) path:
+# only process 0 writes there, with plain file calls.
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${BUCKET:?gs:// bucket}"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
