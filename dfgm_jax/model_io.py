@@ -80,9 +80,8 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
            extra: dict | None = None) -> str:
   """Writes an export of `params` (the EMA) with config's defining sections."""
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    if not overwrite:
-      raise ModelError(f"{out_dir} exists; pass overwrite to replace it")
+  if os.path.exists(out_dir) and not overwrite:
+    raise ModelError(f"{out_dir} exists; pass overwrite to replace it")
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -94,7 +93,7 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
       "num_leaves": len(arrays),
       "params_sha256": _sha256(os.path.join(tmp, PARAMS)),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "config": defining_config(config),
+      "config": defining_sections(config.to_dict()),
       **(extra or {}),
   }
   with open(os.path.join(tmp, MODEL_JSON), "w") as f:
@@ -104,8 +103,8 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
   return out_dir
 
 
-def read_export(directory: str, verify: bool = True) -> tuple[dict, dict]:
-  """(model.json record, {leaf name: array}); checks format and checksum."""
+def read_record(directory: str) -> dict:
+  """The export's model.json (format checked; the weights are not read)."""
   path = os.path.join(directory, MODEL_JSON)
   try:
     with open(path) as f:
@@ -114,10 +113,16 @@ def read_export(directory: str, verify: bool = True) -> tuple[dict, dict]:
     raise ModelError(f"{path}: unreadable model description ({e})") from e
   if record.get("format") != FORMAT:
     raise ModelError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}")
+  return record
+
+
+def read_export(directory: str) -> tuple[dict, dict]:
+  """(model.json record, {leaf name: array}); checks format and checksum."""
+  record = read_record(directory)
   params_path = os.path.join(directory, PARAMS)
   if not os.path.exists(params_path):
     raise ModelError(f"{params_path}: missing")
-  if verify and _sha256(params_path) != record["params_sha256"]:
+  if _sha256(params_path) != record["params_sha256"]:
     raise ModelError(f"{params_path}: checksum mismatch (truncated or altered copy)")
   try:
     with np.load(params_path, allow_pickle=False) as f:
@@ -127,10 +132,10 @@ def read_export(directory: str, verify: bool = True) -> tuple[dict, dict]:
   return record, arrays
 
 
-def defining_config(config) -> dict:
-  """The config sections an export carries (JSON-able)."""
-  return {**{s: config[s].to_dict() for s in SECTIONS},
-          "data": {k: config.data[k] for k in DATA_FIELDS}}
+def defining_sections(config: dict) -> dict:
+  """The sections of a config (as a dict) that an export carries."""
+  return {**{s: config[s] for s in SECTIONS},
+          "data": {k: config["data"][k] for k in DATA_FIELDS}}
 
 
 def apply_model_config(config, saved: dict, source: str):
@@ -192,7 +197,7 @@ def load_for_sampling(model_dir: str, config, mesh):
     _, meta = ckpt.latest_meta()
     if meta is None:
       raise ModelError(f"{ckpt_dir}: no readable checkpoint")
-    config = apply_model_config(config, _saved_sections(meta["config"]), ckpt_dir)
+    config = apply_model_config(config, defining_sections(meta["config"]), ckpt_dir)
     # The restore target needs the optimizer state the run was trained with.
     trained = ml_collections.ConfigDict(config.to_dict())
     trained.train = ml_collections.ConfigDict(meta["config"]["train"])
@@ -205,7 +210,9 @@ def load_for_sampling(model_dir: str, config, mesh):
   return config, graphdef, rest, restored["ema"], step
 
 
-def _saved_sections(config_json: dict) -> dict:
-  """The defining sections of a checkpoint's meta config (a JSON dict)."""
-  return {**{s: config_json[s] for s in SECTIONS},
-          "data": {k: config_json["data"][k] for k in DATA_FIELDS}}
+def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = False
+                   ) -> tuple[str, int]:
+  """Exports the newest readable checkpoint of a training workdir; (out, step)."""
+  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
+  config, _, _, params, step = load_for_sampling(model_dir, config, parallel.make_mesh(1))
+  return export(params, config, step, out_dir, overwrite=overwrite), step

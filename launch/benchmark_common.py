@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 # Dense bf16 peak TFLOP/s by device kind (vendor figures). PERFORMANCE.md
@@ -44,5 +46,4 @@ def device_description() -> str:
 
 def software() -> dict:
   """Versions and XLA flags in effect: what a figure depends on besides the chip."""
-  import os  # pylint: disable=g-import-not-at-top
   return {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}

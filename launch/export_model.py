@@ -29,16 +29,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
   if model_io.is_export(_MODEL_DIR.value):
     raise app.UsageError(f"{_MODEL_DIR.value} is already an export")
   try:
-    config, _, _, params, step = model_io.load_for_sampling(
-        _MODEL_DIR.value, flags.FLAGS.config, parallel.make_mesh(1))
-    out = model_io.export(params, config, step, _OUT.value, overwrite=_OVERWRITE.value)
+    out, step = model_io.export_workdir(_MODEL_DIR.value, flags.FLAGS.config, _OUT.value,
+                                        overwrite=_OVERWRITE.value)
   except model_io.ModelError as e:
     raise SystemExit(f"error: {e}") from e
-  record, _ = model_io.read_export(out)
+  record = model_io.read_record(out)
   common.print_artifacts(f"exported step {step} ({record['num_params']:,} parameters):", {
       "model": out, "description": os.path.join(out, model_io.MODEL_JSON),
       "params_sha256": record["params_sha256"]})

@@ -89,14 +89,12 @@ def stage_train(config, workdir: str) -> dict:
 def stage_export(config, workdir: str, step: int) -> str:
   """S3: G1's EMA weights as a self-contained export (re-exported when G1 moved on)."""
   from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "model")
-  if model_io.is_export(out) and model_io.read_export(out)[0]["step"] == step:
+  if model_io.is_export(out) and model_io.read_record(out)["step"] == step:
     logging.info("S3 export: reusing %s (step %d)", out, step)
     return out
-  config, _, _, params, step = model_io.load_for_sampling(
-      os.path.join(workdir, "g1"), config, parallel.make_mesh(1))
-  model_io.export(params, config, step, out, overwrite=True)
+  _, step = model_io.export_workdir(os.path.join(workdir, "g1"), config, out,
+                                    overwrite=True)
   logging.info("S3 export: step %d -> %s", step, out)
   return out
 

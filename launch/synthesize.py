@@ -105,8 +105,8 @@ def _write_set(out_dir, config, results, model_step):
   shutil.rmtree(build_dir, ignore_errors=True)
 
 
-def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params,
-            model_step, center):
+def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params, sched,
+            scfg, model_step, center):
   """Figure 2 style rows: tumor, matches, cut-paste, anomalydiffusion, dfgm."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -114,7 +114,6 @@ def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params,
   from dfgm_jax.eval import figures  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import modes  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
   rows = []
   hashes = [pipeline.salted_hash(c, settings.salt) for c in tumors["case_id"]]
   healthy_index = {pipeline.salted_hash(k, settings.salt): j for j, k in enumerate(bank.keys)}
@@ -133,8 +132,6 @@ def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params,
     return None
   # This process's copy of the replicated weights: the figure runs here only.
   local = jax.tree.map(lambda a: a.addressable_data(0), params)
-  sched = diffusion.schedule_from(config)
-  scfg = diffusion.sampler_config_from(config)
   x = jnp.asarray(np.stack([r["x"] for r in rows]))
   t = jnp.asarray(np.stack([r["mask"] for r in rows]), jnp.float32)
   h = jnp.asarray(np.stack([r["h"] for r in rows]))
@@ -184,7 +181,6 @@ def main(argv):
 
   # --- Model: the export's or the workdir's EMA weights and network config ---
   model_step, model_id = 0, None
-  graphdef, rest, state = None, None, None
   if modes.uses_diffusion(config.synthesis.mode):
     if not _MODEL_DIR.value:
       raise app.UsageError(f"mode {config.synthesis.mode} needs --model_dir")
@@ -194,7 +190,7 @@ def main(argv):
     except model_io.ModelError as e:
       raise SystemExit(f"error: {e}") from e
     if model_io.is_export(_MODEL_DIR.value):
-      model_id = model_io.read_export(_MODEL_DIR.value, verify=False)[0]["params_sha256"]
+      model_id = model_io.read_record(_MODEL_DIR.value)["params_sha256"]
   else:
     graphdef, rest, state = diffusion.init_state(config)
     params = jax.device_put(state["ema"], parallel.replicated(mesh))
@@ -295,7 +291,7 @@ def main(argv):
   _write_set(out_dir, config, results, model_step)
   center = centers[0]
   figure = _figure(out_dir, config, settings, bank, tumors_by_center[center],
-                   results[center], eps_factory, params, model_step, center)
+                   results[center], eps_factory, params, sched, scfg, model_step, center)
   total = sum(len(r["image"]) for r in results.values())
   seconds = sum(timings.values())
   summary = {
