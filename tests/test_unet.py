@@ -323,3 +323,53 @@ def test_config_validation():
     U.get_preset("tiny", attention_impl="cudnn")
   cfg = U.get_preset("tiny", channel_mult=[1, 2], attention_resolutions=[16])
   assert cfg == U.get_preset("tiny") and hash(cfg) == hash(U.get_preset("tiny"))
+
+
+def _group_norm_reference(x, groups, scale, bias, film=None, act=False):
+  """Textbook GroupNorm (+ FiLM, SiLU) in float64 numpy."""
+  b, h, w, c = x.shape
+  xg = np.asarray(x, np.float64).reshape(b, h, w, groups, c // groups)
+  y = (xg - xg.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
+      xg.var(axis=(1, 2, 4), keepdims=True) + U.GN_EPS)
+  y = y.reshape(b, h, w, c) * scale + bias
+  if film is not None:
+    y = y * (1.0 + film[0]) + film[1]
+  return y / (1.0 + np.exp(-y)) if act else y
+
+
+@pytest.mark.parametrize("shape,groups,offset", [
+    ((2, 16, 16, 64), 32, 0.0),
+    ((2, 8, 8, 128), 32, 0.0),
+    ((3, 2, 2, 32), 8, 0.0),      # H*W = 4 < the 8-pixel fold.
+    ((2, 8, 8, 64), 32, 1000.0),  # a large mean: two passes keep the variance.
+])
+@pytest.mark.parametrize("with_film", [False, True])
+def test_group_norm_matches_textbook_form(shape, groups, offset, with_film):
+  rng = np.random.default_rng(0)
+  b, _, _, c = shape
+  x = (rng.standard_normal(shape) * 3.0 + offset).astype(np.float32)
+  # Per-channel offsets too, so that channels of one group differ in mean.
+  x += rng.standard_normal(c).astype(np.float32)
+  norm = U.GroupNorm(c, groups, dtype=jnp.float32)
+  norm.scale.value = jnp.asarray(rng.standard_normal(c), jnp.float32)
+  norm.bias.value = jnp.asarray(rng.standard_normal(c), jnp.float32)
+  film = None
+  if with_film:
+    film = tuple(rng.standard_normal((b, 1, 1, c)).astype(np.float32) * 0.1
+                 for _ in range(2))
+  got = norm(jnp.asarray(x), film=film, act=True)
+  want = _group_norm_reference(x, groups, np.asarray(norm.scale.value),
+                               np.asarray(norm.bias.value), film=film, act=True)
+  assert got.shape == shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-3 if offset else 2e-5)
+
+
+def test_group_norm_bfloat16_output_close():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 8, 8, 64)).astype(np.float32)
+  norm = U.GroupNorm(64, 32, dtype=jnp.bfloat16)
+  got = norm(jnp.asarray(x, jnp.bfloat16), act=False)
+  want = _group_norm_reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), 32,
+                               1.0, 0.0)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.03)

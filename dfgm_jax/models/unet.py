@@ -318,11 +318,39 @@ def _avgpool2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def _spatial_sum(x: jax.Array) -> jax.Array:
+  """(B,H,W,C) -> (B,C) sum over H, W, as XLA:CPU reduces it fast.
+
+  Summing over a middle axis with a wide contiguous minor axis (8 pixels x C
+  channels) vectorises; a plain sum over (H, W) is 8x slower on XLA:CPU
+  (0.80 -> 0.10 ms at 4 x 64 x 64 x 64). Exact same sum up to order.
+  """
+  b, h, w, c = x.shape
+  f = math.gcd(8, h * w)
+  return x.reshape(b, h * w // f, f * c).sum(axis=1).reshape(b, f, c).sum(axis=1)
+
+
+def _group_expand(groups: int, channels: int) -> jax.Array:
+  """(G, C) 0/1 matrix that copies a per-group value to its channels."""
+  return jnp.asarray(np.kron(np.eye(groups, dtype=np.float32),
+                             np.ones((1, channels // groups), np.float32)))
+
+
 class GroupNorm(nnx.Module):
   """GroupNorm with float32 statistics, optional FiLM and fused SiLU.
 
   Statistics and the affine / FiLM arithmetic run in float32 whatever the
-  activation dtype; the result is cast to `dtype`.
+  activation dtype; the result is cast to `dtype`. Two passes (mean, then
+  the mean squared deviation), as accurate as the textbook form.
+
+  Written for XLA:CPU's emitters, which are fast only on elementwise work
+  whose operands broadcast along the contiguous channel axis: per-channel
+  sums (`_spatial_sum`), group statistics on the tiny (B, G) arrays, copied
+  back to channels with a 0/1 matmul (a dot is not fused into the big loop,
+  so the per-channel coefficients are computed once, not per pixel), then
+  one pass `silu(x * a + b)`. The textbook 5-D (B,H,W,G,C/G) form made XLA
+  index every pixel through that reshape: GroupNorm + FiLM + SiLU at
+  4 x 64 x 64 x 64 went 2.4 -> 1.25 ms (2-core CPU, min of 30 calls).
   """
 
   def __init__(self, channels: int, groups: int, *, dtype: Any):
@@ -333,14 +361,25 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x, *, film=None, act=False):
     b, h, w, c = x.shape
-    xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(b, h, w, c)
-    y = y * self.scale[...] + self.bias[...]
-    if film is not None:
-      scale, shift = film
-      y = y * (1.0 + scale) + shift
+    g = self.groups
+    x = x.astype(jnp.float32)
+    expand = _group_expand(g, c)
+    n = h * w * (c // g)
+
+    def to_channels(v):  # (B, G) -> (B, C), exact (0/1 weights, f32 dot).
+      return jnp.dot(v, expand, precision=jax.lax.Precision.HIGHEST)
+
+    mean = to_channels(_spatial_sum(x).reshape(b, g, c // g).sum(-1) / n)
+    dev = x - mean[:, None, None, :]
+    var = _spatial_sum(jnp.square(dev)).reshape(b, g, c // g).sum(-1) / n
+    inv = to_channels(jax.lax.rsqrt(var + GN_EPS))
+    a = inv * self.scale[...]
+    shift = self.bias[...] - mean * a
+    if film is not None:  # y * (1 + s) + t, folded into the coefficients.
+      s, t = (f.reshape(b, c).astype(jnp.float32) for f in film)
+      a = a * (1.0 + s)
+      shift = shift * (1.0 + s) + t
+    y = x * a[:, None, None, :] + shift[:, None, None, :]
     if act:
       y = silu(y)
     return y.astype(self.dtype)
