@@ -7,6 +7,11 @@ the 2-core CPU boxes: forward of the `small` preset at 64 x 64, batch 4,
 350-540 ms with YNNPACK, 210-280 ms without; the blended sampler benchmark
 0.78 -> 1.48 images/s (README, Benchmarks). Unknown XLA flags abort the
 process, so a flag is only added for jaxlib versions it was measured on.
+Enabling one YNNPACK fusion type at a time (the flag takes a list) was
+slower than none for every type: forward min/median ms, none 196/207,
+individual_dot 199/243, dot 210/257, eltwise 248/289, reduce 258/300,
+individual_convolution 296/369 (2026-11-27, same machine, before the
+GroupNorm rewrite of that day).
 Set DFGM_XLA_TUNING=0 to keep XLA's defaults; a flag already present in
 XLA_FLAGS is left as the user set it.
 """
