@@ -59,3 +59,28 @@ def test_sampler_benchmark_reads_an_exported_model(tmp_path):
   assert out["weights"] == "ema@7" and out["preset"] == "tiny"
   assert out["image_size"] == 32
   assert out["params"] == sum(x.size for x in jax.tree.leaves(state["ema"]))
+
+
+def test_cpu_bench_alternates_and_summarises(tmp_path):
+  # A stand-in peer that prints the peer script's line (it needs torch otherwise).
+  peer = tmp_path / "peer.py"
+  peer.write_text("import json\nprint('torch x')\n"
+                  "print(json.dumps({'mode': 'fp32', 'images_per_s': 2.0}))\n")
+  env = dict(os.environ, PY=sys.executable, PEER_PYTHON=sys.executable, PEER_SCRIPT=str(peer),
+             ROUNDS="2", TF_CPP_MIN_LOG_LEVEL="3",
+             SAMPLER_FLAGS="--config.model.preset=tiny --config.model.overrides.image_size=32 "
+                           "--config.data.image_size=32 --config.sampler.steps=2 "
+                           "--config.bench.reps=1")
+  r = subprocess.run(["bash", "launch/cpu_bench.sh"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+  ours = [d for d in lines if d.get("benchmark") == "sampler"]
+  assert [d.get("mode") for d in lines[:4]] == [None, "fp32", None, "fp32"]  # alternated
+  assert len(ours) == 2 and all(d["preset"] == "tiny" for d in ours)
+  summary = lines[-1]
+  assert summary["summary"] == "cpu_sampler_vs_peer" and summary["rounds"] == 2
+  assert summary["peer_images_per_s"] == [2.0, 2.0]
+  med = sorted(d["images_per_s"] for d in ours)
+  assert summary["ours_median"] == sum(med) / 2
+  assert summary["ratio_of_medians"] == round(summary["ours_median"] / 2.0, 3)
