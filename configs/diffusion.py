@@ -3,7 +3,31 @@
 Defaults follow shared/docs/ALGORITHM.md Appendix A; departures are noted.
 """
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from dfgm_jax.models import unet
+
+# model.dtype / model.attention_impl say how to run the network, not what it
+# is; they have their own fields, so overrides leaves them out.
+_RUNTIME_UNET_FIELDS = ("dtype", "attention_impl")
+_PLACEHOLDER_TYPES = {"int": int, "float": float, "bool": bool, "str": str,
+                      "tuple[int, ...]": tuple}
+
+
+def unet_override_fields() -> ml_collections.ConfigDict:
+  """One unset (None) field per UNetConfig field, typed for the command line.
+
+  So `--config.model.overrides.dropout=0.0` works for every field, not only
+  for those a config file happens to set; unset fields keep the preset's.
+  """
+  c = ml_collections.ConfigDict()
+  for field in dataclasses.fields(unet.UNetConfig):
+    if field.name not in _RUNTIME_UNET_FIELDS:
+      c[field.name] = config_dict.placeholder(_PLACEHOLDER_TYPES[field.type])
+  return c
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -11,8 +35,10 @@ def get_model_config() -> ml_collections.ConfigDict:
   c.preset = "small"  # tiny | small | full | large (dfgm_jax/models/unet.py)
   c.dtype = "float32"  # activations: float32 or bfloat16 (params stay float32)
   c.attention_impl = ""  # '' = XLA default, 'cudnn' on GPU, 'xla'
-  # Any UNetConfig field, e.g. {'dropout': 0.0, 'remat': True}.
-  c.overrides = ml_collections.ConfigDict()
+  # Any UNetConfig field (dfgm_jax/models/unet.py), e.g.
+  # --config.model.overrides.dropout=0.0 or ...overrides.remat=True; None
+  # keeps the preset's value.
+  c.overrides = unet_override_fields()
   return c
 
 

@@ -39,7 +39,9 @@ from dfgm_jax.train import metrics as metrics_lib
 def model_config(config) -> "unet.UNetConfig":
   """UNetConfig from config.model (preset + overrides) and config.data."""
   m = config.model
-  overrides = dict(m.get("overrides", {}) or {})
+  # Unset (None) override fields keep the preset's value.
+  overrides = {k: v for k, v in (m.get("overrides", {}) or {}).items()
+               if v is not None}
   overrides.setdefault("image_size", config.data.image_size)
   overrides.setdefault("in_channels", len(config.data.modalities))
   overrides["dtype"] = m.dtype
