@@ -33,6 +33,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.bench.peak_tflops = 0.0
   config.bench.reps = 2  # timed sampler runs (best and mean reported).
   config.bench.checkpoint_dir = ""  # trained weights (EMA) instead of random.
+  # Non-empty: trace one more call there and print where its time goes.
+  config.bench.profile_dir = ""
   config.sampler.batch_size = 64
   if arg == "cpu":
     config.sampler.batch_size = 4

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Callable
 
 import jax
+
+from dfgm_jax import profiling
 
 # Dense bf16 peak TFLOP/s by device kind (vendor figures). PERFORMANCE.md
 # measured about 800 on an H100 with matmuls; pass --config.bench.peak_tflops
@@ -47,3 +51,30 @@ def device_description() -> str:
 def software() -> dict:
   """Versions and XLA flags in effect: what a figure depends on besides the chip."""
   return {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def profile(name: str, compiled, run: Callable[[], None], profile_dir: str,
+            calls: int = 1) -> dict:
+  """Traces `calls` calls of `run()` and breaks the compiled program's time down.
+
+  The trace stays in `profile_dir` (open it in Perfetto or XProf);
+  `profile_dir/<name>_ops.json` holds every instruction's row. Returns the
+  summary line (categories and the slowest instructions, per call).
+  """
+  line = {"benchmark": f"{name}_profile", "device": device_description(),
+          **software(), "calls": calls, "trace_dir": profile_dir}
+  try:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        run()
+    report = profiling.op_breakdown(profiling.load_trace_events(profile_dir),
+                                    compiled.as_text(), calls=calls)
+  except (OSError, ValueError, RuntimeError) as e:
+    # The throughput line is already out; a profiler that cannot run here
+    # (another trace active, an unknown trace layout) must not lose it.
+    return {**line, "error": f"{type(e).__name__}: {e}"}
+  table = os.path.join(profile_dir, f"{name}_ops.json")
+  with open(table + ".tmp", "w") as f:
+    json.dump(report.pop("all_ops"), f, indent=0)
+  os.replace(table + ".tmp", table)
+  return {**line, "ops_table": table, **report}

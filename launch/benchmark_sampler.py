@@ -8,7 +8,9 @@ Random weights (or the EMA weights of config.bench.checkpoint_dir: an export
 or a training workdir), synthetic
 inputs; needs no TensorFlow, tfds or nibabel, so it runs on bare GPU hosts.
 The whole sampler is one compiled program, data-parallel over all devices.
-Prints one JSON line (keys in PERFORMANCE.md's vocabulary).
+Prints one JSON line (keys in PERFORMANCE.md's vocabulary); with
+--config.bench.profile_dir=D, a second line says where one sampler call's
+time goes (dfgm_jax/profiling.py) and D keeps the trace.
 """
 
 import json
@@ -121,6 +123,11 @@ def main(argv):
       "devices": jax.device_count(),
       "finite": bool(np.isfinite(np.asarray(out)).all()),
   }))
+  if config.bench.profile_dir:
+    print(json.dumps(benchmark_common.profile(
+        "sampler", compiled,
+        lambda: jax.block_until_ready(compiled(params, *inputs)),
+        config.bench.profile_dir)))
 
 
 if __name__ == "__main__":

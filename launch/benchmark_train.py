@@ -5,7 +5,9 @@ r"""Diffusion train-step throughput on synthetic data (no TensorFlow needed).
 
 Prints one JSON line: images/s, step time, compile time, parameters, FLOPs
 per image (3 x the analytic forward count; XLA's count beside it), the
-achieved TFLOP/s and its share of the chip's peak, peak device memory.
+achieved TFLOP/s and its share of the chip's peak, peak device memory. With
+--config.bench.profile_dir=D, a second line breaks 3 steps' time down by
+kind of work (dfgm_jax/profiling.py); D keeps the trace.
 """
 
 import json
@@ -90,6 +92,13 @@ def main(argv):
       "devices": jax.device_count(),
       "final_loss": float(metrics["loss"]),
   }))
+  if config.bench.profile_dir:
+    def one_step():
+      nonlocal state
+      state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+    print(json.dumps(benchmark_common.profile(
+        "train", compiled, one_step, config.bench.profile_dir, calls=3)))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@
 # diffusers and importlib-metadata (cp312, py3-none-any) and a copy of
 # shared/bench/diffusers_repaint_bench.py in .whl/, then
 #   OUT=/tmp/out bash launch/gpu_bench.sh
-# Each result is one JSON line in $OUT/*.json.
+# Each result is one JSON line in $OUT/*.json; the sampler and train runs add
+# a profile line (where one call's time goes, dfgm_jax/profiling.py) and
+# $OUT/*_ops.json, every instruction's time; the traces stay in $TRACES.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/dfgm_gpu_bench}"
-mkdir -p "$OUT"
+TRACES="${TRACES:-/tmp/dfgm_gpu_traces}"
+mkdir -p "$OUT" "$TRACES"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -26,10 +29,13 @@ run() {  # name, command...
   echo "rc=$? ${name} $(( $(date +%s) - start ))s"
   grep '^{' "$OUT/$name.log" | tail -n 3 | tee "$OUT/$name.json"
 }
-run sampler_xla python3 -m launch.benchmark_sampler --config=configs/benchmark.py
+run sampler_xla python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
+  --config.bench.profile_dir="$TRACES/sampler"
 run sampler_cudnn python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
   --config.model.attention_impl=cudnn
-run train python3 -m launch.benchmark_train --config=configs/benchmark.py
+run train python3 -m launch.benchmark_train --config=configs/benchmark.py \
+  --config.bench.profile_dir="$TRACES/train"
+cp "$TRACES"/*/*_ops.json "$OUT"/ 2>/dev/null
 if [ -f .whl/diffusers_repaint_bench.py ]; then
   run peer env S=128 B=64 MODES=bf16_compile REPS=2 python3 .whl/diffusers_repaint_bench.py
 fi

@@ -13,25 +13,40 @@ SAMPLER_KEYS = {"preset", "image_size", "batch_size", "steps", "jump_length",
                 "peak_memory_bytes", "devices"}
 
 
-def _json_line(args):
+def _json_lines(args):
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-  assert len(lines) == 1, r.stdout
-  return json.loads(lines[0])
+  return [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
 
 
-def test_sampler_benchmark_line():
-  out = _json_line(["launch.benchmark_sampler", "--config=configs/benchmark.py:cpu",
-                    "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
-                    "--config.data.image_size=32", "--config.sampler.steps=4",
-                    "--config.sampler.resamples=2", "--config.sampler.jump_length=2",
-                    "--config.bench.reps=1"])
+def _json_line(args):
+  lines = _json_lines(args)
+  assert len(lines) == 1, lines
+  return lines[0]
+
+
+def test_sampler_benchmark_line_and_profile(tmp_path):
+  out, prof = _json_lines([
+      "launch.benchmark_sampler", "--config=configs/benchmark.py:cpu",
+      "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
+      "--config.data.image_size=32", "--config.sampler.steps=4",
+      "--config.sampler.resamples=2", "--config.sampler.jump_length=2",
+      "--config.bench.reps=1", f"--config.bench.profile_dir={tmp_path}"])
   assert SAMPLER_KEYS <= set(out)
   assert out["nfe_per_image"] == 6  # S=4, jl=2, r=2: one jump of 2 steps.
   assert out["images_per_s"] > 0 and out["finite"] and out["devices"] == 1
+  # The profile line: one sampler call, broken down by kind of work. Its
+  # FLOPs, read from the HLO, are the analytic count x NFE x batch (tiny at
+  # 32 px: 0.1645 GFLOP per image and call).
+  assert prof["benchmark"] == "sampler_profile" and prof["calls"] == 1
+  want = out["forward_gflops_per_image"] * out["nfe_per_image"] * out["batch_size"]
+  assert abs(prof["gflop"] - want) < 0.01 * want
+  assert prof["categories"]["convolution"]["ms"] > 0
+  assert abs(sum(c["share"] for c in prof["categories"].values()) - 1) < 1e-3
+  rows = json.load(open(prof["ops_table"]))
+  assert len(rows) >= len(prof["top_ops"]) and rows[0] == prof["top_ops"][0]
 
 
 def test_train_benchmark_line():
