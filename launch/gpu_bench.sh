@@ -33,6 +33,10 @@ run sampler_xla python3 -m launch.benchmark_sampler --config=configs/benchmark.p
   --config.bench.profile_dir="$TRACES/sampler"
 run sampler_cudnn python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
   --config.model.attention_impl=cudnn
+# No RePaint jumps, so no lax.cond around the network: if its NFE x images/s
+# is well above sampler_xla's, the branch costs on this GPU.
+run sampler_nojump python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
+  --config.sampler.resamples=1
 run train python3 -m launch.benchmark_train --config=configs/benchmark.py \
   --config.bench.profile_dir="$TRACES/train"
 cp "$TRACES"/*/*_ops.json "$OUT"/ 2>/dev/null
