@@ -29,10 +29,15 @@ run() {  # name, command...
   echo "rc=$? ${name} $(( $(date +%s) - start ))s"
   grep '^{' "$OUT/$name.log" | tail -n 3 | tee "$OUT/$name.json"
 }
+# Most important first: if the job is cut short, the headline pair is in.
 run sampler_xla python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
   --config.bench.profile_dir="$TRACES/sampler"
-run sampler_cudnn python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
-  --config.model.attention_impl=cudnn
+if [ -f .whl/diffusers_repaint_bench.py ]; then
+  run peer env S=128 B=64 MODES=bf16_compile REPS=2 python3 .whl/diffusers_repaint_bench.py
+fi
+# A/B: the GroupNorm form tuned for XLA:CPU (norm_impl=auto picks 'groups' here).
+run sampler_gn_channels python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
+  --config.model.overrides.norm_impl=channels
 # No RePaint jumps, so no lax.cond around the network: if its NFE x images/s
 # is well above sampler_xla's, the branch costs on this GPU.
 run sampler_nojump python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
@@ -40,6 +45,5 @@ run sampler_nojump python3 -m launch.benchmark_sampler --config=configs/benchmar
 run train python3 -m launch.benchmark_train --config=configs/benchmark.py \
   --config.bench.profile_dir="$TRACES/train"
 cp "$TRACES"/*/*_ops.json "$OUT"/ 2>/dev/null
-if [ -f .whl/diffusers_repaint_bench.py ]; then
-  run peer env S=128 B=64 MODES=bf16_compile REPS=2 python3 .whl/diffusers_repaint_bench.py
-fi
+run sampler_cudnn python3 -m launch.benchmark_sampler --config=configs/benchmark.py \
+  --config.model.attention_impl=cudnn

@@ -344,13 +344,14 @@ def _group_norm_reference(x, groups, scale, bias, film=None, act=False):
     ((2, 8, 8, 64), 32, 1000.0),  # a large mean: two passes keep the variance.
 ])
 @pytest.mark.parametrize("with_film", [False, True])
-def test_group_norm_matches_textbook_form(shape, groups, offset, with_film):
+@pytest.mark.parametrize("impl", ["channels", "groups"])
+def test_group_norm_matches_textbook_form(shape, groups, offset, with_film, impl):
   rng = np.random.default_rng(0)
   b, _, _, c = shape
   x = (rng.standard_normal(shape) * 3.0 + offset).astype(np.float32)
   # Per-channel offsets too, so that channels of one group differ in mean.
   x += rng.standard_normal(c).astype(np.float32)
-  norm = U.GroupNorm(c, groups, dtype=jnp.float32)
+  norm = U.GroupNorm(c, groups, dtype=jnp.float32, impl=impl)
   norm.scale.value = jnp.asarray(rng.standard_normal(c), jnp.float32)
   norm.bias.value = jnp.asarray(rng.standard_normal(c), jnp.float32)
   film = None
@@ -364,12 +365,31 @@ def test_group_norm_matches_textbook_form(shape, groups, offset, with_film):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-3 if offset else 2e-5)
 
 
-def test_group_norm_bfloat16_output_close():
+@pytest.mark.parametrize("impl", ["channels", "groups"])
+def test_group_norm_bfloat16_output_close(impl):
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, 8, 8, 64)).astype(np.float32)
-  norm = U.GroupNorm(64, 32, dtype=jnp.bfloat16)
+  norm = U.GroupNorm(64, 32, dtype=jnp.bfloat16, impl=impl)
   got = norm(jnp.asarray(x, jnp.bfloat16), act=False)
   want = _group_norm_reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), 32,
                                1.0, 0.0)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.03)
+
+
+def test_norm_impls_give_the_same_network():
+  """Both GroupNorm forms compute the same UNet; 'auto' is the CPU form here."""
+  outs, dots = {}, {}
+  for impl in ("auto", "channels", "groups"):
+    model = U.create_model(U.get_preset("tiny", norm_impl=impl), rng=0)
+    inputs = make_inputs(model.cfg)
+    fn, params = apply_fn(model)
+    params = randomize(params)  # zero-initialised convs would hide a difference.
+    outs[impl] = np.asarray(fn(params, *inputs))
+    dots[impl] = str(jax.make_jaxpr(fn)(params, *inputs)).count("dot_general")
+  np.testing.assert_allclose(outs["channels"], outs["groups"], atol=1e-5)
+  np.testing.assert_array_equal(outs["auto"], outs["channels"])
+  # The channel form adds two 0/1 matmuls per GroupNorm to the program.
+  assert dots["auto"] == dots["channels"] > dots["groups"]
+  with pytest.raises(ValueError, match="norm_impl"):
+    U.get_preset("tiny", norm_impl="fast")

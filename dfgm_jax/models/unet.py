@@ -61,6 +61,7 @@ import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+NORM_IMPLS = ("auto", "channels", "groups")
 GN_EPS = 1e-5  # PyTorch / ADM / diffusers default.
 
 
@@ -140,6 +141,10 @@ class UNetConfig:
     attention_impl: `implementation` of jax.nn.dot_product_attention: None
       (XLA default), 'xla' or 'cudnn' (GPU, bfloat16 only).
     remat: recompute ResBlocks in the backward pass (jax.checkpoint).
+    norm_impl: how GroupNorm is computed (the same function either way):
+      'channels' (per-channel sums, tuned for XLA:CPU), 'groups' (the
+      textbook (B,H,W,G,C/G) form, the one measured on the H100), 'auto'
+      (channels on CPU, groups elsewhere).
   """
 
   image_size: int = 128
@@ -159,6 +164,7 @@ class UNetConfig:
   dtype: str = "float32"
   attention_impl: str | None = None
   remat: bool = False
+  norm_impl: str = "auto"
 
   def __post_init__(self):
     # Configs arrive from ml_collections / JSON as lists; keep them hashable.
@@ -177,6 +183,8 @@ class UNetConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; expected one "
                        f"of {ATTENTION_IMPLS}")
+    if self.norm_impl not in NORM_IMPLS:
+      raise ValueError(f"norm_impl={self.norm_impl!r}; expected one of {NORM_IMPLS}")
     if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
       raise ValueError("attention_impl='cudnn' needs dtype='bfloat16'")
     for c in set(self.level_channels):
@@ -343,26 +351,58 @@ class GroupNorm(nnx.Module):
   activation dtype; the result is cast to `dtype`. Two passes (mean, then
   the mean squared deviation), as accurate as the textbook form.
 
-  Written for XLA:CPU's emitters, which are fast only on elementwise work
-  whose operands broadcast along the contiguous channel axis: per-channel
-  sums (`_spatial_sum`), group statistics on the tiny (B, G) arrays, copied
-  back to channels with a 0/1 matmul (a dot is not fused into the big loop,
-  so the per-channel coefficients are computed once, not per pixel), then
-  one pass `silu(x * a + b)`. The textbook 5-D (B,H,W,G,C/G) form made XLA
-  index every pixel through that reshape: GroupNorm + FiLM + SiLU at
-  4 x 64 x 64 x 64 went 2.4 -> 1.25 ms (2-core CPU, min of 30 calls).
+  Two ways to compute it (`impl`), the same function up to rounding:
+  - 'groups': the textbook form on a (B,H,W,G,C/G) view; what the H100
+    figures in the README were measured with.
+  - 'channels': written for XLA:CPU's emitters, which are fast only on
+    elementwise work whose operands broadcast along the contiguous channel
+    axis: per-channel sums (`_spatial_sum`), group statistics on the tiny
+    (B, G) arrays, copied back to channels with a 0/1 matmul (a dot is not
+    fused into the big loop, so the per-channel coefficients are computed
+    once, not per pixel), then one pass `silu(x * a + b)`. The 'groups' form
+    made XLA:CPU index every pixel through the group split: GroupNorm + FiLM
+    + SiLU at 4 x 64 x 64 x 64 went 2.4 -> 1.25 ms (2-core CPU, min of 30
+    calls). On a GPU those small dots are extra kernels, and the form has
+    not been measured there.
+  - 'auto': 'channels' when tracing for the CPU backend, else 'groups'.
   """
 
-  def __init__(self, channels: int, groups: int, *, dtype: Any):
+  def __init__(self, channels: int, groups: int, *, dtype: Any,
+               impl: str = "auto"):
     self.groups = groups
     self.dtype = dtype
+    self.impl = impl
     self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
   def __call__(self, x, *, film=None, act=False):
+    impl = self.impl
+    if impl == "auto":
+      impl = "channels" if jax.default_backend() == "cpu" else "groups"
+    if film is not None:
+      film = tuple(f.reshape(x.shape[0], x.shape[-1]).astype(jnp.float32)
+                   for f in film)
+    y = (self._channels if impl == "channels" else self._groups)(
+        x.astype(jnp.float32), film)
+    if act:
+      y = silu(y)
+    return y.astype(self.dtype)
+
+  def _groups(self, x, film):
+    b, h, w, c = x.shape
+    xg = x.reshape(b, h, w, self.groups, c // self.groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(b, h, w, c)
+    y = y * self.scale[...] + self.bias[...]
+    if film is not None:
+      s, t = film
+      y = y * (1.0 + s[:, None, None, :]) + t[:, None, None, :]
+    return y
+
+  def _channels(self, x, film):
     b, h, w, c = x.shape
     g = self.groups
-    x = x.astype(jnp.float32)
     expand = _group_expand(g, c)
     n = h * w * (c // g)
 
@@ -376,13 +416,10 @@ class GroupNorm(nnx.Module):
     a = inv * self.scale[...]
     shift = self.bias[...] - mean * a
     if film is not None:  # y * (1 + s) + t, folded into the coefficients.
-      s, t = (f.reshape(b, c).astype(jnp.float32) for f in film)
+      s, t = film
       a = a * (1.0 + s)
       shift = shift * (1.0 + s) + t
-    y = x * a[:, None, None, :] + shift[:, None, None, :]
-    if act:
-      y = silu(y)
-    return y.astype(self.dtype)
+    return x * a[:, None, None, :] + shift[:, None, None, :]
 
 
 class ResBlock(nnx.Module):
@@ -395,13 +432,13 @@ class ResBlock(nnx.Module):
   def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, index: int,
                rngs: nnx.Rngs, updown: str | None = None):
     dt = cfg.compute_dtype
-    self.norm1 = GroupNorm(cin, cfg.gn_groups, dtype=dt)
+    self.norm1 = GroupNorm(cin, cfg.gn_groups, dtype=dt, impl=cfg.norm_impl)
     self.conv1 = _conv(cin, cout, 3, cfg, rngs)
     # The time projection stays float32: it is tiny and feeds the FiLM scale.
     proj_out = 2 * cout if cfg.scale_shift_norm else cout
     self.emb_proj = _linear(cfg.time_embed_dim, proj_out, cfg, rngs,
                             dtype=jnp.float32)
-    self.norm2 = GroupNorm(cout, cfg.gn_groups, dtype=dt)
+    self.norm2 = GroupNorm(cout, cfg.gn_groups, dtype=dt, impl=cfg.norm_impl)
     self.conv2 = _conv(cout, cout, 3, cfg, rngs, zero=True)
     self.skip = _conv(cin, cout, 1, cfg, rngs) if cin != cout else None
     self.scale_shift_norm = cfg.scale_shift_norm
@@ -437,7 +474,8 @@ class AttentionBlock(nnx.Module):
 
   def __init__(self, channels: int, cfg: UNetConfig, *, resolution: int,
                rngs: nnx.Rngs):
-    self.norm = GroupNorm(channels, cfg.gn_groups, dtype=cfg.compute_dtype)
+    self.norm = GroupNorm(channels, cfg.gn_groups, dtype=cfg.compute_dtype,
+                          impl=cfg.norm_impl)
     self.qkv = _linear(channels, 3 * channels, cfg, rngs)
     self.proj = _linear(channels, channels, cfg, rngs, zero=True)
     self.num_heads = channels // cfg.head_channels
@@ -584,7 +622,8 @@ class UNet(nnx.Module):
     self.up = nnx.List(up)
     assert not skips
 
-    self.out_norm = GroupNorm(ch, cfg.gn_groups, dtype=jnp.float32)
+    self.out_norm = GroupNorm(ch, cfg.gn_groups, dtype=jnp.float32,
+                              impl=cfg.norm_impl)
     # Zero-init output; float32 for the noise estimate (64 -> C, cheap).
     self.out_conv = _conv(ch, cfg.in_channels, 3, cfg, rngs, zero=True,
                           dtype=jnp.float32)
