@@ -254,7 +254,9 @@ def op_events(events: list[dict], index: HloIndex) -> tuple[list[tuple[str, floa
     if e.get("ph") != "X" or "dur" not in e:
       continue
     args = e.get("args") or {}
-    op = args.get("hlo_op") or e.get("name", "")
+    # Device "XLA Ops" events may be named by the whole instruction text,
+    # '%fusion.3 = bf16[...] fusion(...), ...': keep the name.
+    op = args.get("hlo_op") or e.get("name", "").split(" = ")[0].strip().lstrip("%")
     module = args.get("hlo_module")
     if op not in index.instructions or (module and index.module and
                                         not module.startswith(index.module)):

@@ -82,7 +82,9 @@ def test_device_lines_count_each_instruction_once():
       _event(2, 5, "custom-call.3", 0, 100.0),   # the instruction
       _event(2, 7, "custom-call.3", 0, 60.0),    # its two kernels
       _event(2, 7, "custom-call.3", 60, 40.0),
-      _event(2, 5, "custom-call.4", 100, 50.0),
+      # Named by its whole instruction text, without args (TPU-style lines).
+      {"ph": "X", "pid": 2, "tid": 5, "ts": 100, "dur": 50.0,
+       "name": '%custom-call.4 = (bf16[4096,256]{1,0}, s8[4194304]{0}) custom-call(%a.1, %b.1)'},
       _event(2, 5, "while.1", 0, 150.0),          # spans its body: ignored
   ]
   report = profiling.op_breakdown(events, GPU_HLO, calls=1)
