@@ -27,36 +27,55 @@ def _json_line(args):
   return lines[0]
 
 
-def test_sampler_benchmark_line_and_profile(tmp_path):
-  out, prof = _json_lines([
-      "launch.benchmark_sampler", "--config=configs/benchmark.py:cpu",
-      "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
-      "--config.data.image_size=32", "--config.sampler.steps=4",
-      "--config.sampler.resamples=2", "--config.sampler.jump_length=2",
-      "--config.bench.reps=1", f"--config.bench.profile_dir={tmp_path}"])
-  assert SAMPLER_KEYS <= set(out)
-  assert out["nfe_per_image"] == 6  # S=4, jl=2, r=2: one jump of 2 steps.
-  assert out["images_per_s"] > 0 and out["finite"] and out["devices"] == 1
+TINY = ("--config.model.preset=tiny --config.model.overrides.image_size=32 "
+        "--config.data.image_size=32 --config.bench.reps=1")
+
+
+def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
+  """launch/gpu_bench.sh end to end with tiny flags: the script the scarce GPU
+  time goes to, checked here first. Each run leaves its JSON lines in OUT."""
+  peer = tmp_path / "peer.py"  # a stand-in: the real peer needs torch.
+  peer.write_text("import json, os\n"
+                  "print(json.dumps({'mode': os.environ['MODES'], 'images_per_s': 3.0}))\n")
+  out = tmp_path / "out"
+  flags = (TINY + " --config.sampler.batch_size=2 --config.train.batch_size=2 "
+           "--config.sampler.steps=4 --config.sampler.resamples=2 "
+           "--config.sampler.jump_length=2 --config.bench.steps=1 "
+           "--config.bench.warmup_steps=0 --config.model.dtype=float32")
+  env = dict(os.environ, PY=sys.executable, OUT=str(out), TRACES=str(tmp_path / "traces"),
+             PEER_SCRIPT=str(peer), BENCH_FLAGS=flags, SKIP="sampler_cudnn",
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+  r = subprocess.run(["bash", "launch/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "skip sampler_cudnn" in r.stdout
+
+  def lines(name):
+    return [json.loads(l) for l in (out / f"{name}.json").read_text().splitlines()]
+
+  sampler, prof = lines("sampler_xla")
+  assert SAMPLER_KEYS <= set(sampler)
+  assert sampler["nfe_per_image"] == 6  # S=4, jl=2, r=2: one jump of 2 steps.
+  assert sampler["images_per_s"] > 0 and sampler["finite"] and sampler["devices"] == 1
   # The profile line: one sampler call, broken down by kind of work. Its
-  # FLOPs, read from the HLO, are the analytic count x NFE x batch (tiny at
-  # 32 px: 0.1645 GFLOP per image and call).
+  # FLOPs, read from the HLO, are the analytic count x NFE x batch.
   assert prof["benchmark"] == "sampler_profile" and prof["calls"] == 1
-  want = out["forward_gflops_per_image"] * out["nfe_per_image"] * out["batch_size"]
+  want = sampler["forward_gflops_per_image"] * sampler["nfe_per_image"] * sampler["batch_size"]
   assert abs(prof["gflop"] - want) < 0.01 * want
   assert prof["categories"]["convolution"]["ms"] > 0
   assert abs(sum(c["share"] for c in prof["categories"].values()) - 1) < 1e-3
-  rows = json.load(open(prof["ops_table"]))
+  rows = json.loads((out / "sampler_ops.json").read_text())
   assert len(rows) >= len(prof["top_ops"]) and rows[0] == prof["top_ops"][0]
-
-
-def test_train_benchmark_line():
-  out = _json_line(["launch.benchmark_train", "--config=configs/benchmark.py:cpu",
-                    "--config.model.preset=tiny", "--config.model.overrides.image_size=32",
-                    "--config.data.image_size=32", "--config.bench.steps=1",
-                    "--config.bench.warmup_steps=0"])
+  assert lines("peer") == [{"mode": "bf16_compile", "images_per_s": 3.0}]
+  # The run-specific flag wins over BENCH_FLAGS: no jumps, S=4 calls.
+  assert lines("sampler_nojump")[0]["nfe_per_image"] == 4
+  assert lines("sampler_gn_channels")[0]["finite"]
+  train, train_prof = lines("train")
   assert {"images_per_s", "step_time_s", "compile_s", "params", "train_flops_per_image",
-          "tflops", "peak_fraction"} <= set(out)
-  assert out["params"] > 0 and out["images_per_s"] > 0
+          "tflops", "peak_fraction"} <= set(train)
+  assert train["params"] > 0 and train["images_per_s"] > 0
+  assert train_prof["benchmark"] == "train_profile" and train_prof["calls"] == 3
+  assert (out / "train_ops.json").exists()
 
 
 def test_sampler_benchmark_reads_an_exported_model(tmp_path):
