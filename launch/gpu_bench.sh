@@ -2,9 +2,9 @@
 # One GPU benchmark job: blended sampler, train step and the PyTorch peer
 # (PERFORMANCE.md), side by side on the same GPU.
 #
-# For a bare GPU host without internet: put the wheels of ml-collections,
-# diffusers and importlib-metadata (cp312, py3-none-any) and a copy of
-# shared/bench/diffusers_repaint_bench.py in .whl/, then
+# For a bare GPU host without internet: `bash launch/fetch_gpu_wheels.sh` where
+# pip works (wheels of ml-collections, diffusers and importlib-metadata and the
+# peer's script, into .whl/), then on the host
 #   OUT=/tmp/out bash launch/gpu_bench.sh
 # Each result is one JSON line in $OUT/<run>.json; the sampler and train runs
 # add a profile line (where one call's time goes, dfgm_jax/profiling.py) and
