@@ -16,9 +16,9 @@ are disjoint, cover the split, and are the same examples for both readers.
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterator
 
+from etils import epath
 import numpy as np
 
 from data_pipeline import builder
@@ -36,13 +36,13 @@ def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
 
 
 def load_manifest(data_dir: str) -> dict:
-  path = os.path.join(data_dir, "manifest.json")
-  if not os.path.exists(path):
+  # epath: a local folder or a bucket URL (gs://...), which pods read from.
+  path = epath.Path(data_dir) / "manifest.json"
+  if not path.exists():
     raise FileNotFoundError(
         f"{data_dir}: no manifest.json, so no finished preprocessing here "
         "(run launch.preprocess first; an interrupted run leaves none)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def split_size(data_dir: str, split: str) -> int:
@@ -59,7 +59,7 @@ def _tfds_builder(data_dir: str, reader: str):
   # Real slices (brats_slices) or a synthetic set (synthetic_slices).
   name = load_manifest(data_dir).get("dataset", builder.DATASET_NAME)
   path = builder.dataset_dir(data_dir, file_format, name)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"{path}: no {file_format} copy of the data set "
                             f"(config data.formats)")
   return tfds.builder_from_directory(path)

@@ -10,7 +10,6 @@ falls back to the previous step with a warning.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -19,13 +18,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dfgm_jax import paths
+
 
 class Checkpointer:
   """Saves and restores training state under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                save_interval_steps: int = 1, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # gs:// URLs stay URLs.
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(

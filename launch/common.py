@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 import configs
+from dfgm_jax import paths
 from dfgm_jax import platform
 
 # Before any binary starts a JAX backend (see dfgm_jax/platform.py).
@@ -54,3 +56,12 @@ def initialize_distributed() -> bool:
   f = flags.FLAGS
   return parallel.maybe_initialize_distributed(
       f.jax_distributed, f.coordinator_address, f.num_processes, f.process_id)
+
+
+def require_local(**flag_values) -> None:
+  """Refuses bucket URLs for the flags of a binary that uses local file calls."""
+  for flag, value in flag_values.items():
+    try:
+      paths.require_local(value, flag)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None

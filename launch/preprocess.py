@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["brats_dir", "out_dir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.require_local(brats_dir=_BRATS_DIR.value, out_dir=_OUT_DIR.value)
   from data_pipeline import brats  # pylint: disable=g-import-not-at-top
   from data_pipeline import preprocess  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config.data.to_dict()

@@ -119,6 +119,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
+  common.require_local(workdir=workdir, brats_dir=_BRATS_DIR.value)
   os.makedirs(workdir, exist_ok=True)
   brats_dir = _BRATS_DIR.value or stage_phantom(config, workdir)
   manifest = stage_preprocess(config, brats_dir, workdir)

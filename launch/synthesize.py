@@ -151,6 +151,8 @@ def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params, s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # --data_dir may be a bucket URL (the readers use epath / tfds).
+  common.require_local(workdir=_WORKDIR.value, model_dir=_MODEL_DIR.value)
   common.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

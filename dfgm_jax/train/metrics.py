@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from dfgm_jax import paths
+
 _CRC_TABLE = None
 
 
@@ -87,11 +89,12 @@ class EventFileWriter:
   """Appends scalar summaries to one TensorBoard event file."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    logdir = paths.as_path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
     name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
             f"{os.getpid()}")
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
+    self.path = str(logdir / name)
+    self._f = (logdir / name).open("ab")
     self._f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
     self._f.flush()
 
@@ -112,11 +115,13 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-      self._jsonl = open(self.jsonl_path, "a")
+      # A bucket URL works too (paths.py): pods keep workdirs in buckets.
+      workdir = paths.as_path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self.jsonl_path = str(workdir / "metrics.jsonl")
+      self._jsonl = (workdir / "metrics.jsonl").open("a")
       if tensorboard:
-        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = EventFileWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -9,9 +9,11 @@
 #
 #   TPU=my-v5e-32 ZONE=us-west4-a BUCKET=gs://my-bucket bash launch/pod/tpu_vm_pod.sh
 #
+# --data_dir and --workdir may be gs:// URLs (dfgm_jax/paths.py): checkpoints,
+# metrics.jsonl and TensorBoard events land in the bucket.
 # Synthesis runs the same way (launch.synthesize --jax_distributed ...), with
 # --model_dir an export and --workdir a local or mounted (gcsfuse) path:
-# only process 0 writes there, with plain file calls.
+# only process 0 writes there, with plain file calls (a URL is refused).
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${BUCKET:?gs:// bucket}"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
