@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -43,8 +44,12 @@ class ModelError(ValueError):
   """An export or checkpoint folder that cannot be used; names the path."""
 
 
+# Reading goes through epath, so an export or a training workdir may sit in a
+# bucket (gs://...); writing an export stays local (np.savez, os.replace).
+
+
 def is_export(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, MODEL_JSON))
+  return (epath.Path(directory) / MODEL_JSON).exists()
 
 
 def leaf_name(path) -> str:
@@ -70,7 +75,7 @@ def flatten(params) -> dict:
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -107,8 +112,7 @@ def read_record(directory: str) -> dict:
   """The export's model.json (format checked; the weights are not read)."""
   path = os.path.join(directory, MODEL_JSON)
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(epath.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ModelError(f"{path}: unreadable model description ({e})") from e
   if record.get("format") != FORMAT:
@@ -120,12 +124,12 @@ def read_export(directory: str) -> tuple[dict, dict]:
   """(model.json record, {leaf name: array}); checks format and checksum."""
   record = read_record(directory)
   params_path = os.path.join(directory, PARAMS)
-  if not os.path.exists(params_path):
+  if not epath.Path(params_path).exists():
     raise ModelError(f"{params_path}: missing")
   if _sha256(params_path) != record["params_sha256"]:
     raise ModelError(f"{params_path}: checksum mismatch (truncated or altered copy)")
   try:
-    with np.load(params_path, allow_pickle=False) as f:
+    with epath.Path(params_path).open("rb") as raw, np.load(raw, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:  # zipfile/numpy raise several types.
     raise ModelError(f"{params_path}: unreadable ({type(e).__name__}: {e})") from e
@@ -189,7 +193,7 @@ def load_for_sampling(model_dir: str, config, mesh):
     params = fill(state["ema"], arrays, os.path.join(model_dir, PARAMS))
     return config, graphdef, rest, jax.device_put(params, rep), record["step"]
   ckpt_dir = os.path.join(model_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if not epath.Path(ckpt_dir).is_dir():
     raise ModelError(f"{model_dir}: neither an exported model ({MODEL_JSON}) nor a "
                      "training workdir (checkpoints/)")
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)

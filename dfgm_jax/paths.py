@@ -34,4 +34,5 @@ def require_local(path: str | None, flag: str) -> None:
     raise ValueError(
         f"--{flag}={path}: this binary needs a local or mounted path (e.g. a "
         "gcsfuse mount, or copy it first with `gsutil -m cp -r`); bucket URLs "
-        "are read by training (--data_dir, --workdir) and the readers only")
+        "work for training's --data_dir and --workdir and for the models and "
+        "data that synthesis and export read")

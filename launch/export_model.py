@@ -28,7 +28,7 @@ flags.mark_flags_as_required(["model_dir", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.require_local(model_dir=_MODEL_DIR.value, out=_OUT.value)
+  common.require_local(out=_OUT.value)  # --model_dir may be a bucket URL.
   from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
   if model_io.is_export(_MODEL_DIR.value):
     raise app.UsageError(f"{_MODEL_DIR.value} is already an export")

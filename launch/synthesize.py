@@ -151,8 +151,9 @@ def _figure(out_dir, config, settings, bank, tumors, res, eps_factory, params, s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # --data_dir may be a bucket URL (the readers use epath / tfds).
-  common.require_local(workdir=_WORKDIR.value, model_dir=_MODEL_DIR.value)
+  # --data_dir and --model_dir may be bucket URLs (read through epath / tfds /
+  # orbax); the workdir is written with local file calls.
+  common.require_local(workdir=_WORKDIR.value)
   common.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -68,8 +68,31 @@ def test_the_readers_find_a_bucket_data_dir(fake_bucket):
     input_pipeline._tfds_builder("gs://bucket/slices", "tf")  # pylint: disable=protected-access
 
 
+def test_an_export_in_a_bucket_is_read_and_checked(fake_bucket):
+  import numpy as np
+  from configs import tiny
+  from dfgm_jax import model_io
+  from dfgm_jax import parallel
+  from dfgm_jax.train import diffusion
+  config = tiny.get_config()
+  _, _, state = diffusion.init_state(config)
+  model_io.export(state["ema"], config, 3, str(fake_bucket / "bucket/model"))
+  assert model_io.is_export("gs://bucket/model")
+  record, arrays = model_io.read_export("gs://bucket/model")
+  want = model_io.flatten(state["ema"])
+  assert record["step"] == 3 and arrays.keys() == want.keys()
+  assert all(np.array_equal(arrays[k], want[k]) for k in want)
+  # The checksum is verified through the bucket too.
+  params = fake_bucket / "bucket/model/params.npz"
+  params.write_bytes(params.read_bytes()[:-100])
+  with pytest.raises(model_io.ModelError, match="gs://bucket/model/params.npz: checksum"):
+    model_io.read_export("gs://bucket/model")
+  with pytest.raises(model_io.ModelError, match="gs://bucket/none: neither"):
+    model_io.load_for_sampling("gs://bucket/none", config, parallel.make_mesh())
+
+
 @pytest.mark.parametrize("args,flag", [
-    (["launch.export_model", "--model_dir=runs/g1", "--out=gs://b/model"], "--out=gs://b/model"),
+    (["launch.export_model", "--model_dir=gs://b/g1", "--out=gs://b/model"], "--out=gs://b/model"),
     (["launch.synthesize", "--model_dir=runs/model", "--data_dir=gs://b/slices",
       "--workdir=gs://b/syn"], "--workdir=gs://b/syn"),
 ])

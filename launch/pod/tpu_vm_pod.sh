@@ -12,7 +12,8 @@
 # --data_dir and --workdir may be gs:// URLs (dfgm_jax/paths.py): checkpoints,
 # metrics.jsonl and TensorBoard events land in the bucket.
 # Synthesis runs the same way (launch.synthesize --jax_distributed ...), with
-# --model_dir an export and --workdir a local or mounted (gcsfuse) path:
+# --model_dir an export (a gs:// URL works) and --workdir a local or mounted
+# (gcsfuse) path:
 # only process 0 writes there, with plain file calls (a URL is refused).
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${BUCKET:?gs:// bucket}"
