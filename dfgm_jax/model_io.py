@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def flatten(params) -> dict:
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
+  with open(path, "rb") as f:  # the export being written: local.
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -126,10 +127,12 @@ def read_export(directory: str) -> tuple[dict, dict]:
   params_path = os.path.join(directory, PARAMS)
   if not epath.Path(params_path).exists():
     raise ModelError(f"{params_path}: missing")
-  if _sha256(params_path) != record["params_sha256"]:
+  # Read once: checksum and load from the same bytes (one download from a bucket).
+  data = epath.Path(params_path).read_bytes()
+  if hashlib.sha256(data).hexdigest() != record["params_sha256"]:
     raise ModelError(f"{params_path}: checksum mismatch (truncated or altered copy)")
   try:
-    with epath.Path(params_path).open("rb") as raw, np.load(raw, allow_pickle=False) as f:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:  # zipfile/numpy raise several types.
     raise ModelError(f"{params_path}: unreadable ({type(e).__name__}: {e})") from e

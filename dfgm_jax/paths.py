@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-from etils import epath
-
 
 def is_url(path: str) -> bool:
   """True for 'scheme://...' paths (gs://, s3://, ...)."""
@@ -22,10 +20,6 @@ def is_url(path: str) -> bool:
 def absolute(path: str) -> str:
   """An absolute local path; URLs unchanged (os.path.abspath would mangle them)."""
   return str(path) if is_url(path) else os.path.abspath(path)
-
-
-def as_path(path: str) -> epath.Path:
-  return epath.Path(path)
 
 
 def require_local(path: str | None, flag: str) -> None:

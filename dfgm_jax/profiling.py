@@ -144,10 +144,9 @@ class HloIndex:
   def _inner(self, inst: Instruction) -> list[Instruction]:
     """The instructions of the computations `inst` calls, recursively."""
     out = []
-    for comp in inst.called:
-      for child in self.by_computation.get(comp, []):
-        out.append(child)
-        out.extend(self._inner(child))
+    for child in self.by_computation_of(inst):
+      out.append(child)
+      out.extend(self._inner(child))
     return out
 
   def _conv_flops(self, inst: Instruction) -> float | None:
@@ -194,6 +193,7 @@ class HloIndex:
     return None
 
   def by_computation_of(self, inst: Instruction) -> list[Instruction]:
+    """The instructions of the computations `inst` calls (one level)."""
     return [c for comp in inst.called for c in self.by_computation.get(comp, [])]
 
   def category(self, inst: Instruction) -> str:

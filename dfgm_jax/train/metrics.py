@@ -15,9 +15,8 @@ import socket
 import struct
 import time
 
+from etils import epath
 import numpy as np
-
-from dfgm_jax import paths
 
 _CRC_TABLE = None
 
@@ -89,12 +88,12 @@ class EventFileWriter:
   """Appends scalar summaries to one TensorBoard event file."""
 
   def __init__(self, logdir: str):
-    logdir = paths.as_path(logdir)
+    logdir = epath.Path(logdir)  # a bucket URL works too (dfgm_jax/paths.py).
     logdir.mkdir(parents=True, exist_ok=True)
-    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
-            f"{os.getpid()}")
-    self.path = str(logdir / name)
-    self._f = (logdir / name).open("ab")
+    path = logdir / (f"events.out.tfevents.{int(time.time())}."
+                     f"{socket.gethostname()}.{os.getpid()}")
+    self.path = str(path)
+    self._f = path.open("ab")
     self._f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
     self._f.flush()
 
@@ -115,11 +114,12 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if enabled:
-      # A bucket URL works too (paths.py): pods keep workdirs in buckets.
-      workdir = paths.as_path(workdir)
+      # A bucket URL works too (dfgm_jax/paths.py): pods keep workdirs in buckets.
+      workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self.jsonl_path = str(workdir / "metrics.jsonl")
-      self._jsonl = (workdir / "metrics.jsonl").open("a")
+      jsonl = workdir / "metrics.jsonl"
+      self.jsonl_path = str(jsonl)
+      self._jsonl = jsonl.open("a")
       if tensorboard:
         self._tb = EventFileWriter(str(workdir / "tensorboard"))
 
