@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dfgm_jax import parallel
 from dfgm_jax import paths
 
 
@@ -128,12 +129,7 @@ class PreemptionWatcher:
     self._event.set()
 
   def requested(self) -> bool:
-    local = self._event.is_set()
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.array([local], np.int32))
-    return bool(np.any(flags))
+    return parallel.any_process(self._event.is_set())
 
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():

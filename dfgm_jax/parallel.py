@@ -69,31 +69,51 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch: int) -> int:
-  """This process's share of a global batch (must divide evenly)."""
-  n = jax.process_count()
-  if global_batch % jax.device_count():
-    raise ValueError(f"global batch {global_batch} is not a multiple of the "
-                     f"{jax.device_count()} devices")
-  return global_batch // n
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+  """Host-local numpy arrays -> global jax arrays laid out by `sharding`.
 
-
-def to_global(batch, mesh):
-  """Host-local numpy batch (leading axis = local batch) -> global jax arrays.
-
-  Every process passes its own slice; the result's leading axis is the global
-  batch, sharded over `data`. Non-numeric leaves (strings) are dropped.
+  Every process passes its own rows of the sharded axis; the global array
+  holds all processes' rows.
   """
-  sharding = data_sharding(mesh)
-
-  def convert(x):
-    x = np.asarray(x)
-    return jax.make_array_from_process_local_data(sharding, x)
-
-  return {k: convert(v) for k, v in batch.items()
-          if np.asarray(v).dtype.kind in "biuf"}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
-def replicate(tree, mesh):
-  """Puts a host-identical pytree on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+# --- Multi-host coordination (identity operations with one process) ----------
+
+
+def is_main() -> bool:
+  """Process 0: the one that plans, writes files and prints."""
+  return jax.process_index() == 0
+
+
+def broadcast(x) -> np.ndarray:
+  """Process 0's array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier called `name`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A global (possibly multi-host) array as one host array, on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (e.g. a preemption)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+  return bool(np.any(flags))

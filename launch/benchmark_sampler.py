@@ -30,6 +30,7 @@ from dfgm_jax import parallel
 from dfgm_jax.diffusion import sampler as sampler_lib
 from dfgm_jax.models import unet
 from dfgm_jax.synthesis import masks
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
 from launch import benchmark_common
 from launch import common
@@ -69,8 +70,8 @@ def main(argv):
   inputs = [jax.device_put(x, data) for x in (
       np.stack([e["image"] for e in examples]), np.asarray(ring),
       np.asarray(tumor), np.arange(b, dtype=np.int32))]
-  sched = diffusion.schedule_from(config)
-  scfg = diffusion.sampler_config_from(config)
+  sched = denoiser.schedule_from(config)
+  scfg = denoiser.sampler_config_from(config)
   plan = sampler_lib.make_plan(scfg, sched.num_steps)
 
   def sample(params, y, ring, tumor, index):
@@ -92,7 +93,7 @@ def main(argv):
     jax.block_until_ready(out)
     times.append(time.perf_counter() - start)
   best = min(times)
-  mcfg = diffusion.model_config(config)
+  mcfg = denoiser.model_config(config)
   flops = unet.flops_per_image(mcfg, image_size=size)
   tflops = plan.nfe * b * flops / best / 1e12
   peak = benchmark_common.peak_tflops(config.bench.peak_tflops)

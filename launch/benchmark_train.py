@@ -20,6 +20,7 @@ import numpy as np
 
 from dfgm_jax import parallel
 from dfgm_jax.models import unet
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
 from launch import benchmark_common
 from launch import common
@@ -61,7 +62,7 @@ def main(argv):
   jax.block_until_ready((state, metrics))
   elapsed = time.perf_counter() - start
   step_s = elapsed / config.bench.steps
-  mcfg = diffusion.model_config(config)
+  mcfg = denoiser.model_config(config)
   # Training FLOPs = 3 x forward (the backward pass costs about twice the
   # forward), counted analytically like the peer's 31.1 GFLOP. XLA's own count
   # is reported too, but on GPU it misses the cuDNN convolution custom calls.

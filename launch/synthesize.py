@@ -170,10 +170,11 @@ def main(argv):
   from dfgm_jax.synthesis import modes  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import runner  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
 
   config = flags.FLAGS.config
-  main_process = runner.is_main()
+  main_process = parallel.is_main()
   mesh = parallel.make_mesh()
   logging.info("process %d of %d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -213,7 +214,7 @@ def main(argv):
   if main_process and os.path.exists(manifest_path) and not _OVERWRITE.value:
     with open(manifest_path) as f:
       reuse = json.load(f).get("fingerprint") == fingerprint
-  if bool(runner.broadcast(np.bool_(reuse))):
+  if bool(parallel.broadcast(np.bool_(reuse))):
     if main_process:
       logging.info("%s is complete for this model and config; reusing it", out_dir)
       common.print_artifacts("synthesis (reused):", {"synthetic set": out_dir})
@@ -228,8 +229,8 @@ def main(argv):
                              healthy["key"], syn.backend, config.seed,
                              cache_path=os.path.join(out_dir, f"bank_{syn.backend}.npz"),
                              compute_features=main_process)
-  sched = diffusion.schedule_from(config)
-  scfg = diffusion.sampler_config_from(config)
+  sched = denoiser.schedule_from(config)
+  scfg = denoiser.sampler_config_from(config)
   r_out = masks.radius_for_size(config.mask.r_out_240, size)
   r_in = masks.radius_for_size(config.mask.r_in_240, size)
   settings = pipeline.SynthesisSettings(
@@ -286,7 +287,7 @@ def main(argv):
         timings[center] = results[center].pop("seconds")
   finally:
     watcher.restore_handlers()
-  runner.barrier("synthesis generated")
+  parallel.barrier("synthesis generated")
   if not main_process:
     return
 

@@ -9,6 +9,7 @@ import pytest
 import configs
 from configs import diffusion as diffusion_config
 from dfgm_jax.models import unet
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
 
 
@@ -27,7 +28,7 @@ def test_every_unet_field_can_be_overridden_from_the_command_line():
                   "--config.model.overrides.attention_resolutions=(32,16)",
                   "--config.model.overrides.remat=True",
                   "--config.model.preset=small")
-  got = diffusion.model_config(config)
+  got = denoiser.model_config(config)
   want = dataclasses.replace(unet.PRESETS["small"], dropout=0.0,
                              attention_resolutions=(32, 16), remat=True,
                              dtype=config.model.dtype)
@@ -40,7 +41,7 @@ def test_every_unet_field_can_be_overridden_from_the_command_line():
 
 def test_unset_overrides_keep_the_preset_and_the_data_section():
   config = _parse("--config.model.preset=tiny", "--config.data.image_size=32")
-  got = diffusion.model_config(config)
+  got = denoiser.model_config(config)
   assert got.base_channels == unet.PRESETS["tiny"].base_channels
   assert got.image_size == 32  # from config.data, not the preset's.
   assert got.in_channels == len(config.data.modalities)

@@ -26,24 +26,6 @@ from dfgm_jax import parallel
 from dfgm_jax.synthesis import pipeline
 
 
-def is_main() -> bool:
-  return jax.process_index() == 0
-
-
-def broadcast(x: np.ndarray) -> np.ndarray:
-  """Process 0's array on every process (identity with one process)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
-
-
-def barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 class BatchStore:
   """Staged results of one center: plan.npz and one bNNNNNN.npz per batch.
 
@@ -106,15 +88,15 @@ def num_batches(num_pairs: int, batch_size: int) -> int:
 def agreed_plan(store: BatchStore, plan_fn: Callable[[], np.ndarray]) -> np.ndarray:
   """The staged plan, or process 0's fresh one (staged); the same on every process."""
   pairs = None
-  if is_main():
+  if parallel.is_main():
     pairs = store.load_plan()
     if pairs is None:
       pairs = plan_fn()
       store.save_plan(pairs)
-  n = int(broadcast(np.int32(len(pairs) if pairs is not None else 0)))
+  n = int(parallel.broadcast(np.int32(len(pairs) if pairs is not None else 0)))
   if n == 0:  # no valid match at all: nothing to broadcast.
     return np.zeros((0, 3), np.int32)
-  return broadcast(pairs if pairs is not None else np.zeros((n, 3), np.int32))
+  return parallel.broadcast(pairs if pairs is not None else np.zeros((n, 3), np.int32))
 
 
 def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors: dict,
@@ -146,7 +128,7 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
   total = num_batches(len(pairs), b)
   if total == 0:
     return {"generated": 0, "reused": 0, "seconds": 0.0, "stopped": False}
-  staged = broadcast(np.array([store.has(i) if is_main() else False
+  staged = parallel.broadcast(np.array([store.has(i) if parallel.is_main() else False
                                for i in range(total)], np.bool_))
   local = b // n_proc
   lo_row = jax.process_index() * local
@@ -163,10 +145,10 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
     args = [jax.make_array_from_process_local_data(data, inputs[k])
             for k in ("x", "tumor", "h", "index")]
     out = generate(params, *args)
-    image, mask = _gather(out), _gather(args[1])
+    image, mask = parallel.gather(out), parallel.gather(args[1])
     n = min(b, len(pairs) - i * b)
     took = time.perf_counter() - start
-    if is_main():
+    if parallel.is_main():
       store.save_batch(i, image[:n], mask[:n].astype(np.uint8), took)
     generated, seconds = generated + 1, seconds + took
     if progress:
@@ -177,14 +159,6 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
       break
   return {"generated": generated, "reused": int(staged.sum()), "seconds": seconds,
           "stopped": stopped}
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-  """A global batch as one host array (on every process)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def collect(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from dfgm_jax import checkpoint as ckpt_lib
 from dfgm_jax import parallel
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.diffusion import loss as loss_lib
 from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.models import unet
@@ -34,19 +35,6 @@ from dfgm_jax.train import augment as augment_lib
 from dfgm_jax.train import metrics as metrics_lib
 
 # --- Model and optimizer -------------------------------------------------------
-
-
-def model_config(config) -> "unet.UNetConfig":
-  """UNetConfig from config.model (preset + overrides) and config.data."""
-  m = config.model
-  # Unset (None) override fields keep the preset's value.
-  overrides = {k: v for k, v in (m.get("overrides", {}) or {}).items()
-               if v is not None}
-  overrides.setdefault("image_size", config.data.image_size)
-  overrides.setdefault("in_channels", len(config.data.modalities))
-  overrides["dtype"] = m.dtype
-  overrides["attention_impl"] = m.attention_impl or None
-  return unet.get_preset(m.preset, **overrides)
 
 
 def make_optimizer(t) -> optax.GradientTransformation:
@@ -67,27 +55,13 @@ def ema_decay(max_decay: float, step):
   return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
 
 
-def schedule_from(config) -> schedule_lib.Schedule:
-  """The noise schedule of config.diffusion."""
-  d = config.diffusion
-  return schedule_lib.make_schedule(d.schedule, d.num_steps, d.beta_start, d.beta_end)
-
-
-def sampler_config_from(config):
-  """SamplerConfig from config.sampler (fields it does not know are ignored)."""
-  from dfgm_jax.diffusion import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(sampler_lib.SamplerConfig)}
-  return sampler_lib.SamplerConfig(**{k: v for k, v in config.sampler.to_dict().items()
-                                      if k in fields})
-
-
 # --- State ---------------------------------------------------------------------
 
 
 def init_state(config, rng_seed: int | None = None):
   """(graphdef, rest, state): state = {step, params, ema, opt_state, key}."""
   seed = config.seed if rng_seed is None else rng_seed
-  model = unet.create_model(model_config(config), jax.random.key(seed))
+  model = unet.create_model(denoiser.model_config(config), jax.random.key(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config.train)
   params = jax.tree.map(jnp.asarray, params)
@@ -135,7 +109,7 @@ def make_train_step(graphdef, rest, config) -> Callable:
   steps run in one lax.scan: one dispatch, k updates.
   """
   settings = step_settings(config)
-  sched = schedule_from(config)
+  sched = denoiser.schedule_from(config)
   tx = make_optimizer(config.train)
   t_cfg = config.train
   num_t = config.diffusion.num_steps
@@ -201,9 +175,7 @@ def _stack_local(batch_fn, step, k):
 
 
 def _to_global(local, mesh):
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
+  return parallel.to_global(local, batch_sharding(mesh))
 
 
 def _validate(config):
