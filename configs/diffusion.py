@@ -120,6 +120,9 @@ def get_synthesis_config() -> ml_collections.ConfigDict:
   c.exclude_same_patient = True
   c.placement = "same"  # same | random_shift
   c.hflip = False
+  # none | ring_mean: rescale the pasted tumor so its mean on the boundary
+  # ring matches the healthy slice's (compose.match_intensity).
+  c.intensity_match = "none"
   c.figure_rows = 4
   return c
 

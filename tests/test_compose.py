@@ -55,3 +55,37 @@ def test_intensity_match_equalises_ring_means():
   out = compose.match_intensity(x, h, ring)
   r = ring[..., 0] > 0
   assert abs((out[r] + 1).mean() - (h[r] + 1).mean()) < 1e-5
+
+
+def _coin(flip):
+  """A generator whose first draw says mirror (flip=True) or not."""
+  for seed in range(100):
+    if (np.random.default_rng(seed).random() < 0.5) == flip:
+      return np.random.default_rng(seed)
+  raise AssertionError("no seed")
+
+
+@pytest.mark.parametrize("placement", ["same", "random_shift"])
+def test_mirrored_tumor_outside_the_brain_is_placed_unmirrored(placement):
+  # A brain on the left of the image only: the tumor (left) fits, its mirror
+  # image (right) does not, and no shift of +-12 % brings it back.
+  x, _, _, _ = _case()
+  tumor = np.zeros_like(x)
+  tumor[14:19, 4:9] = 1
+  x = np.where(tumor > 0, np.float32(0.9), x)
+  brain = np.zeros_like(tumor)
+  brain[4:28, 2:14] = 1
+  x2, t2, ok = compose.place(x, tumor, brain, _coin(True), placement, hflip=True)
+  assert ok
+  assert (t2 * brain).sum() / t2.sum() >= 0.95
+  np.testing.assert_array_equal(x2[t2 > 0], np.float32(0.9))
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_no_placement_inside_the_brain_is_not_ok(hflip):
+  x, tumor, _, _ = _case()
+  empty = np.zeros_like(tumor)
+  for seed in range(4):
+    _, _, ok = compose.place(x, tumor, empty, np.random.default_rng(seed),
+                             "random_shift", hflip=hflip)
+    assert not ok

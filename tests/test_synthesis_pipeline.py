@@ -89,3 +89,77 @@ def test_batch_store_reads_only_complete_files(tmp_path):
   assert store.has(0) and not store.has(1)
   assert store.load_batch(0)["seconds"] == 1.5
   np.testing.assert_array_equal(store.load_plan(), [[0, 1, 0]])
+
+
+def _left_half_bank(bank):
+  """The bank with every brain cut to the image's left half."""
+  brain = bank.brain.copy()
+  brain[:, :, brain.shape[2] // 2:] = 0
+  return pipeline.MemoryBank(bank.images, brain, bank.patients, bank.keys,
+                             bank.features, bank.backend)
+
+
+def test_hflip_never_places_a_tumor_outside_the_brain():
+  bank, tumors = _data(n_tumor=6)
+  # Tumors on the left half only, so that they fit the left-half brains.
+  tumors["mask"][:, :, 16:] = 0
+  bank = _left_half_bank(bank)
+  for placement in ("same", "random_shift"):
+    settings = pipeline.SynthesisSettings(
+        mode="cutpaste", match=matching.MatchConfig(backend="pixels", k=2, min_inside_brain=0.9),
+        placement=placement, hflip=True, r_out=1, batch_size=4)
+    pairs, skipped = pipeline.plan_pairs(settings, bank, tumors)
+    assert len(pairs) > 0 and skipped == 0
+    inputs = pipeline.compose_pairs(settings, bank, tumors, pairs)
+    for t, (_, j, _) in zip(inputs["tumor"], pairs):
+      assert t.sum() > 0 and (t * bank.brain[j]).sum() / t.sum() >= 0.9
+
+
+def test_pairs_that_cannot_be_placed_are_skipped_and_counted(monkeypatch):
+  bank, tumors = _data()
+  settings = pipeline.SynthesisSettings(
+      mode="cutpaste", match=matching.MatchConfig(backend="pixels", k=2),
+      placement="random_shift", r_out=1, batch_size=4)
+  place = pipeline.compose.place
+
+  def refuse_first_tumor(x, tumor, *args, **kwargs):
+    x2, t2, ok = place(x, tumor, *args, **kwargs)
+    return x2, t2, ok and not np.array_equal(tumor, tumors["mask"][0])
+
+  monkeypatch.setattr(pipeline.compose, "place", refuse_first_tumor)
+  pairs, skipped = pipeline.plan_pairs(settings, bank, tumors)
+  assert skipped == 2 and 0 not in pairs[:, 0] and len(pairs) == 4
+  store = runner.BatchStore(None)
+  np.testing.assert_array_equal(runner.agreed_plan(store, lambda: (pairs, skipped)), pairs)
+  assert store.skipped() == 2
+
+
+def test_ring_mean_intensity_matching():
+  bank, tumors = _data()
+  pairs = np.array([[0, 3, 0], [1, 5, 1]], np.int32)
+  base = dict(mode="cutpaste", match=matching.MatchConfig(backend="pixels", k=2), r_out=2)
+  plain = pipeline.compose_pairs(pipeline.SynthesisSettings(**base), bank, tumors, pairs)
+  matched = pipeline.compose_pairs(
+      pipeline.SynthesisSettings(**base, intensity_match="ring_mean"), bank, tumors, pairs)
+  np.testing.assert_array_equal(plain["x"][0], tumors["image"][0])
+  for i in range(2):
+    ring = np.asarray(masks.ring(matched["tumor"][i:i + 1], 2))[0, ..., 0] > 0
+    assert ring.any()
+    x, h = matched["x"][i], matched["h"][i]
+    assert abs((x[ring] + 1).mean() - (h[ring] + 1).mean()) < 1e-3
+    assert abs((plain["x"][i][ring] + 1).mean() - (h[ring] + 1).mean()) > 1e-2
+  with pytest.raises(ValueError, match="intensity_match"):
+    pipeline.compose_pairs(pipeline.SynthesisSettings(**base, intensity_match="histogram"),
+                           bank, tumors, pairs)
+
+
+def test_non_finite_network_output_fails_naming_center_and_batch():
+  import jax.numpy as jnp
+  bank, tumors = _data()
+  settings = pipeline.SynthesisSettings(
+      mode="dfgm", match=matching.MatchConfig(backend="pixels", k=2), r_out=1, batch_size=4)
+  sched = schedule_lib.make_schedule("linear", 20)
+  with pytest.raises(runner.NonFiniteOutput, match=r"TCIA: batch 0 of 2"):
+    runner.synthesize(settings, bank, tumors, lambda p: lambda x, t, c, r, m: x * jnp.nan,
+                      {"w": np.float32(0.3)}, sched,
+                      sampler.SamplerConfig(steps=4, resamples=1), name="TCIA")

@@ -5,8 +5,11 @@
 Placement (ALGORITHM.md 3): `same` keeps native coordinates (slices are
 atlas-registered); `random_shift` moves (x*M, M) jointly by up to +-12 % of the
 image, retrying until the tumor lies inside the healthy brain; `hflip` mirrors
-tumor and mask together. `intensity_match='ring_mean'` rescales the pasted
-tumor by mean(h on the ring) / mean(x on the ring).
+tumor and mask together (a mirrored tumor that leaves the brain is tried
+unmirrored; a pair with no placement inside the brain is skipped).
+`config.synthesis.intensity_match = 'ring_mean'` rescales the pasted tumor by
+mean(h on the ring) / mean(x on the ring) (`match_intensity`); 'none', the
+default, pastes it as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 PLACEMENTS = ("same", "random_shift")
+INTENSITY_MATCHES = ("none", "ring_mean")
 
 
 def cut_paste(x: np.ndarray, tumor: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -36,29 +40,47 @@ def place(x: np.ndarray, tumor: np.ndarray, healthy_brain: np.ndarray,
           max_shift: float = 0.12, min_inside: float = 0.95, retries: int = 20):
   """Moves one tumor slice (S,S,C) and its mask (S,S,1) before pasting.
 
+  With `hflip`, a coin decides whether to mirror; a mirrored tumor that finds
+  no place inside the healthy brain is tried unmirrored (the match was chosen
+  for the unmirrored tumor), so a flip never pushes a tumor out of the brain.
+
   Returns:
     (x, tumor, ok): the moved image and mask; ok is False when no placement
-    within `retries` put the tumor inside the healthy brain (the unmoved
-    tumor is returned then).
+    (mirrored or not, shifted within `retries` or not) put the tumor inside
+    the healthy brain. The caller must then skip the pair: the returned,
+    unmoved tumor does not fit this brain.
   """
   if placement not in PLACEMENTS:
     raise ValueError(f"unknown placement {placement!r}; expected {PLACEMENTS}")
-  if hflip and rng.random() < 0.5:
-    x, tumor = x[:, ::-1], tumor[:, ::-1]
+  # The coin is drawn first and only when hflip is on, as before, so pairs
+  # that placed fine keep their random stream (and their images).
+  flips = (True, False) if hflip and rng.random() < 0.5 else (False,)
+  for flip in flips:
+    xf, tf = (x[:, ::-1], tumor[:, ::-1]) if flip else (x, tumor)
+    moved = _place_unflipped(xf, tf, healthy_brain, rng, placement, max_shift,
+                             min_inside, retries)
+    if moved is not None:
+      return moved[0], moved[1], True
+  return x, tumor, False
+
+
+def _place_unflipped(x, tumor, healthy_brain, rng, placement, max_shift, min_inside,
+                     retries):
+  """(x, tumor) placed inside the brain, or None when no placement is."""
   area = max(float(tumor.sum()), 1.0)
 
   def inside(m):
     return float((m * healthy_brain).sum()) / area >= min_inside
 
-  if placement == "same":
-    return x, tumor, inside(tumor)
-  limit = int(round(max_shift * x.shape[0]))
-  for _ in range(retries):
-    dy, dx = rng.integers(-limit, limit + 1, size=2)
-    moved = _shift(tumor, int(dy), int(dx), 0.0)
-    if moved.sum() == tumor.sum() and inside(moved):
-      return _shift(x, int(dy), int(dx), -1.0), moved, True
-  return x, tumor, inside(tumor)
+  if placement == "random_shift":
+    limit = int(round(max_shift * x.shape[0]))
+    for _ in range(retries):
+      dy, dx = rng.integers(-limit, limit + 1, size=2)
+      moved = _shift(tumor, int(dy), int(dx), 0.0)
+      if moved.sum() == tumor.sum() and inside(moved):
+        return _shift(x, int(dy), int(dx), -1.0), moved
+  # `same`, or no shift found: the native position, when it is inside.
+  return (x, tumor) if inside(tumor) else None
 
 
 def match_intensity(x: np.ndarray, h: np.ndarray, ring: np.ndarray) -> np.ndarray:

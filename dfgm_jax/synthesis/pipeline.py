@@ -79,6 +79,7 @@ class SynthesisSettings:
   match: matching.MatchConfig = matching.MatchConfig()
   placement: str = "same"
   hflip: bool = False
+  intensity_match: str = "none"  # none | ring_mean (compose.match_intensity)
   r_out: int = 3
   r_in: int = 0
   batch_size: int = 8
@@ -86,13 +87,19 @@ class SynthesisSettings:
   salt: str = ""
 
 
-def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict) -> np.ndarray:
+def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict
+               ) -> tuple[np.ndarray, int]:
   """The synthesis plan of one center: (P, 3) int32 rows (query, healthy, rank).
 
-  Every valid match of every tumor slice, in query order then rank order. The
-  plan fixes the work (and each pair's global example index query * k + rank)
-  before any generation, so that batches can be staged, resumed and spread
-  over processes without changing a single output.
+  Every valid match of every tumor slice that can be placed inside its
+  healthy brain, in query order then rank order. The plan fixes the work (and
+  each pair's global example index query * k + rank) before any generation,
+  so that batches can be staged, resumed and spread over processes without
+  changing a single output.
+
+  Returns:
+    (pairs, skipped): the plan and the number of valid matches left out
+    because no placement put the tumor inside the healthy brain.
   """
   if settings.mode == "real_only":
     raise ValueError("real_only produces no synthetic set")
@@ -118,23 +125,41 @@ def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict) -> n
       for rank in range(idx.shape[1]):
         if valid[qi, rank]:
           rows.append((lo + qi, int(idx[qi, rank]), rank))
-  return np.asarray(rows, np.int32).reshape(-1, 3)
+  pairs = np.asarray(rows, np.int32).reshape(-1, 3)
+  if settings.placement == "same" and not settings.hflip:
+    # The tumor stays where the match checked it lies inside the brain.
+    return pairs, 0
+  placeable = np.array([_place(settings, bank, tumors, row)[2] for row in pairs], bool)
+  return pairs[placeable].reshape(-1, 3), int((~placeable).sum())
+
+
+def _place(settings: SynthesisSettings, bank: MemoryBank, tumors: dict, row):
+  """compose.place of one plan row, with the row's own random stream.
+
+  The generator is seeded by (seed, query, rank), so a pair places the same
+  way when planned and when composed, in any batch, on any process.
+  """
+  q, j, rank = (int(v) for v in row)
+  rng = np.random.default_rng([settings.seed, q, rank])
+  return compose.place(tumors["image"][q], tumors["mask"][q].astype(np.float32),
+                       bank.brain[j], rng, settings.placement, settings.hflip,
+                       min_inside=settings.match.min_inside_brain)
 
 
 def compose_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
                   pairs: np.ndarray) -> dict:
-  """Network inputs of some plan rows: x (tumor slice placed), tumor, h, index.
-
-  Each pair's placement draws from its own generator seeded by (seed, query,
-  rank), so a pair composes the same way in any batch, on any process.
-  """
+  """Network inputs of some plan rows: x (tumor slice placed), tumor, h, index."""
+  if settings.intensity_match not in compose.INTENSITY_MATCHES:
+    raise ValueError(f"unknown intensity_match {settings.intensity_match!r}; "
+                     f"expected one of {compose.INTENSITY_MATCHES}")
   xs, ts, hs = [], [], []
-  for q, j, rank in pairs:
-    rng = np.random.default_rng([settings.seed, int(q), int(rank)])
-    x, t, _ = compose.place(tumors["image"][q], tumors["mask"][q].astype(np.float32),
-                            bank.brain[j], rng, settings.placement, settings.hflip,
-                            min_inside=settings.match.min_inside_brain)
-    xs.append(x), ts.append(t), hs.append(bank.images[j])
+  for row in pairs:
+    x, t, _ = _place(settings, bank, tumors, row)
+    h = bank.images[int(row[1])]
+    if settings.intensity_match == "ring_mean":
+      ring = np.asarray(masks.ring(jnp.asarray(t[None]), settings.r_out))[0]
+      x = compose.match_intensity(x, h, ring)
+    xs.append(x), ts.append(t), hs.append(h)
   return {"x": np.stack(xs).astype(np.float32), "tumor": np.stack(ts).astype(np.float32),
           "h": np.stack(hs).astype(np.float32),
           "index": (pairs[:, 0] * settings.match.k + pairs[:, 2]).astype(np.int32)}

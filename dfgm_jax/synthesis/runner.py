@@ -22,8 +22,13 @@ from typing import Callable
 import jax
 import numpy as np
 
+from dfgm_jax import errors
 from dfgm_jax import parallel
 from dfgm_jax.synthesis import pipeline
+
+
+class NonFiniteOutput(errors.UserError):
+  """The network's output holds NaN or infinity (a broken model, not a bug here)."""
 
 
 class BatchStore:
@@ -64,8 +69,13 @@ class BatchStore:
   def load_plan(self) -> np.ndarray | None:
     return self._read("plan.npz")["pairs"] if self._exists("plan.npz") else None
 
-  def save_plan(self, pairs: np.ndarray) -> None:
-    self._write("plan.npz", pairs=pairs)
+  def save_plan(self, pairs: np.ndarray, skipped: int = 0) -> None:
+    self._write("plan.npz", pairs=pairs, skipped=np.int64(skipped))
+
+  def skipped(self) -> int:
+    """Valid matches the staged plan left out (no placement inside the brain)."""
+    plan = self._read("plan.npz")
+    return int(plan["skipped"]) if "skipped" in plan else 0
 
   def batch_name(self, i: int) -> str:
     return f"b{i:06d}.npz"
@@ -85,14 +95,18 @@ def num_batches(num_pairs: int, batch_size: int) -> int:
   return -(-num_pairs // batch_size)
 
 
-def agreed_plan(store: BatchStore, plan_fn: Callable[[], np.ndarray]) -> np.ndarray:
-  """The staged plan, or process 0's fresh one (staged); the same on every process."""
+def agreed_plan(store: BatchStore,
+                plan_fn: Callable[[], tuple[np.ndarray, int]]) -> np.ndarray:
+  """The staged plan, or process 0's fresh one (staged); the same on every process.
+
+  plan_fn returns (pairs, skipped), as pipeline.plan_pairs.
+  """
   pairs = None
   if parallel.is_main():
     pairs = store.load_plan()
     if pairs is None:
-      pairs = plan_fn()
-      store.save_plan(pairs)
+      pairs, skipped = plan_fn()
+      store.save_plan(pairs, skipped)
   n = int(parallel.broadcast(np.int32(len(pairs) if pairs is not None else 0)))
   if n == 0:  # no valid match at all: nothing to broadcast.
     return np.zeros((0, 3), np.int32)
@@ -103,7 +117,7 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
         pairs: np.ndarray, generate: Callable, params, mesh: jax.sharding.Mesh,
         store: BatchStore, *, progress: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, name: str = "") -> dict:
   """Generates every batch of `pairs` not yet staged in `store`.
 
   Args:
@@ -116,10 +130,15 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
     progress: called with the number of pairs of each finished batch.
     should_stop: polled after each batch (preemption, agreed across processes).
     stop_after: stop after generating this many batches (tests, dry runs).
+    name: what the error messages call this run (the center).
 
   Returns:
     {"generated": batches generated now, "reused": batches already staged,
      "seconds": time spent generating now, "stopped": whether it stopped early}.
+
+  Raises:
+    NonFiniteOutput: the network gave a NaN or an infinity; nothing of that
+      batch is staged.
   """
   b = settings.batch_size
   n_dev, n_proc = mesh.size, jax.process_count()
@@ -147,6 +166,15 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
     out = generate(params, *args)
     image, mask = parallel.gather(out), parallel.gather(args[1])
     n = min(b, len(pairs) - i * b)
+    # Every process holds the gathered batch, so all of them stop here alike.
+    bad = ~np.isfinite(image[:n]).reshape(n, -1).all(axis=1)
+    if bad.any():
+      raise NonFiniteOutput(
+          f"{name or 'synthesis'}: batch {i} of {total} (plan rows {i * b}.."
+          f"{i * b + n - 1}): the model gave non-finite values for "
+          f"{int(bad.sum())} of {n} images; nothing of this batch is staged. "
+          "The model's weights or the sampler settings are broken (a diverged "
+          "training run?)")
     took = time.perf_counter() - start
     if parallel.is_main():
       store.save_batch(i, image[:n], mask[:n].astype(np.uint8), took)
@@ -173,6 +201,7 @@ def collect(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
       "mask": (np.concatenate([x["mask"] for x in batches]) if batches
                else np.zeros((0,) + size[:-1] + (1,), np.uint8)),
       "seconds": float(sum(x["seconds"] for x in batches)),
+      "skipped_placement": store.skipped() if store.load_plan() is not None else 0,
       **pipeline.provenance(settings, bank, tumors, pairs),
   }
 
@@ -180,7 +209,7 @@ def collect(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
 def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
                tumors: dict, eps_fn_factory: Callable | None, params, sched, scfg,
                mesh: jax.sharding.Mesh | None = None,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None, name: str = "") -> dict:
   """Synthetic pairs for the tumor slices of one center, kept in memory.
 
   Args:
@@ -194,6 +223,7 @@ def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
     sched, scfg: noise schedule and sampler settings.
     mesh: data-parallel mesh (default: every device).
     progress: called with the number of pairs done after each batch.
+    name: what error messages call this run (the center).
 
   Returns:
     dict of arrays image, mask (pairs) and provenance lists: source (salted
@@ -205,5 +235,6 @@ def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
   pairs = agreed_plan(store, lambda: pipeline.plan_pairs(settings, bank, tumors))
   generate = pipeline.make_generate_fn(settings, eps_fn_factory, sched, scfg, mesh)
   params = jax.device_put(params, parallel.replicated(mesh))
-  run(settings, bank, tumors, pairs, generate, params, mesh, store, progress=progress)
+  run(settings, bank, tumors, pairs, generate, params, mesh, store, progress=progress,
+      name=name)
   return collect(settings, bank, tumors, pairs, store)
