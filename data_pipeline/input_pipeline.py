@@ -15,13 +15,13 @@ are disjoint, cover the split, and are the same examples for both readers.
 
 from __future__ import annotations
 
-import json
 from typing import Iterator
 
 from etils import epath
 import numpy as np
 
 from data_pipeline import builder
+from data_pipeline import slice_sets
 
 READERS = ("tf", "grain", "synthetic")
 FORMAT_OF_READER = {"tf": "tfrecord", "grain": "array_record"}
@@ -36,21 +36,13 @@ def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
 
 
 def load_manifest(data_dir: str) -> dict:
-  # epath: a local folder or a bucket URL (gs://...), which pods read from.
-  path = epath.Path(data_dir) / "manifest.json"
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{data_dir}: no manifest.json, so no finished preprocessing here "
-        "(run launch.preprocess first; an interrupted run leaves none)")
-  return json.loads(path.read_text())
+  """See slice_sets.load_manifest (kept here for the readers' callers)."""
+  return slice_sets.load_manifest(data_dir)
 
 
 def split_size(data_dir: str, split: str) -> int:
-  manifest = load_manifest(data_dir)
-  if split not in manifest["splits"]:
-    raise KeyError(f"{data_dir}: no split {split!r}; splits: "
-                   f"{sorted(manifest['splits'])}")
-  return manifest["splits"][split]["num_slices"]
+  """Slices in a split; slice_sets.UnknownSplit names the ones that exist."""
+  return slice_sets.check_split(data_dir, split)
 
 
 def _tfds_builder(data_dir: str, reader: str):

@@ -9,27 +9,45 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from dfgm_jax import errors
 from dfgm_jax.train import batches
 
 
 def _stack(examples) -> dict:
-  if not examples:
-    return {"image": np.zeros((0, 1, 1, 1), np.float32),
-            "mask": np.zeros((0, 1, 1, 1), np.float32)}
   return {"image": np.stack([e["image"] for e in examples]),
           "mask": np.stack([e["mask"] for e in examples]).astype(np.float32)}
 
 
 def load_split(data_dir: str, split: str, reader: str, shard: bool) -> dict:
-  """All examples of a split (this process's shard when `shard`) in memory.
-
-  The splits are small (hundreds of slices: 825 healthy at 128 x 128 are
-  54 MB), so holding them lets the sampler draw any example at any step.
-  """
-  from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
+  """image and mask of a split (this process's shard when `shard`) in memory."""
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   index, count = (jax.process_index(), jax.process_count()) if shard else (0, 1)
-  return _stack(list(input_pipeline.read_examples(data_dir, split, reader,
-                                                  index, count)))
+  arrays = slice_sets.load_split(data_dir, split, reader, index, count)
+  return {"image": arrays["image"], "mask": arrays["mask"]}
+
+
+def check_slices(config, data_dir: str) -> None:
+  """Refuses slices whose size or modalities differ from config.data's.
+
+  The network is built for config.data.image_size and its channels; slices
+  of another size would train a model that only synthesis would refuse.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  manifest = slice_sets.load_manifest(data_dir)
+  size = config.data.image_size
+  if manifest.get("image_size", size) != size:
+    raise errors.ConfigError(
+        f"config.data.image_size={size}: the slices in {data_dir} are "
+        f"{manifest['image_size']} x {manifest['image_size']}; set "
+        f"--config.data.image_size={manifest['image_size']} or preprocess "
+        f"again with image_size={size}")
+  modalities = list(config.data.modalities)
+  stored = manifest.get("modalities", modalities)
+  if list(stored) != modalities:
+    raise errors.ConfigError(
+        f"config.data.modalities={tuple(modalities)}: the slices in {data_dir} "
+        f"hold {tuple(stored)}; set --config.data.modalities to match or "
+        "preprocess again")
 
 
 def synthetic_pools(config) -> tuple[dict, dict]:
@@ -49,7 +67,9 @@ def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
     healthy, tumor = synthetic_pools(config)
   else:
     if not data_dir:
-      raise ValueError("--data_dir is required unless config.train.reader=synthetic")
+      raise errors.ConfigError("--data_dir is required unless "
+                               "config.train.reader=synthetic")
+    check_slices(config, data_dir)
     healthy = load_split(data_dir, "healthy", t.reader, shard=True)
     # The n_shot subset is chosen over the whole private split (same on every
     # process), then each process keeps its share of it.
