@@ -1,0 +1,347 @@
+"""Checks every config value before any compile or I/O (JAX-free).
+
+A bad value (a batch size of 0, `checkpoint_every=0`, an unknown modality)
+used to surface minutes later as a NaN loss, a ZeroDivisionError after a
+compile, or a bare KeyError; here it is refused at once with one line that
+names the field, the value and what is allowed:
+
+  config.train.batch_size=0: must be a positive integer
+
+`validate(config)` checks every section the config has (a ConfigDict or a
+plain dict of sections) and ignores fields it does not know; the data layer,
+which receives `config.data` as a dict, calls `validate_data(cfg)`. Every
+stage's `run()` calls one of them first; launch/common.py also runs
+`validate` right after flag parsing, so every binary refuses a bad config
+before it starts.
+
+The module must not import JAX (the data layer imports it), so the allowed
+names below are copies of the library's; tests/test_config_checks.py checks
+that they stay equal.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Mapping
+
+from dfgm_jax import errors
+
+# Copies of the library's allowed values (tests/test_config_checks.py keeps
+# them equal to the originals named in each comment).
+# dfgm_jax.synthesis.modes.MODES
+MODES = ("real_only", "cutpaste", "anomalydiffusion", "dfgm", "dfgm_inner")
+# dfgm_jax.synthesis.matching.BACKENDS
+BACKENDS = ("vgg16_imagenet", "vgg16_random", "pixels")
+# dfgm_jax.synthesis.compose.PLACEMENTS
+PLACEMENTS = ("same", "random_shift")
+# dfgm_jax.synthesis.compose.INTENSITY_MATCHES
+INTENSITY_MATCHES = ("none", "ring_mean")
+# dfgm_jax.synthesis.masks.REGIONS (mask.region and train.loss_region)
+REGIONS = ("ring", "dilated", "inner", "full")
+# dfgm_jax.diffusion.sampler.KINDS
+SAMPLER_KINDS = ("ddim_blend", "ddpm_blend")
+# dfgm_jax.diffusion.schedule.make_schedule
+SCHEDULES = ("linear", "cosine")
+# dfgm_jax.models.unet.PRESETS
+PRESETS = ("tiny", "small", "full", "large", "peer")
+# dfgm_jax.models.unet.DTYPES (DTYPE_NAMES)
+DTYPES = ("float32", "bfloat16")
+# dfgm_jax.models.unet.ATTENTION_IMPLS ('' in a config is None there)
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+# data_pipeline.input_pipeline.READERS
+READERS = ("tf", "grain", "synthetic")
+# data_pipeline.brats.MODALITIES
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+# data_pipeline.brats.VERSIONS
+VERSIONS = ("2020", "2021", "2023")
+# data_pipeline.slices.to_output_grid
+SPATIAL = ("resize", "pad")
+# data_pipeline.builder.FORMAT_DIRS
+FORMATS = ("tfrecord", "array_record")
+# data_pipeline.preprocess.run
+ON_ERROR = ("raise", "skip")
+
+_MISSING = object()
+
+
+def _get(section: Any, field: str) -> Any:
+  """section[field] of a ConfigDict or dict, or _MISSING."""
+  try:
+    return section[field] if field in section else _MISSING
+  except TypeError:
+    return _MISSING
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return (isinstance(v, numbers.Real) and not isinstance(v, bool)
+          and math.isfinite(v))
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  if low == 1:
+    return (lambda v: _is_int(v) and v >= 1), "must be a positive integer"
+  return (lambda v: _is_int(v) and v >= low), f"must be an integer >= {low}"
+
+
+def _any_int():
+  return _is_int, "must be an integer"
+
+
+def _real(low=None, high=None, low_open=False, high_open=False):
+  """A finite number in the interval, e.g. _real(0, 1, high_open=True) = [0, 1)."""
+
+  def ok(v):
+    if not _is_real(v):
+      return False
+    if low is not None and (v < low or (low_open and v == low)):
+      return False
+    if high is not None and (v > high or (high_open and v == high)):
+      return False
+    return True
+
+  if low is not None and high is not None:
+    must = (f"must be in {'(' if low_open else '['}{low:g}, "
+            f"{high:g}{')' if high_open else ']'}")
+  elif low is not None:
+    must = f"must be a number {'>' if low_open else '>='} {low:g}"
+  else:
+    must = "must be a finite number"
+  return ok, must
+
+
+def _one_of(names):
+  return (lambda v: isinstance(v, str) and v in names), f"must be one of {names}"
+
+
+def _bool():
+  return (lambda v: isinstance(v, bool)), "must be True or False"
+
+
+def _string():
+  return (lambda v: isinstance(v, str)), "must be a string"
+
+
+def _names(allowed, allow_empty=False):
+  """A tuple/list of distinct names from `allowed`."""
+
+  def ok(v):
+    if isinstance(v, str) or not isinstance(v, (tuple, list)):
+      return False
+    return ((allow_empty or len(v) > 0) and len(set(v)) == len(v)
+            and all(isinstance(x, str) and x in allowed for x in v))
+
+  return ok, f"must be a non-empty tuple of distinct names from {allowed}"
+
+
+def _centers():
+  # 'auto', 'all' or comma-separated names without empty ones.
+  return ((lambda v: isinstance(v, str) and v.strip() != ""
+           and all(p.strip() for p in v.split(","))),
+          "must be 'auto', 'all' or comma-separated center names")
+
+
+def _percentiles():
+  return ((lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+           and all(_is_real(x) for x in v) and 0 <= v[0] < v[1] <= 100),
+          "must be two percentiles (low, high) with 0 <= low < high <= 100")
+
+
+# field -> (ok(value), what a good value is), per section.
+_DATA = {
+    "modalities": _names(MODALITIES),
+    "require_all_modalities": _bool(),
+    "centers": _centers(),
+    "merge_site_numbers": _bool(),
+    "test_fraction": _real(0, 1, high_open=True),
+    "split_seed": _any_int(),
+    "slice_stride_mm": _real(0, low_open=True),
+    "tumor_slices_per_volume": _int_at_least(0),
+    "min_tumor_area_mm2": _real(0),
+    "healthy_slices_per_volume": _int_at_least(0),
+    "healthy_min_gap_mm": _real(0),
+    "healthy_min_brain_frac": _real(0, 1),
+    "healthy_max": _int_at_least(0),
+    "healthy_seed": _any_int(),
+    "healthy_prefer_public": _bool(),
+    "norm_percentiles": _percentiles(),
+    "image_size": _int_at_least(1),
+    "spatial": _one_of(SPATIAL),
+    "formats": _names(FORMATS),
+    "num_shards_hint": _int_at_least(0),
+    "on_error": _one_of(ON_ERROR),
+}
+
+_MODEL = {
+    "preset": _one_of(PRESETS),
+    "dtype": _one_of(DTYPES),
+    "attention_impl": _one_of(ATTENTION_IMPLS),
+}
+
+_DIFFUSION = {
+    "schedule": _one_of(SCHEDULES),
+    "num_steps": _int_at_least(1),
+    "beta_start": _real(0, 1, low_open=True, high_open=True),
+    "beta_end": _real(0, 1, low_open=True, high_open=True),
+}
+
+_MASK = {
+    "r_out_240": _real(0),
+    "r_in_240": _real(0),
+    "region": _one_of(REGIONS),
+}
+
+_TRAIN = {
+    "center": (lambda v: isinstance(v, str) and v.strip() != "",
+               "must be a center name"),
+    "reader": _one_of(READERS),
+    "batch_size": _int_at_least(1),
+    "p_healthy": _real(0, 1),
+    "n_shot": _int_at_least(0),
+    "loss_region": _one_of(REGIONS),
+    "lr": _real(0, low_open=True),
+    "warmup_steps": _int_at_least(0),
+    "b1": _real(0, 1, high_open=True),
+    "b2": _real(0, 1, high_open=True),
+    "weight_decay": _real(0),
+    "grad_clip": _real(0, low_open=True),
+    "ema_decay": _real(0, 1),
+    "num_steps": _int_at_least(0),
+    "steps_per_dispatch": _int_at_least(1),
+    "log_every": _int_at_least(1),
+    "checkpoint_every": _int_at_least(1),
+    "checkpoints_to_keep": _int_at_least(1),
+    "async_checkpoints": _bool(),
+    "tensorboard": _bool(),
+    "sampler_seed": _any_int(),
+    "aug_hflip": _real(0, 1),
+    "aug_rot_prob": _real(0, 1),
+    "aug_rot_deg": _real(0),
+}
+
+_SAMPLER = {
+    "kind": _one_of(SAMPLER_KINDS),
+    "steps": _int_at_least(1),
+    "eta": _real(0, 1),
+    "jump_length": _int_at_least(1),
+    "resamples": _int_at_least(1),
+    "start_strength": _real(0, 1, low_open=True),
+    "adaptive_dilation": _bool(),
+    "final_paste": _bool(),
+    "batch_size": _int_at_least(1),
+    "unroll": _int_at_least(1),
+}
+
+_SYNTHESIS = {
+    "mode": _one_of(MODES),
+    "centers": _string(),
+    "backend": _one_of(BACKENDS),
+    "k": _int_at_least(1),
+    "mask_tumor": _bool(),
+    "min_inside_brain": _real(0, 1),
+    "exclude_same_patient": _bool(),
+    "placement": _one_of(PLACEMENTS),
+    "hflip": _bool(),
+    "intensity_match": _one_of(INTENSITY_MATCHES),
+    "figure_rows": _int_at_least(0),
+}
+
+_PHANTOM = {
+    "version": _one_of(VERSIONS),
+    "num_cases": _int_at_least(1),
+    "seed": _any_int(),
+    "scale": _real(0, 1, low_open=True),
+}
+
+_BENCH = {
+    "warmup_steps": _int_at_least(0),
+    "steps": _int_at_least(1),
+    "peak_tflops": _real(0),
+    "reps": _int_at_least(1),
+    "checkpoint_dir": _string(),
+    "profile_dir": _string(),
+}
+
+SECTIONS = {
+    "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
+    "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
+    "phantom": _PHANTOM, "bench": _BENCH,
+}
+
+
+def _fail(path: str, value: Any, must: str):
+  raise errors.ConfigError(f"config.{path}={value!r}: {must}")
+
+
+def _check_section(section: Mapping[str, Any], name: str) -> None:
+  for field, (ok, must) in SECTIONS[name].items():
+    value = _get(section, field)
+    if value is not _MISSING and not ok(value):
+      _fail(f"{name}.{field}", value, must)
+
+
+def validate_data(cfg: Mapping[str, Any]) -> None:
+  """Checks a `data` section (config.data, or its to_dict() as the data layer has it).
+
+  Raises:
+    errors.ConfigError: 'config.data.<field>=<value>: <what is allowed>' for
+      the first bad value.
+  """
+  _check_section(cfg, "data")
+
+
+def validate(config: Mapping[str, Any]) -> None:
+  """Checks every section present in `config`; cheap, no I/O, no JAX.
+
+  Args:
+    config: a ConfigDict (or dict of dicts) as the configs/ files build it;
+      sections and fields it does not know are left alone.
+
+  Raises:
+    errors.ConfigError: one line naming the first bad field, its value and
+      the allowed range, e.g. 'config.train.batch_size=0: must be a positive
+      integer'.
+  """
+  seed = _get(config, "seed")
+  if seed is not _MISSING and not _is_int(seed):
+    _fail("seed", seed, "must be an integer")
+  for name in SECTIONS:
+    section = _get(config, name)
+    if section is not _MISSING and section is not None:
+      _check_section(section, name)
+  _check_across_sections(config)
+
+
+def _check_across_sections(config) -> None:
+  """Values that are fine alone but not together."""
+  mask = _get(config, "mask")
+  if mask is not _MISSING:
+    region = _get(mask, "region")
+    if region == "inner" and _get(mask, "r_in_240") == 0:
+      _fail("mask.r_in_240", mask["r_in_240"],
+            "must be > 0 when config.mask.region='inner' (else it is 'ring')")
+    regions = {region}
+    train = _get(config, "train")
+    if train is not _MISSING:
+      regions.add(_get(train, "loss_region"))
+    r_out = _get(mask, "r_out_240")
+    if regions & {"ring", "inner"} and r_out == 0:
+      _fail("mask.r_out_240", r_out,
+            "must be > 0 for a 'ring' or 'inner' region (else the ring is empty)")
+  diffusion = _get(config, "diffusion")
+  if (diffusion is not _MISSING and _get(diffusion, "schedule") == "linear"
+      and _get(diffusion, "beta_start") >= _get(diffusion, "beta_end")):
+    _fail("diffusion.beta_start", diffusion["beta_start"],
+          f"must be below config.diffusion.beta_end={diffusion['beta_end']!r}")
+  sampler = _get(config, "sampler")
+  if (sampler is not _MISSING and diffusion is not _MISSING
+      and _get(sampler, "kind") == "ddim_blend"):
+    steps, total = _get(sampler, "steps"), _get(diffusion, "num_steps")
+    if _is_int(steps) and _is_int(total) and steps > total:
+      _fail("sampler.steps", steps,
+            f"must be at most config.diffusion.num_steps={total} (the DDIM grid "
+            "is a subset of the training steps)")
