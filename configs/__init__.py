@@ -1,6 +1,13 @@
-"""ml_collections configs: `get_config(arg=None)`; pass `--config=configs/x.py[:arg]`."""
+"""ml_collections configs: `get_config(arg=None)`; pass `--config=configs/x.py[:arg]`.
+
+Each file documents its variants (the `:arg` after the file name) in its
+module docstring; an unknown variant is refused by `variant()` with the list
+of valid ones, so a typo never silently runs the default.
+"""
 
 import os
+
+from dfgm_jax import errors
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -8,3 +15,24 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 def path(name: str) -> str:
   """Absolute path of a config file shipped here, e.g. path('default.py')."""
   return os.path.join(CONFIG_DIR, name)
+
+
+def variant(arg, variants: dict[str, str], config_file: str) -> str:
+  """The variant `arg` of configs/<config_file>, '' for none.
+
+  Args:
+    arg: what followed ':' in --config=configs/<config_file>:<arg> (None or ''
+      when nothing did).
+    variants: every valid variant ('' = none) -> a few words on what it is.
+    config_file: the config's file name, for the message.
+
+  Raises:
+    errors.ConfigError: `arg` is not a key of `variants`; the message lists them.
+  """
+  name = arg or ""
+  if name not in variants:
+    valid = ", ".join(f"{config_file}{':' + k if k else ''} ({v})"
+                      for k, v in variants.items())
+    raise errors.ConfigError(
+        f"--config=configs/{config_file}:{name}: unknown variant; valid: {valid}")
+  return name

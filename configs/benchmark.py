@@ -1,42 +1,61 @@
 """Throughput benchmarks (launch/benchmark_train.py, launch/benchmark_sampler.py).
 
-  --config=configs/benchmark.py        GPU/TPU: small preset, 128 x 128,
-                                       batch 64, bfloat16; sampler: DDIM blend
-                                       S=100, jl=5, r=2 = 195 NFE (PERFORMANCE.md)
-  --config=configs/benchmark.py:cpu    this 2-core CPU: small preset at 64 x 64,
-                                       batch 4, float32; sampler: 10 steps, no
-                                       resampling
+Variants (--config=configs/benchmark.py[:variant]):
+  (none), gpu   GPU/TPU: small preset, 128 x 128, batch 64, bfloat16;
+                sampler: DDIM blend S=100, jl=5, r=2 = 195 NFE (PERFORMANCE.md)
+  cpu           this 2-core CPU: small preset at 64 x 64, batch 4, float32;
+                sampler: 10 steps, no resampling
 """
 
 import ml_collections
 
+import configs
 from configs import data
 from configs import diffusion
 
+VARIANTS = {
+    "": "GPU/TPU, small preset, 128 x 128, batch 64, bfloat16",
+    "gpu": "the same as none",
+    "cpu": "2-core CPU, small preset at 64 x 64, batch 4, float32",
+}
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
+  variant = configs.variant(arg, VARIANTS, "benchmark.py")
   config = ml_collections.ConfigDict()
+  # Seed of the random weights and batches.
   config.seed = 0
   config.data = data.get_data_config()
   diffusion.add_diffusion_sections(config)
+  # The peer's network size (PERFORMANCE.md).
   config.model.preset = "small"
+  # Activations in bfloat16 on accelerators (parameters stay float32).
   config.model.dtype = "bfloat16"
   config.data.image_size = 128
+  # Global batch of one timed training step.
   config.train.batch_size = 64
+  # Random batches of the right shapes: times the step, not the disk.
   config.train.reader = "synthetic"
   config.train.warmup_steps = 10
+
+  # What the benchmark binaries time.
   config.bench = ml_collections.ConfigDict()
-  config.bench.warmup_steps = 3  # untimed calls after compiling.
-  config.bench.steps = 20  # timed calls.
+  # Untimed calls after compiling.
+  config.bench.warmup_steps = 3
+  # Timed calls.
+  config.bench.steps = 20
   # Peak dense TFLOP/s of the chip for `peak_fraction`; 0 = look the device
   # kind up in launch/benchmark_common.py (none for CPUs).
   config.bench.peak_tflops = 0.0
-  config.bench.reps = 2  # timed sampler runs (best and mean reported).
-  config.bench.checkpoint_dir = ""  # trained weights (EMA) instead of random.
+  # Timed sampler runs (best and mean reported).
+  config.bench.reps = 2
+  # Trained weights (EMA) instead of random ones: an export or a workdir.
+  config.bench.checkpoint_dir = ""
   # Non-empty: trace one more call there and print where its time goes.
   config.bench.profile_dir = ""
+  # Global batch of one timed sampler call.
   config.sampler.batch_size = 64
-  if arg == "cpu":
+  if variant == "cpu":
     config.sampler.batch_size = 4
     config.sampler.steps = 10
     config.sampler.resamples = 1
@@ -48,6 +67,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.batch_size = 4
     config.bench.warmup_steps = 1
     config.bench.steps = 3
-  elif arg not in (None, "", "gpu"):
-    raise ValueError(f"unknown benchmark variant {arg!r}; use cpu or gpu")
   return config

@@ -1,28 +1,57 @@
 """The README's main job: phantom BraTS 2020 data, CPU minutes.
 
-The tiny CPU model of configs/tiny.py, on full-size phantom volumes (12
-cases) and 64 x 64 slices, trained for a few hundred steps.
+The tiny CPU network on full-size phantom volumes (12 cases) and 64 x 64
+slices, trained for a few hundred steps, then a short blended DDIM synthesis.
+It stands on its own (tests/test_configs.py compares it with a frozen copy,
+tests/data/demo_config.json), so changing the test config never changes the
+demo's numbers.
+
+Variants: none (--config=configs/demo.py).
 """
 
 import ml_collections
 
+import configs
 from configs import data
 from configs import diffusion
-from configs import tiny
+
+VARIANTS = {"": "phantom BraTS 2020, tiny network, CPU minutes"}
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  del arg
-  config = tiny.get_config()
+  configs.variant(arg, VARIANTS, "demo.py")
+  config = ml_collections.ConfigDict()
+  # Seed of the model's initialisation and of training's randomness.
+  config.seed = 0
+
+  # The phantom BraTS folder (launch/make_phantom.py, data_pipeline/phantom.py).
+  config.phantom = ml_collections.ConfigDict()
+  # BraTS release whose layout the phantom copies: 2020 | 2021 | 2023.
+  config.phantom.version = "2020"
+  # Cases written (the 2020 layout spreads them over CBICA, TCIA, ...).
   config.phantom.num_cases = 12
-  config.phantom.scale = 1.0  # full BraTS grid 240 x 240 x 155.
+  # Seed of the phantom's anatomy and tumors.
+  config.phantom.seed = 0
+  # Grid scale in (0, 1]; 1.0 is the full BraTS grid 240 x 240 x 155.
+  config.phantom.scale = 1.0
+
   config.data = data.get_data_config()
+  # The 2020 phantom has both of the paper's private centers.
   config.data.centers = "CBICA,TCIA"
+  # Healthy slices kept (825 at paper scale).
   config.data.healthy_max = 200
+  # 64 x 64 slices: small enough for CPU minutes.
   config.data.image_size = 64
-  config.diffusion = diffusion.get_diffusion_config()  # T = 1000
+
+  diffusion.add_diffusion_sections(config)
+  # The smallest network (dfgm_jax/models/unet.py presets).
+  config.model.preset = "tiny"
+  # The paper's T = 1000 diffusion steps (the section's default).
+  # Training: a few hundred steps of the CBICA client, read without TF.
   config.train.reader = "grain"
   config.train.center = "CBICA"
+  config.train.batch_size = 8
+  config.train.lr = 1e-3
   config.train.num_steps = 300
   config.train.warmup_steps = 50
   config.train.log_every = 50

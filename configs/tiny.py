@@ -1,26 +1,47 @@
-"""Tests: downsampled phantom volumes, 32 x 32 slices."""
+"""Tests: downsampled phantom volumes, 32 x 32 slices, the tiny network.
+
+Tests tune this config freely; the demo (configs/demo.py) does not derive
+from it. Variants: none (--config=configs/tiny.py).
+"""
 
 import ml_collections
 
+import configs
 from configs import data
 from configs import diffusion
 
+VARIANTS = {"": "tests: phantom at 0.4 scale, 32 x 32, tiny network"}
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  del arg
+  configs.variant(arg, VARIANTS, "tiny.py")
   config = ml_collections.ConfigDict()
+  # Seed of the model's initialisation and of training's randomness.
   config.seed = 0
+
+  # The phantom BraTS folder (launch/make_phantom.py, data_pipeline/phantom.py).
   config.phantom = ml_collections.ConfigDict()
+  # BraTS release whose layout the phantom copies: 2020 | 2021 | 2023.
   config.phantom.version = "2020"
+  # Cases written.
   config.phantom.num_cases = 8
+  # Seed of the phantom's anatomy and tumors.
   config.phantom.seed = 0
+  # Grid scale in (0, 1]: 0.4 writes 96 x 96 x 62 volumes, fast to read.
   config.phantom.scale = 0.4
+
   config.data = data.get_data_config()
+  # 32 x 32 slices.
   config.data.image_size = 32
+  # The coarse grid holds smaller tumors; keep enough tumor slices.
   config.data.min_tumor_area_mm2 = 50.0
+  # Healthy slices kept.
   config.data.healthy_max = 40
+
   diffusion.add_diffusion_sections(config)
+  # The smallest network (dfgm_jax/models/unet.py presets).
   config.model.preset = "tiny"
+  # T = 100 diffusion steps: short sampler runs in tests.
   config.diffusion.num_steps = 100
   config.train.batch_size = 8
   config.train.num_steps = 20
@@ -28,6 +49,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.lr = 1e-3
   config.train.log_every = 5
   config.train.checkpoint_every = 10
+  # Synchronous saves: a test reads the checkpoint right after train().
   config.train.async_checkpoints = False
+  # Random batches of the right shapes: no data set needed.
   config.train.reader = "synthetic"
   return config

@@ -1,16 +1,25 @@
-"""The config files: command-line overrides reach the network."""
+"""The config files: variants, the demo's frozen values, overrides reaching the network."""
 
+import ast
 import dataclasses
+import json
+import os
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import pytest
 
 import configs
+from configs import benchmark
+from configs import default
+from configs import demo
 from configs import diffusion as diffusion_config
+from configs import tiny
+from dfgm_jax import errors
 from dfgm_jax.models import unet
 from dfgm_jax.diffusion import denoiser
-from dfgm_jax.train import diffusion
+from tests.conftest import ROOT
 
 
 def _parse(*args, config="default.py"):
@@ -50,3 +59,56 @@ def test_unset_overrides_keep_the_preset_and_the_data_section():
 def test_a_misspelt_override_is_refused():
   with pytest.raises(Exception, match="dropuot"):
     _parse("--config.model.overrides.dropuot=0.0")
+
+
+def _as_json(config):
+  """A config's values as JSON would store them (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def test_the_demo_config_keeps_its_values():
+  # The demo's figures (its final G1 loss) depend on every value; a change
+  # must be deliberate: update tests/data/demo_config.json in the same commit.
+  with open(os.path.join(ROOT, "tests", "data", "demo_config.json")) as f:
+    frozen = json.load(f)
+  assert _as_json(demo.get_config()) == frozen
+
+
+def test_the_demo_config_stands_on_its_own():
+  # Tests tune tiny.py; that must not reach the demo.
+  with open(configs.path("demo.py")) as f:
+    tree = ast.parse(f.read())
+  imported = {alias.name for node in ast.walk(tree)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+  assert imported and "tiny" not in imported and "configs.tiny" not in imported
+
+
+@pytest.mark.parametrize("module,variants", [
+    (default, ("", "paper", "runlocal")), (demo, ("",)), (tiny, ("",)),
+    (benchmark, ("", "gpu", "cpu"))])
+def test_documented_variants_work_and_others_are_refused(module, variants):
+  for name in (None, *variants):
+    assert isinstance(module.get_config(name), ml_collections.ConfigDict)
+  assert set(module.VARIANTS) == set(variants)
+  file_name = module.__name__.split(".")[-1] + ".py"
+  with pytest.raises(errors.ConfigError) as e:
+    module.get_config("nope")
+  message = str(e.value)
+  assert message.startswith(f"--config=configs/{file_name}:nope: unknown variant")
+  for name in variants:  # every valid one is listed.
+    assert f"{file_name}{':' + name if name else ''} (" in message
+
+
+def test_default_centers_fit_any_brats_layout_and_paper_pins_the_papers():
+  assert default.get_config().data.centers == "auto"
+  assert default.get_config("paper").data.centers == "CBICA,TCIA"
+  # The paper variant differs from the default only there.
+  plain, paper = _as_json(default.get_config()), _as_json(default.get_config("paper"))
+  paper["data"]["centers"] = "auto"
+  assert plain == paper
+
+
+def test_runlocal_reads_the_defaults_slices_with_a_tiny_network():
+  plain, local = default.get_config(), default.get_config("runlocal")
+  assert local.data.to_dict() == plain.data.to_dict()
+  assert local.model.preset == "tiny" and local.train.num_steps < plain.train.num_steps
