@@ -15,6 +15,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from dfgm_jax import errors
+
 # Canonical modality names used everywhere in this project (BraTS 2020/2021
 # suffixes). BraTS 2023 files use the names on the right.
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -65,7 +67,7 @@ SURVIVAL_HEADER = ("Brats20ID", "Age", "Survival_days", "Extent_of_Resection")
 QUIRK_355_SEG_STEM = "W39_1998.09.19_Segm"
 
 
-class BratsDataError(ValueError):
+class BratsDataError(errors.UserError, ValueError):
   """Bad input data. The message always names the offending path."""
 
   def __init__(self, path: str | os.PathLike, reason: str):

@@ -137,6 +137,12 @@ def _plan_examples(entries, load_case) -> Iterator:
     }
 
 
+def plan_generators(plan: dict, load_case: Callable[[str], dict]) -> dict:
+  """split name -> callable yielding the real-slice examples of its plan."""
+  return {name: functools.partial(_plan_examples, entries, load_case)
+          for name, entries in plan.items()}
+
+
 def build(out_dir: str, file_format: str, plan: dict,
           load_case: Callable[[str], dict], image_size: int, channels: int,
           description: str = "") -> None:
@@ -150,7 +156,6 @@ def build(out_dir: str, file_format: str, plan: dict,
     image_size, channels: example geometry.
     description: stored in the data set's info.
   """
-  generators = {name: functools.partial(_plan_examples, entries, load_case)
-                for name, entries in plan.items()}
   build_generic(out_dir, file_format, DATASET_NAME,
-                features(image_size, channels), generators, description)
+                features(image_size, channels),
+                plan_generators(plan, load_case), description)

@@ -19,10 +19,10 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import numbers
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -30,14 +30,94 @@ import numpy as np
 from data_pipeline import brats
 from data_pipeline import builder
 from data_pipeline import case_slices
+from data_pipeline import slice_sets
 from data_pipeline import slices
+from dfgm_jax import errors
+from dfgm_jax import stage_io
 
-MANIFEST = "manifest.json"
+MANIFEST = slice_sets.MANIFEST
 STAGING = ".staging"
-BUILD = ".build"
+BUILD = slice_sets.BUILD
 # Bump when the slice contents change for the same config and input.
 PIPELINE_VERSION = 1
 PRIVATE_CENTERS_AUTO = ("CBICA", "TCIA")
+SPATIAL = ("resize", "pad")
+ON_ERROR = ("raise", "skip")
+
+
+class PreprocessMismatch(errors.RunMismatch, FileExistsError):
+  """out_dir holds a finished preprocessing of another input or config."""
+
+
+def _bad(field: str, value, must: str) -> errors.ConfigError:
+  return errors.ConfigError(f"config.data.{field}={value!r}: {must}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_config(cfg: dict) -> None:
+  """Refuses a bad `data` section before any I/O (errors.ConfigError).
+
+  One line per problem, naming the field, the value and what is allowed; the
+  first bad field is reported.
+  """
+  size = cfg.get("image_size")
+  if not _is_int(size) or size <= 0:
+    raise _bad("image_size", size, "must be a positive integer (pixels of "
+               "the square output slices, e.g. 128)")
+  modalities = cfg.get("modalities")
+  if isinstance(modalities, str) or not modalities:
+    raise _bad("modalities", modalities, "must be a non-empty tuple of "
+               f"modality names from {brats.MODALITIES}")
+  for name in modalities:
+    if name not in brats.MODALITIES:
+      raise _bad("modalities", tuple(modalities), f"unknown modality {name!r}; "
+                 f"allowed: {brats.MODALITIES} (BraTS 2023's t1n, t1c, t2w, "
+                 "t2f are read under these names)")
+  if len(set(modalities)) != len(modalities):
+    raise _bad("modalities", tuple(modalities), "lists a modality twice")
+  if cfg.get("spatial") not in SPATIAL:
+    raise _bad("spatial", cfg.get("spatial"), f"must be one of {SPATIAL}")
+  if cfg.get("on_error") not in ON_ERROR:
+    raise _bad("on_error", cfg.get("on_error"), f"must be one of {ON_ERROR}")
+  formats = cfg.get("formats")
+  if (isinstance(formats, str) or not formats
+      or any(f not in builder.FORMAT_DIRS for f in formats)):
+    raise _bad("formats", formats, "must be a non-empty tuple of "
+               f"{tuple(builder.FORMAT_DIRS)}")
+  centers = cfg.get("centers")
+  if not isinstance(centers, str) or not centers.strip(" ,"):
+    raise _bad("centers", centers, "must be 'auto', 'all' or comma-separated "
+               "center names")
+  fraction = cfg.get("test_fraction")
+  if not _is_number(fraction) or not 0 <= fraction < 1:
+    raise _bad("test_fraction", fraction, "must be a number in [0, 1)")
+  lo_hi = cfg.get("norm_percentiles")
+  if (isinstance(lo_hi, str) or len(lo_hi) != 2
+      or not all(_is_number(p) for p in lo_hi)
+      or not 0 <= lo_hi[0] < lo_hi[1] <= 100):
+    raise _bad("norm_percentiles", lo_hi, "must be two percentiles "
+               "0 <= lo < hi <= 100")
+  for field in ("slice_stride_mm", "healthy_min_gap_mm"):
+    if not _is_number(cfg.get(field)) or cfg[field] <= 0:
+      raise _bad(field, cfg.get(field), "must be a positive length in mm")
+  for field in ("min_tumor_area_mm2",):
+    if not _is_number(cfg.get(field)) or cfg[field] < 0:
+      raise _bad(field, cfg.get(field), "must be an area >= 0 in mm^2")
+  if not _is_number(cfg.get("healthy_min_brain_frac")) or not (
+      0 <= cfg["healthy_min_brain_frac"] <= 1):
+    raise _bad("healthy_min_brain_frac", cfg.get("healthy_min_brain_frac"),
+               "must be a fraction in [0, 1]")
+  for field in ("tumor_slices_per_volume", "healthy_slices_per_volume",
+                "healthy_max"):
+    if not _is_int(cfg.get(field)) or cfg[field] < 0:
+      raise _bad(field, cfg.get(field), "must be an integer >= 0")
 
 
 def split_name(center: str, part: str) -> str:
@@ -54,7 +134,10 @@ def resolve_centers(spec: str, found: dict) -> list[str]:
   chosen = [c.strip() for c in spec.split(",") if c.strip()]
   missing = [c for c in chosen if c not in found]
   if missing:
-    raise ValueError(f"centers {missing} not in the data; found {sorted(found)}")
+    raise errors.ConfigError(
+        f"config.data.centers={spec!r}: centers {missing} not in the data; "
+        f"found {sorted(found)} (use 'auto': CBICA and TCIA when present, "
+        "else every center)")
   return chosen
 
 
@@ -72,20 +155,50 @@ def fingerprint(brats_dir: str, cases, cfg: dict) -> str:
   return h.hexdigest()[:16]
 
 
+def identity(brats_dir: str, cases, cfg: dict) -> dict:
+  """What defines a preprocessing output, field by field (for messages).
+
+  The same information as `fingerprint`, kept apart so that a refusal can
+  say which config field or which input differs.
+  """
+  files = hashlib.sha256()
+  for case in cases:
+    for modality, path in sorted(case.files.items()):
+      st = os.stat(path)
+      files.update(f"{case.case_id}/{modality}/{os.path.basename(path)}/"
+                   f"{st.st_size}/{st.st_mtime_ns}/{case.center}".encode())
+  return {"pipeline_version": PIPELINE_VERSION,
+          "brats_dir": os.path.abspath(brats_dir),
+          "input_files": f"{len(cases)} cases, sha256 {files.hexdigest()[:16]}",
+          "config": {k: v for k, v in cfg.items()
+                     if k not in ("formats", "num_shards_hint")}}
+
+
 def read_manifest(out_dir: str) -> dict | None:
+  return stage_io.read_json(os.path.join(out_dir, MANIFEST))
+
+
+def _check_existing(out_dir: str, print_id: str, ident: dict,
+                    overwrite: bool) -> dict | None:
+  """A finished output of this input and config (reuse it), or None."""
   path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
+  existing = stage_io.read_json(path)
+  if existing is None or overwrite:
     return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  if existing.get("fingerprint") == print_id:
+    return existing
+  remedy = "Pass --overwrite to replace it, or choose another --out_dir."
+  if "identity" not in existing:  # written before manifests named their identity.
+    raise PreprocessMismatch(
+        f"{out_dir} holds a finished preprocessing of another input or "
+        f"config. {remedy}")
+  try:
+    stage_io.check_done(path, ident, what="a preprocessing", remedy=remedy)
+  except errors.RunMismatch as e:
+    raise PreprocessMismatch(str(e)) from None
+  # Same fields, another fingerprint: only the hash's details differ.
+  raise PreprocessMismatch(f"{out_dir} holds a finished preprocessing of "
+                           f"another input or config. {remedy}")
 
 
 def _run_cases(cases, cfg, staging_dir, num_workers, progress,
@@ -199,29 +312,28 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       (case_id, result); result has 'reused' or 'error'.
 
   Raises:
+    errors.ConfigError: a bad value in `cfg` (before any I/O), or centers
+      that are not in the data.
     BratsDataError: a bad input (on_error='raise') or a folder without cases.
-    FileExistsError: out_dir holds a finished output of another input/config
-      and overwrite is False.
+    PreprocessMismatch (a FileExistsError and errors.RunMismatch): out_dir
+      holds a finished output of another input/config and overwrite is False;
+      the message names what differs.
   """
+  check_config(cfg)
   cfg = dict(cfg)
-  if cfg["on_error"] not in ("raise", "skip"):
-    raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg['on_error']!r}")
   cfg["modalities"] = list(cfg["modalities"])
   cases = brats.discover_cases(brats_dir, cfg["merge_site_numbers"])
   centers_found = brats.centers_of(cases)
   print_id = fingerprint(brats_dir, cases, cfg)
+  ident = identity(brats_dir, cases, cfg)
   os.makedirs(out_dir, exist_ok=True)
 
-  existing = read_manifest(out_dir)
-  if existing is not None and not overwrite:
-    if existing.get("fingerprint") == print_id:
-      logging.info("%s is complete for this input and config; reusing it "
-                   "(--overwrite rebuilds)", out_dir)
-      return existing
-    raise FileExistsError(
-        f"{out_dir} holds a finished preprocessing of another input or "
-        "config; pass --overwrite to replace it or choose another --out_dir")
+  existing = _check_existing(out_dir, print_id, ident, overwrite)
   if existing is not None:
+    logging.info("%s is complete for this input and config; reusing it "
+                 "(--overwrite rebuilds)", out_dir)
+    return existing
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
     os.remove(os.path.join(out_dir, MANIFEST))  # never trust it again.
 
   centers = resolve_centers(cfg["centers"], centers_found)
@@ -265,21 +377,15 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       zs[case_id] = {k: f[f"{k}_z"].tolist() for k in case_slices.KINDS}
   plan, case_split = plan_splits(metas, zs, centers, cfg)
 
-  build_dir = os.path.join(out_dir, BUILD)
-  shutil.rmtree(build_dir, ignore_errors=True)
   nonempty = {name: entries for name, entries in plan.items() if entries}
   channels = len(cfg["modalities"])
   description = (f"BraTS {cases[0].version} slices, modalities "
                  f"{cfg['modalities']}, {cfg['image_size']}x{cfg['image_size']}")
-  for file_format in cfg["formats"]:
-    logging.info("writing %s", file_format)
-    builder.build(build_dir, file_format, nonempty, load_case,
-                  cfg["image_size"], channels, description)
-  for file_format in cfg["formats"]:
-    final = os.path.join(out_dir, builder.FORMAT_DIRS[file_format])
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(os.path.join(build_dir, builder.FORMAT_DIRS[file_format]), final)
-  shutil.rmtree(build_dir, ignore_errors=True)
+  logging.info("writing %s", ", ".join(cfg["formats"]))
+  formats = slice_sets.write_set(
+      out_dir, builder.DATASET_NAME,
+      builder.features(cfg["image_size"], channels),
+      builder.plan_generators(nonempty, load_case), cfg["formats"], description)
 
   manifest = {
       "fingerprint": print_id,
@@ -289,8 +395,7 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       "image_size": cfg["image_size"],
       "channels": channels,
       "modalities": cfg["modalities"],
-      "formats": {f: os.path.relpath(builder.dataset_dir(out_dir, f), out_dir)
-                  for f in cfg["formats"]},
+      "formats": formats,
       "centers": {c: {"num_cases": n, "private": c in centers}
                   for c, n in centers_found.items()},
       "splits": {
@@ -308,7 +413,14 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       "slices": {name: [[e[0], zs[e[0]][e[2]][e[3]]] for e in entries]
                  for name, entries in plan.items()},
       "config": cfg,
+      # Every required file (all four modalities with require_all_modalities,
+      # and seg) was read to its end and checked finite and not all zero.
+      "validated": {"voxels_read": sorted(set(
+          (brats.MODALITIES if cfg["require_all_modalities"]
+           else tuple(cfg["modalities"])) + ("seg",)))},
+      "identity": stage_io.normalise(ident),
   }
-  _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+  # Written last: readers trust only an output with a manifest.
+  stage_io.write_json(os.path.join(out_dir, MANIFEST), manifest)
   shutil.rmtree(staging_root, ignore_errors=True)
   return read_manifest(out_dir)  # the JSON form, as a reuse would return it.

@@ -73,6 +73,21 @@ def read_data(path: str, img) -> np.ndarray:
   return data
 
 
+def _check_finite(path: str, data: np.ndarray) -> None:
+  bad = np.size(data) - np.count_nonzero(np.isfinite(data))
+  if bad:
+    raise brats.BratsDataError(path, f"{bad} non-finite voxel values (NaN/inf)")
+
+
+def check_voxels(path: str, img) -> None:
+  """Reads a modality file to its end: finite values, not all zero."""
+  data = read_data(path, img)
+  if not np.issubdtype(data.dtype, np.integer):
+    _check_finite(path, data)
+  if not np.any(data):
+    raise brats.BratsDataError(path, "empty brain: every voxel is zero")
+
+
 def _check_geometry(path, img, ref_path, ref_img):
   if tuple(img.shape[:3]) != tuple(ref_img.shape[:3]):
     raise brats.BratsDataError(
@@ -114,7 +129,8 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True
     case: the case to load.
     modalities: canonical modality names whose voxels are read.
     require_all_modalities: also require the other BraTS modality files to be
-      present with matching geometry (headers only: their voxels are not read).
+      present with matching geometry, readable to their end, finite and not
+      all zero (their voxels are read and dropped).
 
   Raises:
     BratsDataError: naming the file and the problem.
@@ -142,9 +158,7 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True
   for modality in wanted:
     path = case.files[modality]
     data = read_data(path, headers[modality]).astype(np.float32)
-    bad = np.size(data) - np.count_nonzero(np.isfinite(data))
-    if bad:
-      raise brats.BratsDataError(path, f"{bad} non-finite voxel values (NaN/inf)")
+    _check_finite(path, data)
     # Real BraTS has small negative values inside the brain (interpolation),
     # so the brain is every non-zero voxel, not every positive one.
     nonzero = data != 0
@@ -154,6 +168,12 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True
     if not np.any(images[modality]):
       raise brats.BratsDataError(case.files[modality],
                                  "empty brain: every voxel is zero")
+  # The required files that are not used are read to their end too: a
+  # truncated, NaN or all-zero t1 is as bad a case as a bad t2, even when
+  # only t2 makes the slices. They do not touch the brain mask.
+  for modality in checked:
+    if modality not in wanted:
+      check_voxels(case.files[modality], headers[modality])
   seg_path = case.files["seg"]
   labels = canonical_labels(seg_path, read_data(seg_path, headers["seg"]),
                             case.version)

@@ -126,6 +126,38 @@ def test_empty_brain_names_the_file(tmp_path):
   assert e.value.path == case.files["t2"]
 
 
+def _truncate(path):
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+
+
+def _nan_volume(path):
+  vol = np.ones((24, 24, 20), np.float32)
+  vol[3, 4, 5] = np.nan
+  write_nifti(path, vol)
+
+
+def _zero_volume(path):
+  write_nifti(path, np.zeros((24, 24, 20), np.int16))
+
+
+@pytest.mark.parametrize("spoil,reason", [(_truncate, "truncated"),
+                                          (_nan_volume, "1 non-finite"),
+                                          (_zero_volume, "empty brain")])
+def test_a_bad_required_file_that_is_not_read_still_fails(tmp_path, spoil, reason):
+  # Issue 11 item 11: t1 is required (require_all_modalities) but only t2
+  # makes the slices; a bad t1 used to pass as a good case.
+  case = _case(tmp_path)
+  spoil(case.files["t1"])
+  with pytest.raises(brats.BratsDataError, match=reason) as e:
+    volumes.load_case(case, T2, require_all_modalities=True)
+  assert e.value.path == case.files["t1"]
+  # Not required: not read, not checked (the slices need only t2).
+  vols = volumes.load_case(case, T2, require_all_modalities=False)
+  assert set(vols.images) == {"t2"}
+
+
 def test_4d_file_rejected(tmp_path):
   case = _case(tmp_path)
   write_nifti(case.files["t2"], np.ones((24, 24, 20, 4), np.int16))
