@@ -17,6 +17,15 @@ def path(name: str) -> str:
   return os.path.join(CONFIG_DIR, name)
 
 
+class UnknownVariant(errors.UserError):
+  """`--config=configs/x.py:<arg>` with an arg the file does not define.
+
+  Not a ConfigError: ml_collections re-raises a config file's ValueError with
+  its traceback in the text (and absl prints that), while any other error
+  reaches launch/common.py's one-line report as it is.
+  """
+
+
 def variant(arg, variants: dict[str, str], config_file: str) -> str:
   """The variant `arg` of configs/<config_file>, '' for none.
 
@@ -27,12 +36,12 @@ def variant(arg, variants: dict[str, str], config_file: str) -> str:
     config_file: the config's file name, for the message.
 
   Raises:
-    errors.ConfigError: `arg` is not a key of `variants`; the message lists them.
+    UnknownVariant (an errors.UserError): `arg` is not a key of `variants`; the message lists them.
   """
   name = arg or ""
   if name not in variants:
     valid = ", ".join(f"{config_file}{':' + k if k else ''} ({v})"
                       for k, v in variants.items())
-    raise errors.ConfigError(
+    raise UnknownVariant(
         f"--config=configs/{config_file}:{name}: unknown variant; valid: {valid}")
   return name

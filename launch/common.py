@@ -1,8 +1,20 @@
-"""Shared wiring of the absl binaries: config flag, logging, distributed init."""
+"""Shared wiring of the absl binaries: config flag, user errors, logging, distributed init.
+
+Importing this module (every binary does, first) makes a user's error end the
+binary with one line on stderr, `error: <message>`, and exit status 1, while
+a bug keeps its traceback. User errors are `errors.UserError` (ConfigError,
+RunMismatch, ModelError, ...), a permission or read-only-file-system error
+(an output folder the user cannot write), and a `--config.<field>` override
+that names no field of the config.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -10,19 +22,93 @@ from absl import logging
 from ml_collections import config_flags
 
 import configs
+from dfgm_jax import config_checks
+from dfgm_jax import errors
 from dfgm_jax import paths
 from dfgm_jax import platform
 
 # Before any binary starts a JAX backend (see dfgm_jax/platform.py).
 platform.apply_xla_flags()
 
+# Errors of the user's environment, not of the program: the path says where.
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _config_field_error(exc: BaseException) -> str | None:
+  """One line for a `--config.a.b=v` that names no field, else None.
+
+  ml_collections reports it as a KeyError / AttributeError with a "Did you
+  mean" hint, raised while the overrides are resolved (config_path.py; at
+  import when --config is not given, in app.run when it is). Only a field
+  that an override on the command line names counts: a bug in a config file
+  keeps its traceback.
+  """
+  if not isinstance(exc, (KeyError, AttributeError)):
+    return None
+  frames = traceback.extract_tb(exc.__traceback__)
+  if not any(f.filename.endswith(os.path.join("config_flags", "config_path.py"))
+             for f in frames):
+    return None
+  # AttributeError(KeyError("'batchsize'\\nDid you mean \"batch_size\" ...")).
+  cause = exc
+  while cause.args and isinstance(cause.args[0], BaseException):
+    cause = cause.args[0]
+  text = str(cause.args[0]) if cause.args else ""
+  match = re.match(r"\s*'([^']+)'", text)
+  if not match:
+    return None
+  field = match.group(1)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  overrides = [a.lstrip("-").split("=", 1)[0] for a in sys.argv[1:]
+               if re.match(r"^--?config\.", a)]
+  named = [o for o in overrides if field in o.split(".")[1:]]
+  if not named:
+    return None
+  return (f"--{named[-1]}: the config has no field {field!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+
+
+def user_error_message(exc: BaseException) -> str | None:
+  """The one line a binary prints for an error that is the user's, else None."""
+  if isinstance(exc, errors.UserError):
+    return str(exc)
+  if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+  return _config_field_error(exc)
+
+
+def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
+  """Ends a user's error with one line; anything else keeps its traceback."""
+  message = user_error_message(exc) if isinstance(exc, Exception) else None
+  if message is None:
+    previous(exc_type, exc, tb)
+    return
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+
+
+# Uncaught exceptions reach the hook after app.run re-raises them (and at
+# import, where a bad override is parsed); Python then exits with status 1.
+sys.excepthook = _excepthook
+
+
+def _validate_config() -> None:
+  """After flag parsing, before main(): a bad value fails before any work."""
+  if "config" in flags.FLAGS:
+    config_checks.validate(flags.FLAGS.config)
+
 
 def define_config_flag(default: str = "default.py") -> None:
-  """`--config=configs/x.py[:arg]` plus `--config.a.b=value` overrides."""
+  """`--config=configs/x.py[:arg]` plus `--config.a.b=value` overrides.
+
+  The parsed config is checked by config_checks.validate before main() runs.
+  """
   config_flags.DEFINE_config_file(
       "config", configs.path(default),
       "ml_collections config file (configs/*.py), optionally ':arg'.",
       lock_config=True)
+  app.call_after_init(_validate_config)
 
 
 def quiet_tensorflow() -> None:
@@ -36,8 +122,6 @@ def print_artifacts(title: str, paths: dict) -> None:
   print(title)
   for name, path in paths.items():
     print(f"  {name}: {path}")
-
-
 
 
 def define_distributed_flags() -> None:

@@ -13,6 +13,7 @@ from absl import logging
 
 from data_pipeline import brats
 from data_pipeline import phantom
+from launch import common
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the data folder.",
                                required=True)
@@ -39,6 +40,7 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.require_local(out_dir=_OUT_DIR.value)  # written with os calls.
   start = time.perf_counter()
   info = phantom.generate(
       _OUT_DIR.value, version=_VERSION.value, num_cases=_NUM_CASES.value,

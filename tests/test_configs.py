@@ -91,7 +91,7 @@ def test_documented_variants_work_and_others_are_refused(module, variants):
     assert isinstance(module.get_config(name), ml_collections.ConfigDict)
   assert set(module.VARIANTS) == set(variants)
   file_name = module.__name__.split(".")[-1] + ".py"
-  with pytest.raises(errors.ConfigError) as e:
+  with pytest.raises(errors.UserError) as e:
     module.get_config("nope")
   message = str(e.value)
   assert message.startswith(f"--config=configs/{file_name}:nope: unknown variant")
