@@ -3,6 +3,7 @@
 Defaults follow shared/docs/ALGORITHM.md Appendix A and BRATS_FORMAT.md
 sections 1.6 and 5. Lengths are in mm (converted with each volume's voxel size)
 so that downsampled phantom data slices like full-resolution BraTS.
+dfgm_jax/config_checks.py says what each field accepts.
 """
 
 import ml_collections
@@ -12,24 +13,29 @@ def get_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Modalities stacked as image channels (canonical names t1, t1ce, t2, flair).
   c.modalities = ("t2",)
-  # Also require the other BraTS modality files (headers checked, voxels not read).
+  # Also require the other BraTS modality files of a case (each read to its
+  # end and checked finite and not all zero).
   c.require_all_modalities = True
   # Centers that get <center>_train / <center>_test splits: comma-separated
   # names, 'all', or 'auto' (CBICA,TCIA when present, else every center).
   c.centers = "auto"
   # TCIA01..TCIA13 -> TCIA (the paper's TCIA = 167 cases, HGG and LGG).
   c.merge_site_numbers = True
-  c.test_fraction = 0.2  # round-half-up: 103/26 of CBICA's 129, 134/33 of TCIA's 167.
+  # Share of each center's patients in its test split, in [0, 1);
+  # round-half-up: 103/26 of CBICA's 129, 134/33 of TCIA's 167.
+  c.test_fraction = 0.2
+  # Seed of the patient split.
   c.split_seed = 0
   # Tumor slices: z = 0, stride, 2*stride, ... with enough whole tumor, at most
   # tumor_slices_per_volume around the largest cross-section (0 = no cap).
   c.slice_stride_mm = 5.0
   c.tumor_slices_per_volume = 5
+  # Whole-tumor area a tumor slice needs.
   c.min_tumor_area_mm2 = 100.0
   # Healthy (public) slices: stride grid, no tumor, >= healthy_min_gap_mm from
   # every tumor slice, brain area >= healthy_min_brain_frac of the slice area,
-  # <= healthy_slices_per_volume per volume, from training patients only, then
-  # a seeded subsample to healthy_max.
+  # <= healthy_slices_per_volume per volume (0 = no cap), from training
+  # patients only, then a seeded (healthy_seed) subsample to healthy_max.
   c.healthy_slices_per_volume = 5
   c.healthy_min_gap_mm = 3.0
   c.healthy_min_brain_frac = 0.15
@@ -40,12 +46,15 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.healthy_prefer_public = True
   # Normalisation: clip brain voxels to these percentiles, scale to [-1, 1].
   c.norm_percentiles = (0.5, 99.5)
-  # Output grid: 'resize' (antialiased, e.g. 240 -> 128) or 'pad' (240 -> 256).
+  # Output grid size in pixels (square slices).
   c.image_size = 128
+  # How volumes reach that grid: 'resize' (antialiased, e.g. 240 -> 128) or
+  # 'pad' (240 -> 256).
   c.spatial = "resize"
   # Shard formats written: tfrecord (tf.data) and array_record (TF-free).
   c.formats = ("tfrecord", "array_record")
-  c.num_shards_hint = 0  # 0: let TFDS choose the number of files.
+  # Files per split; 0 lets TFDS choose.
+  c.num_shards_hint = 0
   # 'raise' stops at the first bad case; 'skip' skips it and lists it in the manifest.
   c.on_error = "raise"
   return c
