@@ -11,6 +11,7 @@ from data_pipeline import brats
 from data_pipeline import input_pipeline
 from data_pipeline import phantom
 from data_pipeline import preprocess
+from dfgm_jax import errors
 
 AR_ONLY = {"formats": ("array_record",)}  # TF-free and faster where tf.data is not tested.
 
@@ -19,7 +20,8 @@ def _splits_of(manifest):
   return {c["case_id"]: c["split"] for c in manifest["cases"]}
 
 
-def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020):
+def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020,
+                                     tiny_data_cfg):
   out, manifest = preprocessed_2020
   centers = phantom_2020.center_of_case
   assert {c["case_id"]: c["center"] for c in manifest["cases"]} == centers
@@ -45,6 +47,13 @@ def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020):
     assert split["num_slices"] == len(manifest["slices"][name])
   for file_format, rel in manifest["formats"].items():
     assert os.path.isdir(os.path.join(out, rel)), file_format
+  # The default config's centers ('auto') keep the paper's two when present.
+  from configs import default
+  assert tiny_data_cfg["centers"] == default.get_config().data.centers == "auto"
+  assert sorted(c for c, v in manifest["centers"].items() if v["private"]) == [
+      "CBICA", "TCIA"]
+  # Every required file was read in full (issue 11 item 11).
+  assert manifest["validated"]["voxels_read"] == ["flair", "seg", "t1", "t1ce", "t2"]
 
 
 def test_examples_hold_image_mask_labels_and_provenance(preprocessed_2020):
@@ -78,17 +87,64 @@ def test_finished_output_is_reused_and_other_config_refused(preprocessed_2020,
                          progress=False, on_case_done=lambda *a: calls.append(a))
   assert again == manifest and calls == []
   assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
-  with pytest.raises(FileExistsError, match="--overwrite"):
+  with pytest.raises(FileExistsError, match="--overwrite") as e:
     preprocess.run(phantom_2020.data_dir, out,
                    dict(tiny_data_cfg, image_size=16), progress=False)
+  assert isinstance(e.value, errors.RunMismatch)
+  assert "config.image_size: 32 -> 16" in str(e.value)  # says what differs.
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("image_size", 0, "config.data.image_size=0: must be a positive integer"),
+    ("image_size", 12.5, "config.data.image_size=12.5: must be a positive integer"),
+    ("modalities", ("t2", "t3"), "unknown modality 't3'; allowed: ('t1', 't1ce', 't2', 'flair')"),
+    ("modalities", (), "config.data.modalities=(): must be a non-empty"),
+    ("spatial", "crop", "config.data.spatial='crop': must be one of ('resize', 'pad')"),
+    ("on_error", "ignore", "config.data.on_error='ignore': must be one of"),
+    ("formats", ("parquet",), "config.data.formats=('parquet',)"),
+    ("test_fraction", 1.0, "config.data.test_fraction=1.0: must be a number in [0, 1)"),
+    ("norm_percentiles", (99.5, 0.5), "config.data.norm_percentiles=(99.5, 0.5)"),
+    ("healthy_max", -1, "config.data.healthy_max=-1: must be an integer >= 0"),
+])
+def test_bad_settings_are_refused_before_any_io(tmp_path, tiny_data_cfg, field,
+                                                value, says):
+  out = tmp_path / "out"
+  with pytest.raises(errors.ConfigError) as e:
+    preprocess.run(str(tmp_path / "no_such_folder"), str(out),
+                   dict(tiny_data_cfg, **{field: value}), progress=False)
+  assert says in str(e.value) and "\n" not in str(e.value)
+  assert not out.exists()  # refused before any I/O.
+
+
+def test_centers_not_in_the_data_are_named(phantom_2020, tiny_data_cfg, tmp_path):
+  with pytest.raises(errors.ConfigError, match=r"config.data.centers='CBICA,MDA': "
+                     r"centers \['MDA'\] not in the data; found \['2013', "
+                     r"'BraTS2020', 'CBICA', 'TCIA', 'TMC'\]"):
+    preprocess.run(phantom_2020.data_dir, str(tmp_path / "out"),
+                   dict(tiny_data_cfg, centers="CBICA,MDA"), progress=False)
+
+
+def _default_data_cfg(tiny_data_cfg):
+  """configs/default.py's data section, scaled down as the tiny config does.
+
+  Only the sizes are the tiny config's; `centers` (and every other field)
+  stays the default's, so the default config is what meets each layout.
+  """
+  from configs import default
+  cfg = default.get_config().data.to_dict()
+  scaled = ("image_size", "min_tumor_area_mm2", "healthy_max")
+  return dict(cfg, **{k: tiny_data_cfg[k] for k in scaled}, **AR_ONLY)
 
 
 @pytest.mark.parametrize("version", ["2021", "2023"])
 def test_other_versions(tmp_path, tiny_data_cfg, version):
+  # Issue 11 item 10: the default config preprocesses 2021 and 2023 folders
+  # (one center each) instead of asking for the paper's CBICA and TCIA.
   info = phantom.generate(str(tmp_path / "raw"), version=version, num_cases=4,
                           scale=0.4)
-  manifest = preprocess.run(info.data_dir, str(tmp_path / "out"),
-                            dict(tiny_data_cfg, **AR_ONLY), progress=False)
+  cfg = _default_data_cfg(tiny_data_cfg)
+  manifest = preprocess.run(info.data_dir, str(tmp_path / "out"), cfg,
+                            progress=False)
   center = f"BraTS{version}"
   assert manifest["version"] == version
   assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy"}
