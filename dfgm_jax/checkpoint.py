@@ -4,8 +4,16 @@ A checkpoint holds two items: `state` (a pytree of arrays: parameters, EMA,
 optimizer state, step, RNG key data) and `meta` (JSON: config, data position,
 anything a resume needs). Saves are async; orbax writes into a temporary
 folder and renames it when complete, so a half-written step is never listed.
-A latest step that is listed but unreadable (disk corruption, a killed copy)
-falls back to the previous step with a warning.
+
+Two ways a listed step can fail to restore, told apart because they need
+opposite answers:
+- corrupt (a truncated or altered file): fall back to the previous step with
+  a warning; a trainer also moves the unreadable step aside
+  (`<step>.corrupt-<n>`, `quarantine=True`), or its retrained steps could
+  never be saved under the same number;
+- another network (the stored arrays' shapes differ from the target's):
+  errors.RunMismatch, never a fallback; every step would fail the same way
+  and a trainer would start over on top of another run.
 """
 
 from __future__ import annotations
@@ -13,11 +21,13 @@ from __future__ import annotations
 import signal
 import threading
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dfgm_jax import errors
 from dfgm_jax import parallel
 from dfgm_jax import paths
 
@@ -65,22 +75,85 @@ class Checkpointer:
                                       meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def restore_latest(self, target):
-    """The newest readable checkpoint, falling back past unreadable ones.
+  def restore_latest(self, target, *, quarantine: bool = False):
+    """The newest readable checkpoint, falling back past corrupt ones.
+
+    Args:
+      target: pytree of jax.ShapeDtypeStruct (with shardings) or arrays.
+      quarantine: move each corrupt step newer than the one restored aside
+        (`<step>.corrupt-<n>`, process 0), so that the steps retrained after
+        the fallback can be saved and are the ones a later restore sees. For
+        trainers; readers (export, synthesis) leave the folder as it is.
 
     Returns:
       (step, state, meta), or (None, None, None) when there is none.
+
+    Raises:
+      errors.RunMismatch: a step holds arrays of other shapes than `target`
+        (another network, not corruption).
     """
+    corrupt = []
+    found = (None, None, None)
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, target)
       except Exception as e:  # orbax/tensorstore raise many types.
+        mismatch = self.shape_mismatch(step, target)
+        if mismatch:
+          raise errors.RunMismatch(
+              f"checkpoint step {step} in {self.directory} holds another "
+              f"network ({mismatch}); it is not corrupt. Train it with the "
+              "config it was made with, or start a new run in another "
+              "workdir (or with --overwrite).") from e
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
                         "falling back to the previous one", step,
                         self.directory, type(e).__name__, str(e)[:300])
+        corrupt.append(step)
         continue
-      return step, state, meta
-    return None, None, None
+      found = (step, state, meta)
+      break
+    if quarantine and corrupt:
+      self._quarantine(corrupt)
+    return found
+
+  def shape_mismatch(self, step: int, target) -> str | None:
+    """How `step`'s stored arrays differ from `target`'s; None when they fit.
+
+    Compares the multiset of array shapes from orbax's metadata, which needs
+    no data file, so a corrupt data file reads as "fits" (corruption) and a
+    corrupt metadata file as None too (nothing to compare).
+    """
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return None
+    tree = getattr(metadata, "tree", metadata)
+    stored = sorted(tuple(x.shape) for x in jax.tree.leaves(
+        tree, is_leaf=lambda x: hasattr(x, "shape")) if hasattr(x, "shape"))
+    wanted = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(target))
+    if stored == wanted:
+      return None
+    sizes = [sum(int(np.prod(s)) for s in shapes) for shapes in (stored, wanted)]
+    only_stored = sorted(set(stored) - set(wanted))[:3]
+    only_wanted = sorted(set(wanted) - set(stored))[:3]
+    return (f"{len(stored)} arrays with {sizes[0]} values stored, the network "
+            f"has {len(wanted)} with {sizes[1]}; shapes only stored "
+            f"{only_stored}, only in the network {only_wanted}")
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable steps aside and forgets them."""
+    self.wait()
+    if parallel.is_main():
+      for step in steps:
+        src = epath.Path(self.directory) / str(step)
+        n = 1
+        while (dst := epath.Path(self.directory) / f"{step}.corrupt-{n}").exists():
+          n += 1
+        src.rename(dst)
+        logging.warning("moved the unreadable checkpoint step %d aside to %s; "
+                        "its steps are retrained and saved again", step, dst)
+    parallel.barrier("dfgm_checkpoint_quarantine")
+    self._manager.reload()
 
   def latest_meta(self) -> tuple[int | None, dict | None]:
     """(step, meta) of the newest checkpoint whose meta is readable."""

@@ -19,9 +19,10 @@ import jax
 import numpy as np
 
 from dfgm_jax import parallel
-from dfgm_jax.models import unet
+from dfgm_jax.models import flops as model_flops
 from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
+from dfgm_jax.train import loop
 from launch import benchmark_common
 from launch import common
 from launch import train_data
@@ -39,16 +40,9 @@ def main(argv):
   graphdef, rest, state = diffusion.init_state(config)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   state = jax.device_put(state, parallel.replicated(mesh))
-  step_fn = jax.jit(diffusion.make_train_step(graphdef, rest, config),
-                    in_shardings=(parallel.replicated(mesh),
-                                  diffusion.batch_sharding(mesh)),
-                    out_shardings=(parallel.replicated(mesh),
-                                   parallel.replicated(mesh)),
-                    donate_argnums=0)
-  batch = diffusion._to_global(diffusion._stack_local(sampler.batch, 0, 1), mesh)  # pylint: disable=protected-access
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  batch = loop.global_batches(loop.stack_batches(sampler.batch, 0, 1), mesh)
+  compiled, compile_s = loop.compile_step(
+      diffusion.make_train_step(graphdef, rest, config), state, batch, mesh)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   step_flops = float((cost or {}).get("flops", 0.0))
@@ -66,7 +60,7 @@ def main(argv):
   # Training FLOPs = 3 x forward (the backward pass costs about twice the
   # forward), counted analytically like the peer's 31.1 GFLOP. XLA's own count
   # is reported too, but on GPU it misses the cuDNN convolution custom calls.
-  forward = unet.flops_per_image(mcfg, image_size=config.data.image_size)
+  forward = model_flops.flops_per_image(mcfg, image_size=config.data.image_size)
   train_flops = 3.0 * forward
   tflops = train_flops * b / step_s / 1e12
   peak = benchmark_common.peak_tflops(config.bench.peak_tflops)

@@ -8,7 +8,10 @@ Data: the public `healthy` split (whole-image loss) and the private
 `<center>_train` split (loss in the boundary ring), mixed per slot with
 probability train.p_healthy. Checkpoints: WORKDIR/checkpoints (orbax, async);
 metrics: WORKDIR/metrics.jsonl and WORKDIR/tensorboard/. Rerunning with the
-same workdir resumes; SIGTERM saves a checkpoint and exits cleanly.
+same workdir resumes (train.num_steps, logging and checkpoint cadence may
+change); a different model, diffusion, mask, data or training config is
+refused, naming what differs (--overwrite starts over in the same workdir).
+SIGTERM saves a checkpoint and exits cleanly.
 
 Multi-host: pass --jax_distributed (or run under a launcher that sets the
 coordinator environment, see launch/pod/); every process runs this same
@@ -32,6 +35,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Preprocessing output "
 common.define_distributed_flags()
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop (with a checkpoint) "
                                 "after this step.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete the checkpoints, "
+                               "metrics and TensorBoard events of another run "
+                               "in --workdir (a different model, data or "
+                               "training config) instead of refusing it.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -48,7 +55,7 @@ def main(argv):
                jax.device_count(), jax.devices()[0].platform)
   sampler = train_data.make_sampler(config, _DATA_DIR.value)
   result = diffusion.train(config, _WORKDIR.value, sampler.batch,
-                           stop_at=_STOP_AT.value)
+                           stop_at=_STOP_AT.value, overwrite=_OVERWRITE.value)
   if jax.process_index() == 0:
     common.print_artifacts(
         f"diffusion training {'stopped' if result['preempted'] else 'done'} "

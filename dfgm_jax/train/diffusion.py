@@ -1,30 +1,31 @@
-"""Training the few-shot diffusion model: state, update step, loop.
+"""Training the few-shot diffusion model: state, update step, run identity, loop.
 
-Banner sections, big_vision style: optimizer, state, update step, compile,
-loop (metrics, checkpoints, preemption). The step is one jitted function of
-(state, batches) with the state donated; the batch is sharded over the mesh's
-`data` axis and the parameters replicated, so the same code runs on 1 CPU,
-8 fake CPU devices, one GPU or a multi-host pod.
+Banner sections, big_vision style: optimizer, state, update step, run
+identity, loop. The diffusion specifics live here; the loop's pieces
+(workdir claim, restore, AOT compile, run k steps with metrics, checkpoints
+and preemption) are train/loop.py's, shared with the other trainers. The
+step is one jitted function of (state, batches) with the state donated; the
+batch is sharded over the mesh's `data` axis and the parameters replicated,
+so the same code runs on 1 CPU, 8 fake CPU devices, one GPU or a multi-host
+pod.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dfgm_jax import checkpoint as ckpt_lib
+from dfgm_jax import config_checks
+from dfgm_jax import errors
 from dfgm_jax import parallel
 from dfgm_jax.diffusion import denoiser
 from dfgm_jax.diffusion import loss as loss_lib
@@ -32,6 +33,7 @@ from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.models import unet
 from dfgm_jax.synthesis import masks
 from dfgm_jax.train import augment as augment_lib
+from dfgm_jax.train import loop
 from dfgm_jax.train import metrics as metrics_lib
 
 # --- Model and optimizer -------------------------------------------------------
@@ -161,21 +163,38 @@ def make_train_step(graphdef, rest, config) -> Callable:
   return train_step
 
 
+# --- Run identity ----------------------------------------------------------------
+
+# What defines a diffusion training run: a rerun on the same workdir with other
+# values is another run (errors.RunMismatch). Within these sections, the
+# fields in _FREE_FIELDS may change between reruns of one run: how long to
+# train, how often to log and save, how to run and read, not what is learnt.
+_RUN_SECTIONS = ("seed", "model", "diffusion", "mask", "data", "train")
+_FREE_FIELDS = {
+    "model": ("attention_impl",),
+    "data": ("formats", "num_shards_hint", "on_error"),
+    "train": ("num_steps", "steps_per_dispatch", "log_every",
+              "checkpoint_every", "checkpoints_to_keep", "async_checkpoints",
+              "tensorboard"),
+}
+
+
+def run_identity(config: dict) -> dict:
+  """The defining fields of a config (as JSON, e.g. a checkpoint's meta)."""
+  identity = loop.identity_of(config, _RUN_SECTIONS, _FREE_FIELDS)
+  train = identity.get("train")
+  if isinstance(train, dict) and "reader" in train:
+    # grain and tf read the same slices; the synthetic reader is other data.
+    train["reader"] = "synthetic" if train["reader"] == "synthetic" else "slices"
+  return identity
+
+
 # --- Loop ----------------------------------------------------------------------
 
 
 def batch_sharding(mesh) -> NamedSharding:
   """(k, B, ...) stacked batches: the batch axis (1) over `data`."""
-  return NamedSharding(mesh, P(None, parallel.DATA))
-
-
-def _stack_local(batch_fn, step, k):
-  items = [batch_fn(step + i) for i in range(k)]
-  return {name: np.stack([it[name] for it in items]) for name in items[0]}
-
-
-def _to_global(local, mesh):
-  return parallel.to_global(local, batch_sharding(mesh))
+  return loop.batch_sharding(mesh)
 
 
 def _validate(config):
@@ -183,20 +202,24 @@ def _validate(config):
   k = t.steps_per_dispatch
   for name in ("num_steps", "checkpoint_every", "log_every"):
     if getattr(t, name) % k:
-      raise ValueError(f"train.{name}={getattr(t, name)} must be a multiple of "
-                       f"train.steps_per_dispatch={k}")
+      raise errors.ConfigError(
+          f"config.train.{name}={getattr(t, name)}: must be a multiple of "
+          f"config.train.steps_per_dispatch={k}")
   if t.batch_size % jax.device_count():
-    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the "
-                     f"{jax.device_count()} devices")
+    raise errors.ConfigError(
+        f"config.train.batch_size={t.batch_size}: must be a multiple of the "
+        f"{jax.device_count()} devices")
 
 
 def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
-          mesh=None, progress: bool = True, stop_at: int | None = None) -> dict:
+          mesh=None, progress: bool = True, stop_at: int | None = None,
+          overwrite: bool = False) -> dict:
   """Trains (or resumes) the diffusion model in `workdir`.
 
   Args:
     config: the full config (model, diffusion, mask, train, data).
-    workdir: checkpoints in workdir/checkpoints, metrics.jsonl, tensorboard/.
+    workdir: checkpoints in workdir/checkpoints, metrics.jsonl, tensorboard/,
+      run.json (the run's defining config, see run_identity).
     batch_fn: step -> this process's batch for that step (numpy dict: image,
       mask, is_tumor), batch_size / process_count examples. Pure in the step,
       so a resumed run replays exactly.
@@ -204,83 +227,56 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
     progress: show a progress bar (process 0).
     stop_at: stop (with a checkpoint) after this step, as if preempted; for
       tests and staged runs. None runs to train.num_steps.
+    overwrite: delete another run's checkpoints, metrics and events in
+      `workdir` instead of refusing it.
 
   Returns:
     dict with step, state (on device), compile_s, preempted, metrics (last).
+
+  Raises:
+    errors.ConfigError: a training setting out of range (before any compile
+      or I/O).
+    errors.RunMismatch: `workdir` holds a run with another defining config.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  config_checks.validate(config)
   _validate(config)
   t = config.train
   k = t.steps_per_dispatch
   mesh = mesh or parallel.make_mesh()
+  config_json = json.loads(config.to_json_best_effort())
+  loop.claim_workdir(workdir, run_identity(config_json), identity_fn=run_identity,
+                     what="a diffusion training run", overwrite=overwrite)
   graphdef, rest, state = init_state(config)
   state = jax.device_put(state, parallel.replicated(mesh))
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=t.checkpoints_to_keep,
-      async_save=t.async_checkpoints)
-  start, restored, meta = checkpointer.restore_latest(state)
-  if restored is not None:
-    state = restored
-    logging.info("resumed from step %d (%s)", start, checkpointer.directory)
-  step = int(start or 0)
-
-  # Compile ahead of time, so the compile time is measured and logged.
-  step_fn = jax.jit(make_train_step(graphdef, rest, config),
-                    in_shardings=(parallel.replicated(mesh), batch_sharding(mesh)),
-                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                    donate_argnums=0)
-  local = _stack_local(batch_fn, step, k)
-  compile_start = time.perf_counter()
-  compiled = step_fn.lower(state, _to_global(local, mesh)).compile()
-  compile_s = time.perf_counter() - compile_start
-  logging.info("train step compiled in %.1fs (%d steps per dispatch)", compile_s, k)
-
-  is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
-                                     tensorboard=t.tensorboard)
-  watcher = ckpt_lib.PreemptionWatcher()
-  meta_base = {"config": json.loads(config.to_json_best_effort()),
-               "sampler": "step-indexed"}
-  end = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
-  bar = tqdm(total=end, initial=step, desc="train", unit="step",
-             disable=not (progress and is_main))
-  preempted, last = False, {}
-  window_start, window_steps = time.perf_counter(), 0
+  checkpointer = loop.make_checkpointer(workdir, t)
+  writer = watcher = None
   try:
-    while step < end:
-      if local is None:
-        local = _stack_local(batch_fn, step, k)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = compiled(state, _to_global(local, mesh))
-      local = None
-      step += k
-      window_steps += k
-      bar.update(k)
-      if step % t.log_every == 0 or step == end:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        last = {name: float(v) for name, v in metrics.items()}
-        last.update(step_time_s=elapsed / window_steps,
-                    images_per_s=window_steps * t.batch_size / elapsed)
-        writer.write(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-        window_start, window_steps = time.perf_counter(), 0
-      if step % t.checkpoint_every == 0:
-        checkpointer.save(step, state, {**meta_base, "next_step": step},
-                          force=True)
-      if watcher.requested():
-        preempted = True
-        break
-    if preempted or step == end:
-      checkpointer.save(step, state, {**meta_base, "next_step": step}, force=True)
+    step, state = loop.restore(checkpointer, state)
+    # Compile ahead of time, so the compile time is measured and logged.
+    local = loop.stack_batches(batch_fn, step, k)
+    compiled, compile_s = loop.compile_step(
+        make_train_step(graphdef, rest, config), state,
+        loop.global_batches(local, mesh), mesh, steps_per_dispatch=k)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=parallel.is_main(),
+                                       tensorboard=t.tensorboard,
+                                       resume_step=step)
+    watcher = ckpt_lib.PreemptionWatcher()
+    end = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
+    result = loop.run_steps(
+        compiled, state, batch_fn, mesh, start=step, end=end,
+        batch_size=t.batch_size, steps_per_dispatch=k, log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every, checkpointer=checkpointer,
+        meta={"config": config_json, "sampler": "step-indexed"},
+        writer=writer, watcher=watcher, progress=progress, first_batches=local)
   finally:
-    bar.close()
     checkpointer.close()
-    writer.close()
-    watcher.restore_handlers()
-  if preempted:
+    if writer is not None:
+      writer.close()
+    if watcher is not None:
+      watcher.restore_handlers()
+  if result.preempted:
     logging.warning("stopped at step %d on a preemption signal; checkpoint "
-                    "saved, rerun with the same --workdir to resume", step)
-  return {"step": step, "state": state, "compile_s": compile_s,
-          "preempted": preempted, "metrics": last, "graphdef": graphdef,
-          "rest": rest}
+                    "saved, rerun with the same --workdir to resume", result.step)
+  return {"step": result.step, "state": result.state, "compile_s": compile_s,
+          "preempted": result.preempted, "metrics": result.metrics,
+          "graphdef": graphdef, "rest": rest}

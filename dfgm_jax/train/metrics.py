@@ -106,10 +106,42 @@ class EventFileWriter:
     self._f.close()
 
 
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard scalars; only process 0 writes."""
+def drop_rows_after(jsonl: epath.Path, step: int) -> int:
+  """Keeps the rows of a metrics.jsonl with step <= `step`; returns how many went.
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  A run killed after its last checkpoint logged steps that its resume
+  replays; without this they would appear twice. A torn last line (killed
+  mid-write) goes too. Rewritten through a temporary file and a rename.
+  """
+  if not jsonl.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in jsonl.read_text().splitlines():
+    try:
+      row = json.loads(line)
+      keep = int(row["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    tmp = jsonl.parent / f"{jsonl.name}.tmp{os.getpid()}"
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(jsonl)
+  return dropped
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard scalars; only process 0 writes.
+
+  With `resume_step`, rows logged after that step by an interrupted run are
+  dropped first (the resumed run logs them again): one row per step.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -119,6 +151,8 @@ class MetricsWriter:
       workdir.mkdir(parents=True, exist_ok=True)
       jsonl = workdir / "metrics.jsonl"
       self.jsonl_path = str(jsonl)
+      if resume_step is not None:
+        drop_rows_after(jsonl, resume_step)
       self._jsonl = jsonl.open("a")
       if tensorboard:
         self._tb = EventFileWriter(str(workdir / "tensorboard"))
