@@ -28,6 +28,7 @@ import io
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from typing import NamedTuple, Sequence
@@ -36,6 +37,8 @@ import numpy as np
 from scipy import ndimage
 
 from data_pipeline import brats
+from dfgm_jax import errors
+from dfgm_jax import stage_io
 
 # Geometry of every BraTS release (BRATS_FORMAT.md 1.3).
 BRATS_SHAPE = (240, 240, 155)
@@ -305,13 +308,6 @@ def select_case_numbers(version: str, num_cases: int,
   return picked
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[str]]) -> bytes:
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
@@ -325,7 +321,7 @@ def write_name_mapping(path: str, numbers: Sequence[int] | None) -> None:
   rows = mapping_rows()
   if numbers is not None:
     rows = [rows[n - 1] for n in sorted(set(numbers))]
-  _atomic_write_bytes(path, _csv_bytes(brats.NAME_MAPPING_HEADER, rows))
+  stage_io.write_bytes(path, _csv_bytes(brats.NAME_MAPPING_HEADER, rows))
 
 
 def write_survival_info(path: str, numbers: Sequence[int], seed: int) -> None:
@@ -345,7 +341,7 @@ def write_survival_info(path: str, numbers: Sequence[int], seed: int) -> None:
       days = f"ALIVE ({days} days later)"
     extent = str(rng.choice(["GTR", "GTR", "STR", "NA", "NA"]))
     rows.append((brats.case_id_for("2020", number), age, days, extent))
-  _atomic_write_bytes(path, _csv_bytes(brats.SURVIVAL_HEADER, rows))
+  stage_io.write_bytes(path, _csv_bytes(brats.SURVIVAL_HEADER, rows))
 
 
 # ---------------------------------------------------------------------------
@@ -795,7 +791,7 @@ def _write_case(spec: _CaseSpec, case_dir: str, scale: float, compressed: bool,
     stem = brats.file_stem(spec.version, case_id, modality)
     if modality == "seg" and quirk_355 and spec.number == _QUIRK_ID:
       stem = brats.QUIRK_355_SEG_STEM
-    _atomic_write_bytes(os.path.join(case_dir, stem + suffix),
+    stage_io.write_bytes(os.path.join(case_dir, stem + suffix),
                         _nifti_bytes(array, affine, compressed))
   return PhantomCase(case_id=case_id, center=spec.center, grade=spec.grade,
                      tumor_voxels=int(np.count_nonzero(labels)))
@@ -879,3 +875,102 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
   logging.info("phantom: %d %s cases in %s (%.1fs)", len(cases), version,
                data_dir, time.perf_counter() - t0)
   return PhantomInfo(data_dir=data_dir, cases=cases, version=version, sites=sites)
+
+
+# The stage: a phantom folder made once per set of parameters.
+DONE_FILE = "phantom_done.json"
+BUILD = ".build"
+# generate()'s parameters that define the data (config.phantom's fields).
+PARAM_DEFAULTS = {"version": "2020", "num_cases": 8, "seed": 0, "scale": 1.0,
+                  "compressed": True, "kaggle_nesting": False,
+                  "quirk_355": False, "full_mapping": False}
+
+
+def check_params(params: dict) -> dict:
+  """`params` with generate()'s defaults filled in; ConfigError when bad."""
+  unknown = sorted(set(params) - set(PARAM_DEFAULTS))
+  if unknown:
+    raise errors.ConfigError(
+        f"config.phantom.{unknown[0]}={params[unknown[0]]!r}: not a phantom "
+        f"parameter; allowed: {sorted(PARAM_DEFAULTS)}")
+  full = {**PARAM_DEFAULTS, **params}
+  if full["version"] not in brats.VERSIONS:
+    raise errors.ConfigError(f"config.phantom.version={full['version']!r}: "
+                             f"must be one of {brats.VERSIONS}")
+  n = full["num_cases"]
+  if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+    raise errors.ConfigError(f"config.phantom.num_cases={n!r}: must be a "
+                             "positive integer")
+  scale = full["scale"]
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+      0 < scale <= 1):
+    raise errors.ConfigError(f"config.phantom.scale={scale!r}: must be in "
+                             "(0, 1] (1 = the full BraTS grid)")
+  if full["version"] != "2020":
+    for key in ("kaggle_nesting", "quirk_355", "full_mapping"):
+      if full[key]:
+        raise errors.ConfigError(f"config.phantom.{key}=True: 2020 only, "
+                                 f"not for version {full['version']}")
+  return full
+
+
+def _top_folder(params: dict) -> str:
+  """The folder generate() creates directly under its out_dir."""
+  if params["kaggle_nesting"]:
+    return brats.KAGGLE_OUTER_FOLDER
+  return brats.DATA_FOLDER_NAMES[params["version"]]
+
+
+def run(params: dict, out_dir: str, num_workers: int = 1,
+        overwrite: bool = False) -> str:
+  """The phantom stage: a BraTS-format folder in `out_dir`, made once.
+
+  The folder is generated aside (out_dir/.build) and moved into place, then
+  out_dir/phantom_done.json records the parameters. A rerun with the same
+  parameters reuses it; other parameters on a finished folder are refused
+  unless `overwrite`.
+
+  Args:
+    params: generate()'s data parameters (config.phantom: version,
+      num_cases, seed, scale, and optionally compressed, kaggle_nesting,
+      quirk_355, full_mapping); missing ones take generate()'s defaults.
+    out_dir: the stage's folder.
+    num_workers: processes generating cases.
+    overwrite: replace a finished folder of other parameters.
+
+  Returns:
+    The data folder to preprocess (out_dir/<BraTS data folder>).
+
+  Raises:
+    errors.ConfigError: a bad parameter.
+    errors.RunMismatch: out_dir holds a phantom of other parameters (names
+      them) and overwrite is False.
+  """
+  full = check_params(params)
+  record_path = os.path.join(out_dir, DONE_FILE)
+  data_dir = data_dir_of(out_dir, full["version"], full["kaggle_nesting"])
+  record = stage_io.read_json(record_path)
+  if record is not None and "identity" not in record and "params" in record:
+    # A record of the pipeline's earlier phantom stage: {params, data_dir}.
+    record = {"identity": {**PARAM_DEFAULTS, **record["params"]}}
+    stage_io.write_json(record_path, {**record, "data_dir": data_dir})
+  if stage_io.check_done(record_path, full, what="a phantom",
+                         overwrite=overwrite) is not None:
+    logging.info("phantom: reusing %s", data_dir)
+    return data_dir
+  previous = stage_io.read_json(record_path)
+  if os.path.exists(record_path):
+    os.remove(record_path)  # from now on the folder is not finished.
+  build = os.path.join(out_dir, BUILD)
+  shutil.rmtree(build, ignore_errors=True)
+  info = generate(build, num_workers=num_workers, **full)
+  if previous is not None:  # another version's folder would be left behind.
+    old = _top_folder({**PARAM_DEFAULTS, **previous["identity"]})
+    if old != _top_folder(full):
+      shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+  stage_io.replace_dir(os.path.join(build, _top_folder(full)),
+                       os.path.join(out_dir, _top_folder(full)))
+  shutil.rmtree(build, ignore_errors=True)
+  stage_io.mark_done(record_path, full, data_dir=data_dir,
+                     num_cases=len(info.cases))
+  return data_dir

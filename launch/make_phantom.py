@@ -1,8 +1,11 @@
-r"""Writes a synthetic BraTS-format training folder (pipeline stage S0).
+r"""Writes a synthetic BraTS-format training folder (the phantom stage).
 
 Example:
   python -m launch.make_phantom --out_dir=/tmp/phantom --version=2020 \
       --num_cases=12
+
+Prints the data folder to preprocess. A rerun with the same flags reuses the
+folder; other flags on a finished folder are refused unless --overwrite.
 """
 
 import time
@@ -35,26 +38,24 @@ _FULL_MAPPING = flags.DEFINE_bool(
     "full_mapping", False, "2020 only: write all 369 name_mapping.csv rows.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1,
                                     "Processes generating cases in parallel.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a finished phantom "
+                               "of other parameters in --out_dir.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.require_local(out_dir=_OUT_DIR.value)  # written with os calls.
+  params = {"version": _VERSION.value, "num_cases": _NUM_CASES.value,
+            "seed": _SEED.value, "scale": _SCALE.value,
+            "compressed": _COMPRESSED.value,
+            "kaggle_nesting": _KAGGLE_NESTING.value,
+            "quirk_355": _QUIRK_355.value, "full_mapping": _FULL_MAPPING.value}
   start = time.perf_counter()
-  info = phantom.generate(
-      _OUT_DIR.value, version=_VERSION.value, num_cases=_NUM_CASES.value,
-      seed=_SEED.value, compressed=_COMPRESSED.value,
-      kaggle_nesting=_KAGGLE_NESTING.value, quirk_355=_QUIRK_355.value,
-      scale=_SCALE.value, full_mapping=_FULL_MAPPING.value,
-      num_workers=_NUM_WORKERS.value)
-  centers = {}
-  for case in info.cases:
-    centers[case.center] = centers.get(case.center, 0) + 1
-  logging.info("wrote %d cases (%s) in %.1fs", len(info.cases),
-               ", ".join(f"{k}: {v}" for k, v in sorted(centers.items())),
-               time.perf_counter() - start)
-  print(info.data_dir)
+  data_dir = phantom.run(params, _OUT_DIR.value, num_workers=_NUM_WORKERS.value,
+                         overwrite=_OVERWRITE.value)
+  logging.info("phantom ready in %.1fs", time.perf_counter() - start)
+  print(data_dir)
 
 
 if __name__ == "__main__":

@@ -356,3 +356,51 @@ def test_cli(tmp_path):
   (case_id,) = os.listdir(data_dir)
   assert sorted(os.listdir(os.path.join(data_dir, case_id))) == sorted(
       f"{case_id}-{s}.nii" for s in ("t1n", "t1c", "t2w", "t2f", "seg"))
+
+
+def test_stage_run_reuses_refuses_and_overwrites(tmp_path):
+  from dfgm_jax import errors
+  out = str(tmp_path / "phantom")
+  params = {"version": "2023", "num_cases": 1, "seed": 0, "scale": 0.3}
+  data_dir = phantom.run(params, out)
+  assert data_dir == os.path.join(out, brats.DATA_FOLDER_NAMES["2023"])
+  assert sorted(os.listdir(out)) == [brats.DATA_FOLDER_NAMES["2023"],
+                                     phantom.DONE_FILE]  # .build is gone.
+  (case_id,) = os.listdir(data_dir)
+  seg = os.path.join(data_dir, case_id, f"{case_id}-seg.nii.gz")
+  stamp = os.path.getmtime(seg)
+  # Same parameters (defaults spelt out or not): reused, nothing rewritten.
+  assert phantom.run(dict(params, compressed=True), out) == data_dir
+  assert os.path.getmtime(seg) == stamp
+  # Other parameters on a finished folder: refused, naming what differs.
+  with pytest.raises(errors.RunMismatch, match="num_cases: 1 -> 2"):
+    phantom.run(dict(params, num_cases=2), out)
+  assert phantom.run(dict(params, num_cases=2), out, overwrite=True) == data_dir
+  assert len(os.listdir(data_dir)) == 2
+  # Another layout replaces the old one rather than sitting beside it.
+  data_2021 = phantom.run(dict(params, version="2021"), out, overwrite=True)
+  assert sorted(os.listdir(out)) == [brats.DATA_FOLDER_NAMES["2021"],
+                                     phantom.DONE_FILE]
+  assert len(os.listdir(data_2021)) == 1
+  # The record of the pipeline's earlier stage ({params, data_dir}) is honoured.
+  with open(os.path.join(out, phantom.DONE_FILE), "w") as f:
+    f.write('{"params": {"version": "2021", "num_cases": 1, "seed": 0, '
+            f'"scale": 0.3}}, "data_dir": "{data_2021}"}}')
+  stamp = os.path.getmtime(data_2021)
+  assert phantom.run(dict(params, version="2021"), out) == data_2021
+  assert os.path.getmtime(data_2021) == stamp
+
+
+@pytest.mark.parametrize("params,says", [
+    ({"num_cases": 0}, "config.phantom.num_cases=0: must be a positive integer"),
+    ({"scale": 1.5}, "config.phantom.scale=1.5: must be in (0, 1]"),
+    ({"version": "2019"}, "config.phantom.version='2019': must be one of"),
+    ({"cases": 3}, "config.phantom.cases=3: not a phantom parameter"),
+    ({"version": "2021", "quirk_355": True}, "config.phantom.quirk_355=True: 2020 only"),
+])
+def test_stage_run_refuses_bad_parameters_before_writing(tmp_path, params, says):
+  from dfgm_jax import errors
+  with pytest.raises(errors.ConfigError) as e:
+    phantom.run(params, str(tmp_path / "phantom"))
+  assert says in str(e.value)
+  assert not (tmp_path / "phantom").exists()
