@@ -28,7 +28,7 @@ from data_pipeline import input_pipeline
 from dfgm_jax import model_io
 from dfgm_jax import parallel
 from dfgm_jax.diffusion import sampler as sampler_lib
-from dfgm_jax.models import unet
+from dfgm_jax.models import flops as model_flops
 from dfgm_jax.synthesis import masks
 from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
@@ -94,7 +94,7 @@ def main(argv):
     times.append(time.perf_counter() - start)
   best = min(times)
   mcfg = denoiser.model_config(config)
-  flops = unet.flops_per_image(mcfg, image_size=size)
+  flops = model_flops.flops_per_image(mcfg, image_size=size)
   tflops = plan.nfe * b * flops / best / 1e12
   peak = benchmark_common.peak_tflops(config.bench.peak_tflops)
   peak = peak * jax.device_count() if peak else None

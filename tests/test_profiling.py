@@ -6,6 +6,7 @@ from flax import nnx
 import pytest
 
 from dfgm_jax import profiling
+from dfgm_jax.models import flops as model_flops
 from dfgm_jax.models import unet
 
 
@@ -130,7 +131,7 @@ def test_a_real_cpu_trace_accounts_for_the_unet(tmp_path):
   report = profiling.op_breakdown(profiling.load_trace_events(str(tmp_path)),
                                   compiled.as_text(), calls=2)
   # Every convolution and matmul of the network ran and was found in the trace.
-  want = unet.flops_per_image(cfg, image_size=s) * b / 1e9
+  want = model_flops.flops_per_image(cfg, image_size=s) * b / 1e9
   assert report["gflop"] == pytest.approx(want, rel=1e-3)
   assert {"convolution", "matmul", "elementwise"} <= set(report["categories"])
   assert all(r["count"] == 1 for r in report["all_ops"])
