@@ -12,8 +12,8 @@ paths, center data or patient identifiers. The folder is written to a
 temporary name and renamed, so an export that exists is complete; the
 sha256 catches a truncated or altered copy.
 
-`load_for_sampling` reads either an export or a training workdir (its orbax
-checkpoints) and returns replicated EMA parameters on a mesh.
+Reading a model for sampling (an export or a training workdir) is
+diffusion/denoiser.py's `Denoiser.load`; this module holds the format.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from dfgm_jax import errors
+
 FORMAT = "dfgm-jax-model/1"
 MODEL_JSON = "model.json"
 PARAMS = "params.npz"
@@ -41,7 +43,7 @@ DATA_FIELDS = ("image_size", "modalities")
 RUNTIME_FIELDS = {"model": ("dtype", "attention_impl")}
 
 
-class ModelError(ValueError):
+class ModelError(errors.UserError, ValueError):
   """An export or checkpoint folder that cannot be used; names the path."""
 
 
@@ -172,54 +174,22 @@ def fill(template, arrays: dict, source: str):
   leaves = []
   for (_, x), name in zip(paths, names):
     a = arrays[name]
-    if a.shape != np.shape(x):
-      raise ModelError(f"{source}: {name} has shape {a.shape}, the network {np.shape(x)}")
+    if a.shape != tuple(x.shape):  # x: an array or a ShapeDtypeStruct.
+      raise ModelError(f"{source}: {name} has shape {a.shape}, the network {tuple(x.shape)}")
     leaves.append(a.astype(x.dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def load_for_sampling(model_dir: str, config, mesh):
-  """(config, graphdef, rest, params, step) from an export or a training workdir.
-
-  params are the EMA weights, replicated over `mesh`. With an export, the
-  returned config's model/diffusion/mask sections and data.image_size come
-  from it; with a workdir, `config` must describe the trained network.
-  """
-  from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
-  rep = parallel.replicated(mesh)
-  if is_export(model_dir):
-    record, arrays = read_export(model_dir)
-    config = apply_model_config(config, record["config"], model_dir)
-    graphdef, rest, state = diffusion.init_state(config)
-    params = fill(state["ema"], arrays, os.path.join(model_dir, PARAMS))
-    return config, graphdef, rest, jax.device_put(params, rep), record["step"]
-  ckpt_dir = os.path.join(model_dir, "checkpoints")
-  if not epath.Path(ckpt_dir).is_dir():
-    raise ModelError(f"{model_dir}: neither an exported model ({MODEL_JSON}) nor a "
-                     "training workdir (checkpoints/)")
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir)
-  try:
-    _, meta = ckpt.latest_meta()
-    if meta is None:
-      raise ModelError(f"{ckpt_dir}: no readable checkpoint")
-    config = apply_model_config(config, defining_sections(meta["config"]), ckpt_dir)
-    # The restore target needs the optimizer state the run was trained with.
-    trained = ml_collections.ConfigDict(config.to_dict())
-    trained.train = ml_collections.ConfigDict(meta["config"]["train"])
-    graphdef, rest, state = diffusion.init_state(trained)
-    step, restored, _ = ckpt.restore_latest(jax.device_put(state, rep))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ModelError(f"{ckpt_dir}: no readable checkpoint")
-  return config, graphdef, rest, restored["ema"], step
+  """(config, graphdef, rest, params, step): Denoiser.load's fields (callers move to it)."""
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
+  d = denoiser.Denoiser.load(model_dir, config, mesh)
+  return d.config, d.graphdef, d.rest, d.params, d.step
 
 
 def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = False
                    ) -> tuple[str, int]:
   """Exports the newest readable checkpoint of a training workdir; (out, step)."""
-  from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  config, _, _, params, step = load_for_sampling(model_dir, config, parallel.make_mesh(1))
-  return export(params, config, step, out_dir, overwrite=overwrite), step
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
+  d = denoiser.Denoiser.load(model_dir, config)
+  return export(d.params, d.config, d.step, out_dir, overwrite=overwrite), d.step

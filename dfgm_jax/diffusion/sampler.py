@@ -8,8 +8,8 @@ Equation (1) of the paper, in 0-based steps (ALGORITHM.md section 5):
 
 The known part is noised to the level of the step's *output* (t-1), the
 off-by-one several public samplers got wrong; at the last step abar_{-1} = 1,
-and an exact paste `m * x0 + (1 - m) * y` makes everything outside the ring
-equal the input bit for bit.
+and an exact paste (a select: x0 where m, else y) makes everything outside
+the ring equal the input bit for bit, whatever the network returns.
 
 The whole loop is one `lax.scan` over a precomputed transition table: denoise
 steps call the network, RePaint undo steps (re-noising to the next level up)
@@ -220,7 +220,9 @@ def blend_sample(eps_fn: EpsFn, sched: schedule_lib.Schedule, cfg: SamplerConfig
                sigma * z)
     known = jnp.sqrt(a_prev) * y + jnp.sqrt(1.0 - a_prev) * _normal(step_keys, 1, img_shape)
     region = region_at(to)
-    return region * x_gen + (1.0 - region) * known
+    # A select: outside the region x is the known image whatever the network
+    # returned (NaN * 0 would be NaN); the same values for finite inputs.
+    return jnp.where(region > 0, x_gen, known)
 
   def undo(x, frm, to, step_keys):
     # Re-noise the whole image from level frm up to level to = frm + 1.
@@ -241,5 +243,5 @@ def blend_sample(eps_fn: EpsFn, sched: schedule_lib.Schedule, cfg: SamplerConfig
                  jnp.asarray(plan.frm), jnp.asarray(plan.to))
   x, trajectory = jax.lax.scan(body, x, transitions, unroll=cfg.unroll)
   if cfg.final_paste:
-    x = m * jnp.clip(x, -1.0, 1.0) + (1.0 - m) * y
+    x = jnp.where(m > 0, jnp.clip(x, -1.0, 1.0), y)  # select, as in denoise.
   return (x, trajectory) if return_trajectory else x

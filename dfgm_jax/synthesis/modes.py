@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dfgm_jax import errors
 from dfgm_jax.diffusion import sampler as sampler_lib
 from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.synthesis import masks
@@ -29,8 +30,16 @@ _REGION = {"anomalydiffusion": "dilated", "dfgm": "ring", "dfgm_inner": "inner"}
 
 def uses_diffusion(mode: str) -> bool:
   if mode not in MODES:
-    raise ValueError(f"unknown synthesis mode {mode!r}; expected one of {MODES}")
+    raise errors.ConfigError(
+        f"config.synthesis.mode={mode}: unknown mode; expected one of {MODES}")
   return mode in _REGION
+
+
+def generated_region(mode: str) -> str:
+  """The masks.region kind a diffusion mode generates (and conditions the network on)."""
+  if not uses_diffusion(mode):
+    raise ValueError(f"mode {mode!r} generates nothing")
+  return _REGION[mode]
 
 
 def known_and_region(mode: str, x: jax.Array, tumor: jax.Array, h: jax.Array,
@@ -43,7 +52,8 @@ def known_and_region(mode: str, x: jax.Array, tumor: jax.Array, h: jax.Array,
       placed); h: (B,S,S,C) the matched healthy slices.
     r_out, r_in: ring radii in pixels.
   """
-  y = tumor * x + (1.0 - tumor) * h
+  # A select, not m*a + (1-m)*b: a NaN on one side cannot reach the other.
+  y = jnp.where(tumor > 0, x, h)
   if mode == "cutpaste":
     return y, jnp.zeros_like(tumor)
   if mode == "anomalydiffusion":
