@@ -314,3 +314,24 @@ def test_norm_impls_give_the_same_network():
   assert dots["auto"] == dots["channels"] > dots["groups"]
   with pytest.raises(ValueError, match="norm_impl"):
     U.get_preset("tiny", norm_impl="fast")
+
+
+def test_parameter_paths_are_the_export_format():
+  """Exports and checkpoints are read by leaf path: renaming a layer breaks them."""
+  params = nnx.state(abstract("tiny"), nnx.Param)
+  paths = {path_str(p).removesuffix("/.value")
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for want in ("conv_in/kernel", "time_fc1/kernel", "time_fc2/bias",
+               "class_embed/embedding", "spatial/1/inject/kernel",
+               "down/0/res/0/conv1/kernel", "down/0/res/0/emb_proj/kernel",
+               "down/0/res/0/norm1/scale", "down/0/resample/conv/kernel",
+               "down/1/res/0/skip/kernel", "down/1/attn/0/qkv/kernel",
+               "mid/res1/norm2/bias", "mid/attn/proj/kernel",
+               "up/0/res/1/conv2/kernel", "up/0/resample/conv/bias",
+               "out_norm/scale", "out_conv/kernel"):
+    assert want in paths, want
+  leaf_modules = {p.rsplit("/", 2)[-2] for p in paths}
+  assert leaf_modules == {
+      "conv_in", "time_fc1", "time_fc2", "class_embed", "conv1", "conv2",
+      "inject", "emb_proj", "norm1", "norm2", "skip", "conv", "norm", "qkv",
+      "proj", "out_norm", "out_conv"}
