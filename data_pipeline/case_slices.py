@@ -7,15 +7,16 @@ preprocessing run resumes where it stopped.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from data_pipeline import brats
 from data_pipeline import slices
 from data_pipeline import volumes
+from dfgm_jax import stage_io
 
 KINDS = ("tumor", "healthy")
 
@@ -107,10 +108,9 @@ def stage(case: brats.Case, cfg: dict, staging_dir: str) -> dict:
       return {"error": {"case_id": case.case_id, "path": e.path,
                         "reason": e.reason}}
     raise
-  fd, tmp = tempfile.mkstemp(dir=staging_dir, suffix=".npz.tmp")
-  with os.fdopen(fd, "wb") as f:
-    np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
+  stage_io.write_bytes(path, buffer.getvalue())  # a rerun never sees half a case.
   return {"meta": meta, "reused": False}
 
 

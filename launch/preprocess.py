@@ -34,19 +34,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.require_local(brats_dir=_BRATS_DIR.value, out_dir=_OUT_DIR.value)
-  from data_pipeline import brats  # pylint: disable=g-import-not-at-top
   from data_pipeline import preprocess  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config.data.to_dict()
   if _ON_ERROR.value:
     cfg["on_error"] = _ON_ERROR.value
-  try:
-    manifest = preprocess.run(_BRATS_DIR.value, _OUT_DIR.value, cfg,
-                              num_workers=_NUM_WORKERS.value,
-                              overwrite=_OVERWRITE.value,
-                              progress=_PROGRESS.value)
-  except (brats.BratsDataError, FileExistsError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+  # Bad settings, bad inputs and a finished output of another config are
+  # errors.UserError: launch.common prints them as one line.
+  manifest = preprocess.run(_BRATS_DIR.value, _OUT_DIR.value, cfg,
+                            num_workers=_NUM_WORKERS.value,
+                            overwrite=_OVERWRITE.value, progress=_PROGRESS.value)
   for name, split in manifest["splits"].items():
     logging.info("split %-16s %5d slices from %4d cases", name,
                  split["num_slices"], split["num_cases"])
