@@ -57,3 +57,19 @@ def test_unknown_and_real_only():
   x, tumor, h = _batch()
   with pytest.raises(ValueError, match="produces no images"):
     modes.known_and_region("real_only", x, tumor, h, 2)
+
+
+@pytest.mark.parametrize("mode", ["anomalydiffusion", "dfgm", "dfgm_inner"])
+def test_outside_the_region_is_exact_whatever_the_network_returns(mode):
+  """Issue 11 item 16: a NaN from the network stays inside the generated region."""
+  x, tumor, h = _batch()
+  sched = schedule_lib.make_schedule("linear", 30)
+  scfg = sampler.SamplerConfig(steps=4, jump_length=2, resamples=2)
+  nan_eps = lambda x, t, c, r, m: jnp.full_like(x, jnp.nan)
+  out = np.asarray(jax.jit(lambda x, t, h: modes.synthesize_batch(
+      mode, nan_eps, sched, scfg, x, t, h, jax.random.key(0), jnp.arange(2), 2, 1))(
+          x, tumor, h))
+  known, region = modes.known_and_region(mode, x, tumor, h, 2, 1)
+  outside = np.broadcast_to(np.asarray(region) == 0, out.shape)
+  np.testing.assert_array_equal(out[outside], np.asarray(known)[outside])
+  assert np.isnan(out[~outside]).all()  # the failure shows where it happened.

@@ -126,3 +126,18 @@ def test_examples_do_not_depend_on_batch_or_device_count(tmp_path):
   assert np.std(ref) > 0.1
   for k, v in outs.items():
     np.testing.assert_allclose(v, ref, atol=1e-5, err_msg=str(k))
+
+
+@pytest.mark.parametrize("final_paste", [True, False])
+def test_nan_from_the_network_does_not_leave_the_ring(final_paste):
+  """The blend and the paste are selects: outside the ring x is y exactly,
+  also at every step without the final paste (issue 11 item 16)."""
+  sched = schedule_lib.make_schedule("linear", 20)
+  cfg = sampler.SamplerConfig(steps=4, jump_length=2, resamples=2, final_paste=final_paste)
+  y, ring, tumor = _inputs(b=2)
+  nan_eps = lambda x, t, c, r, m: jnp.full_like(x, jnp.nan)
+  out = np.asarray(jax.jit(lambda y, r, m: sampler.blend_sample(
+      nan_eps, sched, cfg, y, r, m, jax.random.key(0), jnp.arange(2)))(y, ring, tumor))
+  outside = np.asarray(ring) == 0
+  np.testing.assert_array_equal(out[outside], np.asarray(y)[outside])
+  assert np.isnan(out[~outside]).all()
