@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from etils import epath
 import numpy as np
 
+from data_pipeline import brats
 from data_pipeline import builder
 from dfgm_jax import errors
 from dfgm_jax import stage_io
@@ -69,9 +70,6 @@ def _advice(data_dir: str) -> str:
     return ("the folder does not exist (pass the output folder of "
             "launch.preprocess, or of launch.synthesize for a synthetic set)")
   names = _entries(root)
-  if not names:
-    return ("the folder is empty: neither a preprocessing output nor a "
-            "synthetic set (run launch.preprocess first)")
   kinds = set()
   for fmt_dir in set(builder.FORMAT_DIRS.values()):
     for base in (root, root / BUILD):
@@ -92,18 +90,21 @@ def _advice(data_dir: str) -> str:
     return ("it holds slices whose preprocessing did not finish (an "
             "interrupted run writes no manifest): rerun launch.preprocess "
             "with the same flags, it resumes")
+  if not names:
+    return ("the folder is empty: neither a preprocessing output nor a "
+            "synthetic set (run launch.preprocess first)")
+  finished = [n for n in names if _has(root / n / MANIFEST)]
+  if finished:  # e.g. the workdir instead of its slices/ folder.
+    return (f"it holds finished sets in {', '.join(n + '/' for n in finished)}: "
+            "pass one of those folders")
   if any(n.endswith((".nii", ".nii.gz")) for n in names) or any(
-      n.startswith("BraTS") or n in _RAW_FOLDERS for n in names):
+      n.startswith("BraTS") or n in brats.DATA_FOLDER_NAMES.values()
+      or n == brats.KAGGLE_OUTER_FOLDER for n in names):
     return ("it looks like raw BraTS data: pass it to launch.preprocess "
             "--brats_dir and its --out_dir here")
   shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
   return (f"it holds {shown}, but no tfrecord/ or array_record/ copy of a "
           "data set: not a preprocessing output nor a synthetic set")
-
-
-_RAW_FOLDERS = ("MICCAI_BraTS2020_TrainingData",
-                "RSNA_ASNR_MICCAI_BraTS2021_TrainingData",
-                "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData")
 
 
 def load_manifest(data_dir: str) -> dict:

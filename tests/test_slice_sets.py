@@ -82,6 +82,13 @@ def test_a_folder_without_manifest_gets_the_advice_that_fits_it(tmp_path):
   message = _refusal(unknown)
   assert "notes.txt" in message and "tfrecord/" in message
   assert "rerun" not in message
+  # An empty synthetic folder (synthesis stopped before writing anything).
+  (tmp_path / "w" / "synthetic").mkdir(parents=True)
+  assert "launch.synthesize" in _refusal(tmp_path / "w" / "synthetic")
+  # The workdir given instead of its slices folder.
+  (tmp_path / "w" / "slices").mkdir()
+  (tmp_path / "w" / "slices" / "manifest.json").write_text("{}")
+  assert "finished sets in slices/" in _refusal(tmp_path / "w")
   assert "does not exist" in _refusal(tmp_path / "missing")
   assert "empty" in _refusal(tmp_path / "raw" / "MICCAI_BraTS2020_TrainingData")
 
