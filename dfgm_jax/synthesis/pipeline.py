@@ -17,13 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfgm_jax import parallel
 from dfgm_jax.diffusion import sampler as sampler_lib
 from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.synthesis import compose
 from dfgm_jax.synthesis import masks
 from dfgm_jax.synthesis import matching
-from dfgm_jax.synthesis import modes
 
 
 def salted_hash(text: str, salt: str) -> str:
@@ -180,16 +178,10 @@ def provenance(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
 def make_generate_fn(settings: SynthesisSettings, eps_fn_factory: Callable | None,
                      sched: schedule_lib.Schedule, scfg: sampler_lib.SamplerConfig,
                      mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """jit(params, x, tumor, h, index) -> images, the batch sharded over `mesh`."""
-  def generate(params, x, tumor, h, index):
-    return modes.synthesize_batch(
-        settings.mode, eps_fn_factory(params) if eps_fn_factory else None, sched, scfg,
-        x, tumor, h, jax.random.key(settings.seed), index, settings.r_out, settings.r_in)
-
-  if mesh is None:
-    return jax.jit(generate)
-  data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  return jax.jit(generate, in_shardings=(rep, data, data, data, data), out_shardings=data)
+  """jit(params, x, tumor, h, index) -> images (prefer Denoiser.sampler)."""
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
+  return denoiser.make_sampler(settings.mode, eps_fn_factory, sched, scfg, settings.r_out,
+                               settings.r_in, settings.seed, mesh)
 
 
 def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
