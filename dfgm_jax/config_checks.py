@@ -15,8 +15,9 @@ stage's `run()` calls one of them first; launch/common.py also runs
 before it starts.
 
 The module must not import JAX (the data layer imports it), so the allowed
-names below are copies of the library's; tests/test_config_checks.py checks
-that they stay equal.
+names below are copies of the library's, except the network's, which come
+from the JAX-free unet_config; tests/test_config_checks.py checks that the
+copies stay equal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numbers
 from typing import Any, Callable, Mapping
 
 from dfgm_jax import errors
+from dfgm_jax.models import unet_config as unet_config_lib
 
 # Copies of the library's allowed values (tests/test_config_checks.py keeps
 # them equal to the originals named in each comment).
@@ -43,12 +45,11 @@ REGIONS = ("ring", "dilated", "inner", "full")
 SAMPLER_KINDS = ("ddim_blend", "ddpm_blend")
 # dfgm_jax.diffusion.schedule.make_schedule
 SCHEDULES = ("linear", "cosine")
-# dfgm_jax.models.unet.PRESETS
-PRESETS = ("tiny", "small", "full", "large", "peer")
-# dfgm_jax.models.unet.DTYPES (DTYPE_NAMES)
-DTYPES = ("float32", "bfloat16")
-# dfgm_jax.models.unet.ATTENTION_IMPLS ('' in a config is None there)
-ATTENTION_IMPLS = ("", "xla", "cudnn")
+# The network's (JAX-free, no copies).
+PRESETS = tuple(unet_config_lib.PRESETS)
+DTYPES = tuple(unet_config_lib.DTYPE_NAMES)
+# '' in a config is None (XLA's choice) in UNetConfig.
+ATTENTION_IMPLS = tuple(i or "" for i in unet_config_lib.ATTENTION_IMPLS)
 # data_pipeline.input_pipeline.READERS
 READERS = ("tf", "grain", "synthetic")
 # data_pipeline.brats.MODALITIES
@@ -316,8 +317,32 @@ def validate(config: Mapping[str, Any]) -> None:
   _check_across_sections(config)
 
 
+def unet_config(config) -> "unet_config_lib.UNetConfig":
+  """The network's UNetConfig from config.model and config.data (no JAX).
+
+  The same as dfgm_jax.diffusion.denoiser.model_config (a test keeps them
+  equal): the preset, its non-None overrides, the data's image size and
+  channels unless overridden, the runtime dtype and attention kernel.
+  """
+  m = config["model"]
+  overrides = {k: v for k, v in dict(_get(m, "overrides") or {}).items()
+               if v is not None}
+  overrides.setdefault("image_size", config["data"]["image_size"])
+  overrides.setdefault("in_channels", len(config["data"]["modalities"]))
+  overrides["dtype"] = m["dtype"]
+  overrides["attention_impl"] = m["attention_impl"] or None
+  return unet_config_lib.get_preset(m["preset"], **overrides)
+
+
 def _check_across_sections(config) -> None:
   """Values that are fine alone but not together."""
+  if _get(config, "model") is not _MISSING and _get(config, "data") is not _MISSING:
+    try:  # The network's own checks (e.g. image_size vs its levels).
+      unet_config(config)
+    except errors.ConfigError as e:
+      raise errors.ConfigError(
+          f"config.model (preset {config['model']['preset']!r} with "
+          f"config.data.image_size={config['data']['image_size']!r}): {e}") from None
   mask = _get(config, "mask")
   if mask is not _MISSING:
     region = _get(mask, "region")

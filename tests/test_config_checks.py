@@ -90,13 +90,19 @@ def test_a_bad_value_is_refused_in_one_line_naming_field_value_and_range(
     ({"sampler.steps": 101}, "config.sampler.steps=101: must be at most "
                              "config.diffusion.num_steps=100"),
     ({"diffusion.beta_start": 0.03}, "config.diffusion.beta_start=0.03: must be below"),
+    ({"data.image_size": 33}, "config.model (preset 'tiny' with config.data.image_size=33): "
+                              "image_size=33 is not divisible by 2**"),
+    ({"model.attention_impl": "cudnn"}, "config.model (preset 'tiny' with "
+                                        "config.data.image_size=32): attention_impl='cudnn' "
+                                        "needs dtype='bfloat16'"),
 ])
 def test_values_that_do_not_fit_together_are_refused(changes, message):
   config = tiny.get_config()
   for path, value in changes.items():
     config = _with(config, path, value)
-  with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
+  with pytest.raises(errors.ConfigError) as e:
     config_checks.validate(config)
+  assert str(e.value).startswith(message)
 
 
 def test_sections_and_fields_it_does_not_know_are_left_alone():
@@ -109,6 +115,14 @@ def test_sections_and_fields_it_does_not_know_are_left_alone():
   cfg["image_size"] = 0
   with pytest.raises(errors.ConfigError, match=r"^config.data.image_size=0: must be"):
     config_checks.validate_data(cfg)
+
+
+@pytest.mark.parametrize("config", [default.get_config(), benchmark.get_config("cpu"),
+                                    tiny.get_config()], ids=["default", "bench_cpu", "tiny"])
+def test_the_network_it_checks_is_the_one_the_library_builds(config):
+  from dfgm_jax.diffusion import denoiser
+  config = _with(config, "model.overrides.dropout", 0.0)
+  assert config_checks.unet_config(config) == denoiser.model_config(config)
 
 
 def test_the_copied_allowed_values_equal_the_librarys():
@@ -129,10 +143,8 @@ def test_the_copied_allowed_values_equal_the_librarys():
   assert c.INTENSITY_MATCHES == compose.INTENSITY_MATCHES
   assert c.REGIONS == masks.REGIONS
   assert c.SAMPLER_KINDS == sampler.KINDS
-  assert set(c.PRESETS) == set(unet.PRESETS)
-  # unet.DTYPE_NAMES where the UNet's config is split from the network, else
-  # the keys of unet.DTYPES.
-  assert set(c.DTYPES) == set(getattr(unet, "DTYPE_NAMES", None) or unet.DTYPES)
+  assert set(c.PRESETS) == set(unet.PRESETS) and "small" in c.PRESETS
+  assert set(c.DTYPES) == set(unet.DTYPE_NAMES) == {"float32", "bfloat16"}
   assert {i or None for i in c.ATTENTION_IMPLS} == set(unet.ATTENTION_IMPLS)
   assert c.READERS == input_pipeline.READERS
   assert c.MODALITIES == brats.MODALITIES
@@ -147,6 +159,7 @@ def test_the_copied_allowed_values_equal_the_librarys():
 def test_the_module_imports_without_jax():
   # The data layer imports it where JAX is missing.
   code = ("import sys; sys.modules['jax'] = sys.modules['flax'] = None; "
+          "sys.modules['numpy'] = None; "
           f"sys.path.insert(0, {ROOT!r}); from dfgm_jax import config_checks; "
           "config_checks.validate_data({'image_size': 8})")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
