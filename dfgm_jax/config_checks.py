@@ -340,8 +340,11 @@ def _check_across_sections(config) -> None:
     try:  # The network's own checks (e.g. image_size vs its levels).
       unet_config(config)
     except errors.ConfigError as e:
+      overrides = {k: v for k, v in dict(_get(config["model"], "overrides") or {}).items()
+                   if v is not None}
+      given = f", overrides {overrides}" if overrides else ""
       raise errors.ConfigError(
-          f"config.model (preset {config['model']['preset']!r} with "
+          f"config.model (preset {config['model']['preset']!r}{given} with "
           f"config.data.image_size={config['data']['image_size']!r}): {e}") from None
   mask = _get(config, "mask")
   if mask is not _MISSING:

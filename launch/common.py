@@ -95,8 +95,16 @@ sys.excepthook = _excepthook
 
 def _validate_config() -> None:
   """After flag parsing, before main(): a bad value fails before any work."""
-  if "config" in flags.FLAGS:
+  if "config" not in flags.FLAGS:
+    return
+  try:
     config_checks.validate(flags.FLAGS.config)
+  except OSError as e:
+    # ml_collections defers a config file it cannot read to this first use,
+    # with a several-line message whose last line says why.
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if re.match(r"^--?config=", a)]
+    why = str(e).strip().splitlines()[-1].strip()
+    raise errors.UserError(f"--config={given[-1] if given else '?'}: {why}") from None
 
 
 def define_config_flag(default: str = "default.py") -> None:

@@ -50,6 +50,8 @@ def _one_error_line(r):
      "error: config.train.batch_size=0: must be a positive integer"),
     (["--config=configs/default.py:papr"],
      "error: --config=configs/default.py:papr: unknown variant; valid: default.py ("),
+    (["--config=configs/nope.py"],
+     "error: --config=configs/nope.py: [Errno 2] No such file or directory"),
 ])
 def test_a_bad_config_ends_in_one_line_naming_field_and_value(flags, says, tmp_path):
   out = tmp_path / "slices"
