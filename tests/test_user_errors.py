@@ -77,7 +77,8 @@ def test_a_read_only_output_folder_ends_in_one_line(tmp_path):
     out = os.path.join(read_only, "phantom")
     r = _run(["launch.make_phantom", f"--out_dir={out}", "--num_cases=1",
               "--scale=0.25"], cwd=ROOT, prefix=prefix)
-    assert _one_error_line(r) == f"error: {out}: Permission denied"
+    line = _one_error_line(r)  # names the path it could not write.
+    assert line.startswith(f"error: {read_only}") and line.endswith(": Permission denied")
   finally:
     os.chmod(os.path.join(top, "ro"), 0o755)
     shutil.rmtree(top)
