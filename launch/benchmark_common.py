@@ -82,3 +82,97 @@ def profile(name: str, compiled, run: Callable[[], None], profile_dir: str,
     json.dump(report.pop("all_ops"), f, indent=0)
   os.replace(table + ".tmp", table)
   return {**line, "ops_table": table, **report}
+
+
+def sampler_benchmark(config) -> list[dict]:
+  """Times the path synthesis runs: Denoiser.sampler -> modes.synthesize_batch.
+
+  Random weights, or the EMA weights of config.bench.checkpoint_dir (an export
+  or a training workdir, whose own config then defines the network and the
+  image size); seeded synthetic tumor slices pasted into synthetic healthy
+  ones, in config.synthesis.mode (dfgm by default). Returns the throughput
+  line (keys in PERFORMANCE.md's vocabulary) and, with
+  config.bench.profile_dir, the profile line.
+  """
+  # pylint: disable=g-import-not-at-top
+  import time
+
+  import numpy as np
+
+  from data_pipeline import input_pipeline
+  from dfgm_jax import parallel
+  from dfgm_jax.diffusion import denoiser
+  from dfgm_jax.diffusion import sampler as sampler_lib
+  from dfgm_jax.models import flops as model_flops
+  # pylint: enable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  if config.bench.checkpoint_dir:
+    model_dir = os.path.normpath(config.bench.checkpoint_dir)
+    if os.path.basename(model_dir) == "checkpoints":  # the workdir's, then.
+      model_dir = os.path.dirname(model_dir)
+    model = denoiser.Denoiser.load(model_dir, config, mesh)
+    weights = f"ema@{model.step}"
+  else:
+    model = denoiser.Denoiser.init(config, mesh)
+    weights = "random"
+  config = model.config
+  mode = config.get("synthesis", {}).get("mode", "dfgm")
+  size, channels, b = config.data.image_size, len(config.data.modalities), config.sampler.batch_size
+  tumors = [input_pipeline.synthetic_example(i, size, channels) for i in range(b)]
+  healthy = [input_pipeline.synthetic_example(b + i, size, channels, tumor=False)
+             for i in range(b)]
+  data = parallel.data_sharding(mesh)
+  inputs = [jax.device_put(np.asarray(x), data) for x in (
+      np.stack([e["image"] for e in tumors]),
+      np.stack([e["mask"] for e in tumors]).astype(np.float32),
+      np.stack([e["image"] for e in healthy]), np.arange(b, dtype=np.int32))]
+  params = model.params
+  plan = sampler_lib.make_plan(model.sampler_config, model.schedule.num_steps)
+  start = time.perf_counter()
+  compiled = model.sampler(mode, config.seed, mesh).lower(params, *inputs).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, *inputs))  # warm-up
+  times = []
+  for _ in range(config.bench.reps):
+    start = time.perf_counter()
+    out = compiled(params, *inputs)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  flops = model_flops.flops_per_image(denoiser.model_config(config), image_size=size)
+  tflops = plan.nfe * b * flops / best / 1e12
+  peak = peak_tflops(config.bench.peak_tflops)
+  peak = peak * jax.device_count() if peak else None
+  s = config.sampler
+  lines = [{
+      "benchmark": "sampler",
+      "device": device_description(),
+      **software(),
+      "preset": config.model.preset,
+      "image_size": size,
+      "batch_size": b,
+      "mode": mode,
+      "sampler": s.kind,
+      "steps": s.steps,
+      "jump_length": s.jump_length,
+      "resamples": s.resamples,
+      "dtype": config.model.dtype,
+      "weights": weights,
+      "params": model.num_params,
+      "nfe_per_image": plan.nfe,
+      "images_per_s": round(b / best, 3),
+      "images_per_s_mean": round(b * len(times) / sum(times), 3),
+      "nfe_images_per_s": round(plan.nfe * b / best, 1),
+      "forward_gflops_per_image": round(flops / 1e9, 3),
+      "tflops": round(tflops, 3),
+      "peak_fraction": round(tflops / peak, 4) if peak else None,
+      "compile_s": round(compile_s, 2),
+      "peak_memory_bytes": peak_memory_bytes(),
+      "devices": jax.device_count(),
+      "finite": bool(np.isfinite(np.asarray(out)).all()),
+  }]
+  if config.bench.profile_dir:
+    lines.append(profile("sampler", compiled,
+                         lambda: jax.block_until_ready(compiled(params, *inputs)),
+                         config.bench.profile_dir))
+  return lines

@@ -2,8 +2,9 @@ r"""Export a trained diffusion model as a self-contained folder.
 
   python -m launch.export_model --model_dir=runs/demo/g1 --out=runs/demo/model
 
-Reads the newest readable checkpoint of a training workdir (its own config
-defines the network, so no --config is needed) and writes OUT/model.json and
+Reads the EMA weights of the newest readable checkpoint of a training
+workdir (Denoiser.load; its own config defines the network, so no --config
+is needed) and writes OUT/model.json and
 OUT/params.npz (EMA weights, no pickles, sha256-checked on load; see
 dfgm_jax/model_io.py). The folder holds no paths, data or patient
 identifiers: it is what an institute shares. `launch.synthesize --model_dir=OUT`
@@ -32,11 +33,10 @@ def main(argv):
   from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
   if model_io.is_export(_MODEL_DIR.value):
     raise app.UsageError(f"{_MODEL_DIR.value} is already an export")
-  try:
-    out, step = model_io.export_workdir(_MODEL_DIR.value, flags.FLAGS.config, _OUT.value,
-                                        overwrite=_OVERWRITE.value)
-  except model_io.ModelError as e:
-    raise SystemExit(f"error: {e}") from e
+  # A ModelError (no readable checkpoint, another network) is the user's:
+  # launch.common ends it with one line.
+  out, step = model_io.export_workdir(_MODEL_DIR.value, flags.FLAGS.config, _OUT.value,
+                                      overwrite=_OVERWRITE.value)
   record = model_io.read_record(out)
   common.print_artifacts(f"exported step {step} ({record['num_params']:,} parameters):", {
       "model": out, "description": os.path.join(out, model_io.MODEL_JSON),

@@ -172,3 +172,12 @@ def test_mode_must_fit_the_region_the_model_was_trained_with():
   ring.sampler("anomalydiffusion", 0, check=False)
   with pytest.raises(errors.ConfigError, match="unknown mode"):
     ring.check_mode("magic")
+
+
+def test_export_of_a_workdir_holds_its_ema_exactly(trained, tmp_path):
+  config, state, workdir, _ = trained
+  out, step = model_io.export_workdir(workdir, config, str(tmp_path / "model"))
+  record, arrays = model_io.read_export(out)
+  want = model_io.flatten(state["ema"])
+  assert step == record["step"] == 20 and arrays.keys() == want.keys()
+  assert all(np.array_equal(arrays[k], want[k]) for k in want)

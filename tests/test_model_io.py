@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from dfgm_jax import errors
 from dfgm_jax import model_io
 from dfgm_jax import parallel
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
 
 
@@ -29,7 +31,8 @@ def test_round_trip_is_exact_and_self_describing(exported):
   other = tiny.get_config()
   other.model.overrides.dropout = 0.3  # the export's sections win...
   other.model.dtype = "bfloat16"  # ...but how to run stays the command's.
-  got_config, _, _, got, step = model_io.load_for_sampling(out, other, parallel.make_mesh(1))
+  model = denoiser.Denoiser.load(out, other, parallel.make_mesh(1))
+  got_config, got, step = model.config, model.params, model.step
   assert step == 7
   assert got_config.model.overrides.to_dict() == config.model.overrides.to_dict()
   assert got_config.model.dtype == "bfloat16"
@@ -38,6 +41,10 @@ def test_round_trip_is_exact_and_self_describing(exported):
   record = json.load(open(os.path.join(out, "model.json")))
   assert record["num_params"] == sum(x.size for x in jax.tree.leaves(params))
   assert record["config"]["data"]["image_size"] == config.data.image_size
+
+
+def test_model_error_is_a_user_error():
+  assert issubclass(model_io.ModelError, errors.UserError)
 
 
 def test_existing_export_is_not_overwritten_silently(exported):
@@ -65,4 +72,4 @@ def test_wrong_format_missing_leaf_and_wrong_shape_are_refused(exported, tmp_pat
 
 def test_folder_that_is_neither_export_nor_workdir(tmp_path):
   with pytest.raises(model_io.ModelError, match="neither an exported model"):
-    model_io.load_for_sampling(str(tmp_path), tiny.get_config(), parallel.make_mesh(1))
+    denoiser.Denoiser.load(str(tmp_path), tiny.get_config(), parallel.make_mesh(1))

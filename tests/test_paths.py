@@ -72,7 +72,7 @@ def test_an_export_in_a_bucket_is_read_and_checked(fake_bucket):
   import numpy as np
   from configs import tiny
   from dfgm_jax import model_io
-  from dfgm_jax import parallel
+  from dfgm_jax.diffusion import denoiser
   from dfgm_jax.train import diffusion
   config = tiny.get_config()
   _, _, state = diffusion.init_state(config)
@@ -88,7 +88,7 @@ def test_an_export_in_a_bucket_is_read_and_checked(fake_bucket):
   with pytest.raises(model_io.ModelError, match="gs://bucket/model/params.npz: checksum"):
     model_io.read_export("gs://bucket/model")
   with pytest.raises(model_io.ModelError, match="gs://bucket/none: neither"):
-    model_io.load_for_sampling("gs://bucket/none", config, parallel.make_mesh())
+    denoiser.Denoiser.load("gs://bucket/none", config)
 
 
 @pytest.mark.parametrize("args,flag", [
