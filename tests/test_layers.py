@@ -1,4 +1,4 @@
-"""Tests of the shared layers (dfgm_jax/models/layers.py): GroupNorm, resampling."""
+"""Tests of dfgm_jax/models/layers.py: GroupNorm, resampling."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -317,7 +317,7 @@ def test_norm_impls_give_the_same_network():
 
 
 def test_parameter_paths_are_the_export_format():
-  """Exports and checkpoints are read by leaf path: renaming a layer breaks them."""
+  """Exports and checkpoints are read by leaf path; renames break them."""
   params = nnx.state(abstract("tiny"), nnx.Param)
   paths = {path_str(p).removesuffix("/.value")
            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}

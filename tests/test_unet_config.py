@@ -1,4 +1,4 @@
-"""Tests of the denoiser's config and presets (dfgm_jax/models/unet_config.py)."""
+"""Tests of the denoiser's config and presets (models/unet_config.py)."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Layers shared by the networks: initializers, conv / dense, resampling, GroupNorm.
+"""Shared layers: initializers, conv / dense, resampling, GroupNorm.
 
 Nothing here knows the denoiser's config: each function takes the widths and
 dtypes it needs, so the diffusion UNet (unet.py, through blocks.py) and the
@@ -140,7 +140,8 @@ def _spatial_sum(x: jax.Array) -> jax.Array:
   """
   b, h, w, c = x.shape
   f = math.gcd(8, h * w)
-  return x.reshape(b, h * w // f, f * c).sum(axis=1).reshape(b, f, c).sum(axis=1)
+  folded = x.reshape(b, h * w // f, f * c).sum(axis=1)  # (B, f * C)
+  return folded.reshape(b, f, c).sum(axis=1)
 
 
 def _group_expand(groups: int, channels: int) -> jax.Array:

@@ -13,7 +13,8 @@ parameters, the same count as the diffusers model).
 
 Parameter counts (measured with `jax.eval_shape`) and forward GFLOP per image
 (flops.py: `flops_per_image`, 2 x MACs of convs, dense layers and attention
-matmuls; `xla_flops_per_image` counts only non-padding taps, plus elementwise work):
+matmuls; `xla_flops_per_image` counts only non-padding taps, plus
+elementwise work):
 
 | preset | S   | params     | GFLOP  | XLA GFLOP |
 |--------|-----|------------|--------|-----------|
@@ -79,6 +80,10 @@ __all__ = [
     "get_preset", "UNet", "create_model", "abstract_model", "count_params",
     "example_inputs",
 ]
+
+
+# ----------------------------------------------------------------------------
+# The denoiser's own modules (the shared ones are in blocks.py).
 
 
 class SpatialLevel(nnx.Module):
