@@ -31,18 +31,17 @@ def test_flag_added_once_only_for_measured_versions(monkeypatch):
 _FORWARD = """
 import sys; sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
 from configs import tiny
-from dfgm_jax.train import diffusion
-g, rest, st = diffusion.init_state(tiny.get_config())
-leaves, tree = jax.tree.flatten(st["params"])  # off the zero init of the output conv.
+from dfgm_jax.diffusion import denoiser
+d = denoiser.Denoiser.init(tiny.get_config())
+leaves, tree = jax.tree.flatten(d.params)  # off the zero init of the output conv.
 rng = np.random.default_rng(1)
 params = jax.tree.unflatten(tree, [a + 0.05 * rng.normal(size=a.shape).astype(a.dtype)
                                    for a in leaves])
 x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)), jnp.float32)
 m = jnp.zeros((2, 32, 32, 1)).at[:, 10:20, 10:20].set(1.0)
-out = jax.jit(lambda p: nnx.merge(g, p, rest)(x, jnp.array([10, 900]), jnp.ones(2, jnp.int32),
-                                              m, m))(params)
+out = jax.jit(lambda p: d.eps_fn(p)(x, jnp.array([10, 900]), jnp.ones(2, jnp.int32),
+                                    m, m))(params)
 np.save({out!r}, np.asarray(out))
 """
 
