@@ -1,7 +1,9 @@
-"""Blended sampling of 8 examples on 1, 4 and 8 devices, batch 8 and 4; .npy out.
+"""The synthesis sampler on 8 examples on 1, 4 and 8 devices, batch 8 and 4; .npy out.
 
-Run with XLA_FLAGS=--xla_force_host_platform_device_count=8. The tiny UNet's
-parameters are perturbed so that the network's output is not zero.
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8. The sampler is
+Denoiser.sampler (what synthesis runs: dfgm mode, batch sharded over the
+mesh); the tiny UNet's parameters are perturbed so that the network's output
+is not zero.
 """
 
 import argparse
@@ -17,44 +19,39 @@ def main():
   p.add_argument("--out_dir", required=True)
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
   from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.diffusion import sampler, schedule  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.models import unet  # pylint: disable=g-import-not-at-top
-  from dfgm_jax.synthesis import masks  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
 
-  cfg = unet.get_preset("tiny")
-  graphdef, params, rest = nnx.split(unet.create_model(cfg, 0), nnx.Param, ...)
-  leaves, tree = jax.tree.flatten(params)
+  config = tiny.get_config()  # tiny UNet, 32 px, T = 100 (linear).
+  config.mask.r_out_240 = 15.0  # 2 px at 32.
+  config.sampler.steps, config.sampler.jump_length, config.sampler.resamples = 10, 2, 2
+  model = denoiser.Denoiser.init(config, seed=0)
+  assert model.r_out == 2
+  leaves, tree = jax.tree.flatten(model.params)
   rng = np.random.default_rng(0)
   params = jax.tree.unflatten(tree, [l + 0.05 * rng.normal(size=l.shape).astype(np.float32)
                                      for l in leaves])
-  examples = [input_pipeline.synthetic_example(i, 32) for i in range(8)]
-  y = np.stack([e["image"] for e in examples])
-  tumor = np.stack([e["mask"] for e in examples]).astype(np.float32)
-  ring = np.asarray(masks.ring(jnp.asarray(tumor), 2))
-  sched = schedule.make_schedule("linear", 100)
-  scfg = sampler.SamplerConfig(steps=10, jump_length=2, resamples=2)
-
-  @jax.jit
-  def run(params, y, ring, tumor, idx):
-    def eps_fn(x, t, c, r, m):
-      return nnx.merge(graphdef, params, rest)(x, t, c, r, m)
-    return sampler.blend_sample(eps_fn, sched, scfg, y, ring, tumor,
-                                jax.random.key(42), idx)
+  tumors = [input_pipeline.synthetic_example(i, 32) for i in range(8)]
+  healthy = [input_pipeline.synthetic_example(8 + i, 32, tumor=False) for i in range(8)]
+  x = np.stack([e["image"] for e in tumors])
+  tumor = np.stack([e["mask"] for e in tumors]).astype(np.float32)
+  h = np.stack([e["image"] for e in healthy])
 
   # (devices, batch): the same 8 examples, in one batch or in two.
   for devices, batch in ((1, 8), (8, 8), (1, 4), (4, 4)):
-    data = NamedSharding(parallel.make_mesh(devices), P("data"))
+    mesh = parallel.make_mesh(devices)
+    run = model.sampler("dfgm", 42, mesh)
+    data = NamedSharding(mesh, P("data"))
     outs = []
     for lo in range(0, 8, batch):
       sl = slice(lo, lo + batch)
       put = lambda a, sl=sl: jax.device_put(a[sl], data)
-      outs.append(np.asarray(run(params, put(y), put(ring), put(tumor),
+      outs.append(np.asarray(run(jax.device_put(params, parallel.replicated(mesh)),
+                                 put(x), put(tumor), put(h),
                                  put(np.arange(8, dtype=np.int32)))))
     np.save(os.path.join(args.out_dir, f"{devices}_{batch}.npy"),
             np.concatenate(outs))
