@@ -1,12 +1,16 @@
-"""The synthesis and export binaries end to end on phantom slices.
+"""The synthesis stage (dfgm_jax/synthesis/stage.py) and its binary, on phantom slices.
 
 One tiny model is trained and exported per module; a reference synthesis
-(one process, one device) is what the resumed and the multi-process runs
-must reproduce.
+(one process, one device, in process) is what the resumed and the
+multi-process runs must reproduce. Library behaviour is tested through
+stage.run; the binary keeps the tests of its flags, exit codes and the
+multi-process run.
 """
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +18,32 @@ import numpy as np
 import pytest
 
 from data_pipeline import input_pipeline
+from data_pipeline import slice_sets
+from dfgm_jax import errors
+from dfgm_jax import model_io
+from dfgm_jax.synthesis import pipeline
+from dfgm_jax.synthesis import stage
 from tests.conftest import ROOT, train_tiny
 
 CENTERS = ("CBICA", "TCIA")
+
+
+def _config(centers=CENTERS, **synthesis):
+  from configs import tiny
+  config = tiny.get_config()
+  config.synthesis.centers = ",".join(centers)
+  config.synthesis.backend = "pixels"
+  config.sampler.steps = 5
+  config.sampler.resamples = 1
+  config.sampler.batch_size = 4
+  for key, value in synthesis.items():
+    setattr(config.synthesis, key, value)
+  return config
+
+
+def _run(workdir, model_dir, data_dir, config=None, **kwargs):
+  return stage.run(config or _config(), str(workdir), slice_sets.SliceData(data_dir),
+                   model_dir=model_dir, **kwargs)
 
 
 def _env(devices=1):
@@ -33,18 +60,11 @@ def _cmd(workdir, model_dir, data_dir, *extra):
           *extra]
 
 
-def _run(cmd, devices=1):
-  r = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r
-
-
 def _share_salt(reference, workdir):
   """The center's salt, so that pseudonymous keys compare across runs."""
-  os.makedirs(os.path.join(str(workdir), "synthetic"), exist_ok=True)
-  with open(os.path.join(str(workdir), "synthetic", ".salt"), "w") as f:
-    f.write((reference / "synthetic" / ".salt").read_text())
+  os.makedirs(os.path.join(str(workdir), "private"), exist_ok=True)
+  with open(os.path.join(str(workdir), "private", "salt"), "w") as f:
+    f.write((reference / "private" / "salt").read_text())
 
 
 def _images_by_key(workdir, center):
@@ -53,37 +73,45 @@ def _images_by_key(workdir, center):
   return {e["key"]: (e["image"], e["mask"], e["healthy"]) for e in examples}
 
 
+def _assert_same_images(reference, workdir, centers=CENTERS):
+  for center in centers:
+    ref, got = _images_by_key(reference, center), _images_by_key(workdir, center)
+    assert ref.keys() == got.keys()
+    for key in ref:
+      np.testing.assert_array_equal(got[key][0], ref[key][0])
+      np.testing.assert_array_equal(got[key][1], ref[key][1])
+
+
 @pytest.fixture(scope="module")
 def trained(preprocessed_2020, tmp_path_factory):
-  """(data_dir, manifest, training workdir, export dir, reference workdir)."""
+  """(data_dir, manifest, training workdir, export dir, reference workdir, its result)."""
   data_dir, manifest = preprocessed_2020
   root = tmp_path_factory.mktemp("synth")
   g1 = str(root / "g1")
-  train_tiny(data_dir, g1, "CBICA", 10)
+  config, _, _ = train_tiny(data_dir, g1, "CBICA", 10)
   export = str(root / "model")
-  r = subprocess.run([sys.executable, "-m", "launch.export_model", f"--model_dir={g1}",
-                      f"--out={export}"], cwd=ROOT, env=_env(), capture_output=True,
-                     text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  model_io.export_workdir(g1, config, export)
   reference = root / "reference"
-  _run(_cmd(reference, export, data_dir))
-  return data_dir, manifest, g1, export, reference
+  result = _run(reference, export, data_dir)
+  return data_dir, manifest, g1, export, reference, result
 
 
 def test_synthesize_writes_set_summary_and_figure(trained):
-  data_dir, manifest, _, export, reference = trained
+  data_dir, manifest, _, export, reference, result = trained
   out = reference / "synthetic"
   summary = json.loads((out / "summary.json").read_text())
+  assert {k: result[k] for k in summary} == summary
   for center in CENTERS:
     n_tumor = manifest["splits"][f"{center}_train"]["num_slices"]
     assert summary["centers"][center]["tumor_slices"] == n_tumor
     assert 0 < summary["centers"][center]["synthetic"] <= 2 * n_tumor
+    assert summary["centers"][center]["skipped_placement"] == 0
   assert summary["mode"] == "dfgm" and summary["backend"] == "pixels"
   assert summary["model_step"] == 10
   assert summary["model_sha256"] == json.load(open(os.path.join(export, "model.json")))[
       "params_sha256"]
-  assert os.path.getsize(out / "comparison.png") > 1000
-  assert not (out / ".staging").exists()
+  assert os.path.getsize(reference / "private" / "figures" / "comparison_CBICA.png") > 1000
+  assert not (reference / "private" / "synthesis" / "staging").exists()
   examples = list(input_pipeline.read_examples(str(out), "TCIA_synthetic", "grain"))
   assert len(examples) == summary["centers"]["TCIA"]["synthetic"]
   tf_examples = list(input_pipeline.read_examples(str(out), "TCIA_synthetic", "tf"))
@@ -95,46 +123,98 @@ def test_synthesize_writes_set_summary_and_figure(trained):
       assert "BraTS" not in ex[field]  # no raw patient identifier leaves.
     assert len(ex["source"]) == 16
   # A rerun reuses the finished output.
-  again = _run(_cmd(reference, export, data_dir))
-  assert "reused" in again.stdout
+  again = _run(reference, export, data_dir)
+  assert again["reused"] and again["synthetic_total"] == summary["synthetic_total"]
+
+
+def _shared_files(workdir):
+  shared = workdir / "synthetic"
+  return {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+
+
+def test_shared_folder_does_not_reveal_the_patients(trained):
+  data_dir, _, _, _, reference, _ = trained
+  files = _shared_files(reference)
+  assert any(p.suffix == ".json" for p in files) and len(files) > 4
+  # Issue 11 item 5: the salt is private, and no candidate salt in the shared
+  # folder turns a pseudonym back into a BraTS id.
+  salt = (reference / "private" / "salt").read_text().strip()
+  assert all(salt.encode() not in data for data in files.values())
+  sources = {e["source"] for c in CENTERS
+             for e in input_pipeline.read_examples(str(reference / "synthetic"),
+                                                   f"{c}_synthetic", "grain")}
+  ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 370)]
+
+  def reversed_with(candidate):
+    return {i for i in ids if pipeline.salted_hash(i, candidate) in sources}
+
+  assert reversed_with(salt)  # the attack works with the salt...
+  candidates = {m.decode() for data in files.values()
+                for m in re.findall(rb"[0-9a-f]{32}", data)} | {""}
+  for candidate in candidates:
+    assert not reversed_with(candidate)  # ...and nothing shared is it.
+  # Item 6: no local path.
+  for local in {str(reference), os.path.realpath(reference), data_dir,
+                os.path.realpath(data_dir)}:
+    for path, data in files.items():
+      assert local.encode() not in data, path
+  # Item 7: no figure of private slices in the shared folder.
+  assert not [p for p in files if p.suffix in (".png", ".jpg", ".pdf")]
+
+
+def test_another_config_is_refused_saying_what_differs(trained, tmp_path):
+  data_dir, _, _, export, reference, _ = trained
+  before = (reference / "synthetic" / "manifest.json").read_bytes()
+  with pytest.raises(errors.RunMismatch, match=r"synthesis\.k: 2 -> 1.*--overwrite"):
+    _run(reference, export, data_dir, _config(k=1))
+  assert (reference / "synthetic" / "manifest.json").read_bytes() == before
+  # --overwrite replaces it (on a copy: the reference serves the other tests).
+  copy = tmp_path / "copy"
+  shutil.copytree(reference, copy)
+  result = _run(copy, export, data_dir, _config(centers=("TCIA",), k=1), overwrite=True)
+  assert result["k"] == 1 and set(result["centers"]) == {"TCIA"}
+  assert json.loads((copy / "synthetic" / "manifest.json").read_text())["splits"].keys() == {
+      "TCIA_synthetic"}
+
+
+def test_unknown_center_fails_before_the_memory_bank(trained, tmp_path):
+  data_dir, _, _, export, _, _ = trained
+  with pytest.raises(errors.ConfigError, match=r"config\.synthesis\.centers=CBICA,NOPE.*"
+                     r"\['NOPE'\].*its centers: \['CBICA'"):
+    _run(tmp_path, export, data_dir, _config(centers=("CBICA", "NOPE")))
+  assert not list(tmp_path.rglob("bank_*.npz"))
+  with pytest.raises(errors.ConfigError, match="needs a model"):
+    _run(tmp_path, None, data_dir)
 
 
 def test_training_workdir_and_export_give_the_same_images(trained, tmp_path):
-  data_dir, _, g1, _, reference = trained
+  data_dir, _, g1, _, reference, _ = trained
   _share_salt(reference, tmp_path)
-  _run(_cmd(tmp_path, g1, data_dir, "--config.synthesis.centers=TCIA"))
-  ref, got = _images_by_key(reference, "TCIA"), _images_by_key(tmp_path, "TCIA")
-  assert ref.keys() == got.keys()
-  for key in ref:
-    np.testing.assert_array_equal(got[key][0], ref[key][0])
+  _run(tmp_path, g1, data_dir, _config(centers=("TCIA",)))
+  _assert_same_images(reference, tmp_path, ("TCIA",))
 
 
 def test_stopped_synthesis_resumes_at_the_next_batch(trained, tmp_path):
-  data_dir, _, _, export, reference = trained
+  data_dir, _, _, export, reference, _ = trained
   _share_salt(reference, tmp_path)
-  r = _run(_cmd(tmp_path, export, data_dir, "--stop_after_batches=2"))
-  assert "stopped" in r.stdout
+  r = _run(tmp_path, export, data_dir, stop_after_batches=2)
+  assert r["stopped"]
   out = tmp_path / "synthetic"
   assert not (out / "manifest.json").exists()
-  (run_dir,) = (out / ".staging").iterdir()
+  (run_dir,) = (tmp_path / "private" / "synthesis" / "staging").iterdir()
   staged = sorted(p.name for p in (run_dir / "CBICA").iterdir())
   assert staged == ["b000000.npz", "b000001.npz", "plan.npz"]
   # A write cut short by a kill leaves only a temporary name: never read.
   (run_dir / "CBICA" / "b000002.npz.tmp.npz").write_bytes(b"half a file")
-  r = _run(_cmd(tmp_path, export, data_dir))
-  assert "2 staged before" in r.stderr
-  for center in CENTERS:
-    ref, got = _images_by_key(reference, center), _images_by_key(tmp_path, center)
-    assert ref.keys() == got.keys()
-    for key in ref:
-      np.testing.assert_array_equal(got[key][0], ref[key][0])
-      np.testing.assert_array_equal(got[key][1], ref[key][1])
-  assert not (out / ".staging").exists()
+  r = _run(tmp_path, export, data_dir)
+  assert r["batches"]["CBICA"]["reused"] == 2 and not r["stopped"]
+  _assert_same_images(reference, tmp_path)
+  assert not (tmp_path / "private" / "synthesis" / "staging").exists()
 
 
 def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
   portpicker = pytest.importorskip("portpicker")
-  data_dir, _, _, export, reference = trained
+  data_dir, _, _, export, reference, _ = trained
   port = portpicker.pick_unused_port()
   _share_salt(reference, tmp_path)
   procs = [subprocess.Popen(
@@ -142,9 +222,12 @@ def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
            "--num_processes=2", f"--process_id={pid}"),
       cwd=ROOT, env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for pid in range(2)]
+  outs = []
   for p in procs:
-    _, err = p.communicate(timeout=600)
+    out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  assert "synthesis done:" in outs[0] and "synthetic set:" in outs[0]
   summary = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
   assert summary["devices"] == 4 and summary["processes"] == 2
   for center in CENTERS:
@@ -157,7 +240,7 @@ def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
 
 
 def test_corrupt_export_is_refused_with_its_path(trained, tmp_path):
-  data_dir, _, _, export, _ = trained
+  data_dir, _, _, export, _, _ = trained
   bad = tmp_path / "model"
   bad.mkdir()
   for name in ("model.json", "params.npz"):
