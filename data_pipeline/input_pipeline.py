@@ -22,10 +22,15 @@ import numpy as np
 
 from data_pipeline import builder
 from data_pipeline import slice_sets
+from dfgm_jax import errors
 
 READERS = ("tf", "grain", "synthetic")
 FORMAT_OF_READER = {"tf": "tfrecord", "grain": "array_record"}
 TEXT_FIELDS = ("key", "case_id", "center", "source", "healthy", "mode")
+
+
+class SplitTooSmall(errors.UserError, ValueError):
+  """An empty split, or one with fewer examples than processes to share it."""
 
 
 def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
@@ -60,11 +65,11 @@ def _tfds_builder(data_dir: str, reader: str):
 def _shard_split(data_dir, split, process_index, process_count) -> str:
   n = split_size(data_dir, split)
   if n == 0:
-    raise ValueError(f"{data_dir}: split {split!r} is empty")
+    raise SplitTooSmall(f"{data_dir}: split {split!r} is empty")
   start, end = shard_bounds(n, process_index, process_count)
   if start == end:
-    raise ValueError(f"split {split!r} has {n} examples, too few for "
-                     f"{process_count} processes")
+    raise SplitTooSmall(f"{data_dir}: split {split!r} has {n} examples, too "
+                        f"few for {process_count} processes")
   return f"{split}[{start}:{end}]"
 
 

@@ -115,10 +115,15 @@ def test_tf_free_readers_never_import_tensorflow(preprocessed_2020):
   out, _ = preprocessed_2020
   code = (
       "import sys\n"
-      "from data_pipeline import input_pipeline as ip\n"
+      # The data layer's own modules never import JAX (grain, once used, does).
+      "from data_pipeline import input_pipeline as ip, phantom, preprocess\n"
+      "assert 'jax' not in sys.modules, 'jax was imported'\n"
       f"b = next(ip.get_batches({out!r}, 'healthy', batch_size=2, reader='grain'))\n"
       "s = next(ip.get_batches(None, 'x', batch_size=2, reader='synthetic'))\n"
       "assert b['image'].shape[0] == 2 and s['image'].shape[0] == 2\n"
+      "from data_pipeline import slice_sets\n"
+      f"h = slice_sets.load_split({out!r}, 'healthy')\n"
+      "assert h['image'].dtype.name == 'float32'\n"
       "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
       "print('ok')\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
