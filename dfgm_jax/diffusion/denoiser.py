@@ -281,19 +281,29 @@ def _load_workdir(cls, ckpt_dir: str, config, mesh) -> Denoiser:
   """The newest readable checkpoint's `ema` item (orbax partial restore)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from dfgm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)
   try:
     steps, directory = ckpt.all_steps(), epath.Path(ckpt.directory)
   finally:
     ckpt.close()
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return _newest_ema(cls, handler, directory, steps, ckpt_dir, config, mesh)
+  finally:
+    handler.close()
+
+
+def _newest_ema(cls, handler, directory, steps, ckpt_dir: str, config, mesh) -> Denoiser:
+  """Tries the steps newest first: corrupt ones are skipped, a misfit is refused."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
   unreadable = []
   for step in reversed(steps):
     # orbax's layout: <dir>/<step>/{state,meta}, one folder per item.
     step_dir = directory / str(step)
     try:
       meta = ocp.JsonCheckpointHandler().restore(step_dir / "meta")
-      stored = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
+      stored = handler.metadata(step_dir / "state")
       stored = getattr(stored, "tree", stored)["ema"]
     except Exception as e:  # orbax/tensorstore raise many types.
       _skip(unreadable, step, ckpt_dir, e)
@@ -308,10 +318,10 @@ def _load_workdir(cls, ckpt_dir: str, config, mesh) -> Denoiser:
     target = {"ema": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)}
     try:
-      restored = ocp.PyTreeCheckpointHandler().restore(
-          step_dir / "state", args=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True))
+      # Only the `ema` item is read: no optimizer state, no template for it.
+      restored = handler.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
     except Exception as e:  # orbax/tensorstore raise many types.
       _skip(unreadable, step, ckpt_dir, e)
       continue
