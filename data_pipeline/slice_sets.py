@@ -160,16 +160,15 @@ def load_split(data_dir: str, split: str, reader: str = "grain",
   Raises:
     NoSliceSet: no finished set in `data_dir`.
     UnknownSplit: naming the split and the splits that exist.
+    input_pipeline.SplitTooSmall: the split is empty, or has fewer examples
+      than processes.
   """
   from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest = load_manifest(data_dir)
   check_split(data_dir, split, manifest)
+  # An empty split, or an empty shard of one, is refused by the reader.
   examples = list(input_pipeline.read_examples(data_dir, split, reader,
                                                process_index, process_count))
-  if not examples:
-    s, c = manifest["image_size"], manifest["channels"]
-    return {"image": np.zeros((0, s, s, c), np.float32),
-            "mask": np.zeros((0, s, s, 1), np.float32)}
   return {name: _column(name, [e[name] for e in examples])
           for name in examples[0]}
 
