@@ -131,6 +131,10 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
                            capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stderr
+  # Steps logged after checkpoint 20 by the killed run are replayed: one row each.
+  rows = [json.loads(l)["step"] for l in
+          (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [10, 20, 30, 40], rows
   step_a, a = _params_of(tmp_path / "ref")
   step_b, b = _params_of(tmp_path / "run")
   assert step_a == step_b == 40
@@ -150,3 +154,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
   assert len(steps) == 1 and steps[0] >= 10
   assert "stopped" in out
+
+
+def test_binary_refuses_another_run_in_one_line(tmp_path):
+  """A different network on a used workdir: one line, exit 1, nothing touched."""
+  from configs import tiny
+  from dfgm_jax.train import diffusion
+  from dfgm_jax.train import loop
+  identity = diffusion.run_identity(json.loads(tiny.get_config().to_json_best_effort()))
+  loop.claim_workdir(str(tmp_path), identity, identity_fn=diffusion.run_identity,
+                     what="a diffusion training run")
+  record = (tmp_path / loop.RUN_RECORD).read_text()
+  r = subprocess.run(_binary(tmp_path, "--config.model.overrides.base_channels=24"),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert "model.overrides.base_channels: None -> 24" in r.stderr
+  assert "--overwrite" in r.stderr
+  assert (tmp_path / loop.RUN_RECORD).read_text() == record
+  assert not (tmp_path / "checkpoints").exists()
