@@ -141,21 +141,3 @@ def plan_generators(plan: dict, load_case: Callable[[str], dict]) -> dict:
   """split name -> callable yielding the real-slice examples of its plan."""
   return {name: functools.partial(_plan_examples, entries, load_case)
           for name, entries in plan.items()}
-
-
-def build(out_dir: str, file_format: str, plan: dict,
-          load_case: Callable[[str], dict], image_size: int, channels: int,
-          description: str = "") -> None:
-  """Writes one format of the real-slice data set (brats_slices).
-
-  Args:
-    out_dir: root of the format folders (a temporary folder while building).
-    file_format: 'tfrecord' or 'array_record'.
-    plan: split name -> list of (case_id, center, kind, index), non-empty.
-    load_case: case_id -> staged arrays.
-    image_size, channels: example geometry.
-    description: stored in the data set's info.
-  """
-  build_generic(out_dir, file_format, DATASET_NAME,
-                features(image_size, channels),
-                plan_generators(plan, load_case), description)
