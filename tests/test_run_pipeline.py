@@ -1,0 +1,38 @@
+"""The pipeline's stages in process (launch/pipeline.py), end to end on the tiny config."""
+
+import json
+import os
+
+import pytest
+
+from launch import pipeline
+
+
+def test_stages_are_named_in_order():
+  assert [s.name for s in pipeline.STAGES] == [
+      "phantom", "preprocess", "train G1", "export G1", "synthesize"]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  config.train.num_steps = 10
+  config.synthesis.backend = "pixels"
+  config.sampler.steps = 5
+  config.sampler.resamples = 1
+  config.sampler.batch_size = 4
+  run = pipeline.Run(config, str(tmp_path), num_workers=1)
+  out = pipeline.run_stages(run)
+  assert list(out) == [s.name for s in pipeline.STAGES]
+  assert out["train G1"]["G1 step"] == 10 and out["export G1"]["G1 export step"] == 10
+  summary = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
+  assert summary["model_step"] == 10 and summary["synthetic_total"] == out[
+      "synthesize"]["synthetic pairs"] > 0
+  assert os.path.exists(out["synthesize"]["figure (private)"])
+  # A second run reuses every stage: nothing is rewritten.
+  mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+  again = pipeline.run_stages(pipeline.Run(config, str(tmp_path), num_workers=1))
+  assert again["synthesize"]["synthetic pairs"] == summary["synthetic_total"]
+  assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
