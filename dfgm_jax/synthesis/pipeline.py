@@ -11,14 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfgm_jax.diffusion import sampler as sampler_lib
-from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.synthesis import compose
 from dfgm_jax.synthesis import masks
 from dfgm_jax.synthesis import matching
@@ -173,15 +170,6 @@ def provenance(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
       "healthy": [salted_hash(bank.keys[j], settings.salt) for j in pairs[:, 1]],
       "rank": [int(r) for r in pairs[:, 2]],
   }
-
-
-def make_generate_fn(settings: SynthesisSettings, eps_fn_factory: Callable | None,
-                     sched: schedule_lib.Schedule, scfg: sampler_lib.SamplerConfig,
-                     mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """jit(params, x, tumor, h, index) -> images (prefer Denoiser.sampler)."""
-  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
-  return denoiser.make_sampler(settings.mode, eps_fn_factory, sched, scfg, settings.r_out,
-                               settings.r_in, settings.seed, mesh)
 
 
 def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:

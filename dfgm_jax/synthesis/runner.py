@@ -24,6 +24,7 @@ import numpy as np
 
 from dfgm_jax import errors
 from dfgm_jax import parallel
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.synthesis import pipeline
 
 
@@ -123,7 +124,8 @@ def run(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank, tumors:
   Args:
     settings, bank, tumors: as for pipeline.synthesize.
     pairs: the agreed plan (same on every process).
-    generate: pipeline.make_generate_fn(..., mesh).
+    generate: the jitted sampler f(params, x, tumor, h, index) sharded over
+      `mesh` (Denoiser.sampler, or denoiser.make_sampler for a bare eps_fn).
     params: the denoiser's parameters, replicated over `mesh`.
     mesh: the data-parallel mesh over all devices.
     store: process 0's staging of this center.
@@ -233,7 +235,8 @@ def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
   mesh = mesh or parallel.make_mesh()
   store = BatchStore(None)
   pairs = agreed_plan(store, lambda: pipeline.plan_pairs(settings, bank, tumors))
-  generate = pipeline.make_generate_fn(settings, eps_fn_factory, sched, scfg, mesh)
+  generate = denoiser.make_sampler(settings.mode, eps_fn_factory, sched, scfg,
+                                  settings.r_out, settings.r_in, settings.seed, mesh)
   params = jax.device_put(params, parallel.replicated(mesh))
   run(settings, bank, tumors, pairs, generate, params, mesh, store, progress=progress,
       name=name)
