@@ -151,7 +151,7 @@ def sampler_benchmark(config) -> list[dict]:
       "preset": config.model.preset,
       "image_size": size,
       "batch_size": b,
-      "mode": mode,
+      "synthesis_mode": mode,  # "mode" is the peer's key (cpu_bench.sh).
       "sampler": s.kind,
       "steps": s.steps,
       "jump_length": s.jump_length,
