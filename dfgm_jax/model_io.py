@@ -180,13 +180,6 @@ def fill(template, arrays: dict, source: str):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def load_for_sampling(model_dir: str, config, mesh):
-  """(config, graphdef, rest, params, step): Denoiser.load's fields (callers move to it)."""
-  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
-  d = denoiser.Denoiser.load(model_dir, config, mesh)
-  return d.config, d.graphdef, d.rest, d.params, d.step
-
-
 def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = False
                    ) -> tuple[str, int]:
   """Exports the newest readable checkpoint of a training workdir; (out, step)."""

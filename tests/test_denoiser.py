@@ -93,7 +93,7 @@ def test_export_and_workdir_load_the_same_ema_and_sample_the_same(trained):
     assert d.config.model.overrides.to_dict() == config.model.overrides.to_dict()
     assert _leaves_equal(d.params, state["ema"])  # the EMA, not the params.
   # The sampler is modes.synthesize_batch with the model's schedule and radii
-  # (what pipeline.make_generate_fn compiled before).
+  # (what synthesis compiled before the seam).
   x, tumor, h, index = _batch()
   mesh = parallel.make_mesh(1)
   got = from_workdir.sampler("dfgm", 7, mesh)(from_workdir.params, x, tumor, h, index)
