@@ -954,8 +954,9 @@ def run(params: dict, out_dir: str, num_workers: int = 1,
     # A record of the pipeline's earlier phantom stage: {params, data_dir}.
     record = {"identity": {**PARAM_DEFAULTS, **record["params"]}}
     stage_io.write_json(record_path, {**record, "data_dir": data_dir})
-  if stage_io.check_done(record_path, full, what="a phantom",
-                         overwrite=overwrite) is not None:
+  if stage_io.check_done(record_path, full, what="a phantom", overwrite=overwrite,
+                         remedy="Pass --overwrite to replace it, or choose "
+                         "another output folder.") is not None:
     logging.info("phantom: reusing %s", data_dir)
     return data_dir
   previous = stage_io.read_json(record_path)
