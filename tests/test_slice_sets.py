@@ -139,7 +139,7 @@ def test_write_synthetic_set_builds_aside_and_reads_back(tmp_path, preprocessed_
   assert sorted(os.listdir(out)) == ["array_record", "manifest.json"]
 
 
-def test_training_refuses_slices_of_another_size(preprocessed_2020):
+def test_training_refuses_slices_of_another_size_or_center(preprocessed_2020):
   from configs import tiny
   from launch import train_data
   config = tiny.get_config()
@@ -153,5 +153,9 @@ def test_training_refuses_slices_of_another_size(preprocessed_2020):
   with pytest.raises(errors.ConfigError, match=r"config.data.modalities"):
     train_data.make_sampler(config, preprocessed_2020[0])
   config.data.modalities = ("t2",)
+  config.train.center = "MDA"  # not a center of the data.
+  with pytest.raises(errors.UserError, match=r"no split 'MDA_train'; splits: .*'CBICA_train'"):
+    train_data.make_sampler(config, preprocessed_2020[0])
+  config.train.center = "CBICA"
   sampler = train_data.make_sampler(config, preprocessed_2020[0])
   assert sampler.batch(0)["image"].shape == (8, 32, 32, 1)
