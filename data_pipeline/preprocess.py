@@ -1,12 +1,15 @@
 """BraTS folder -> sharded 2D slice data set (TFRecord + ArrayRecord) + manifest.
 
 Stages, each resumable:
-  1. discover cases and centers (brats.py);
-  2. per case, in parallel: validate, normalise, cut slices, stage to
-     `OUT/.staging/<fingerprint>/<case_id>.npz` (case_slices.py); a staged
-     case is reused by a rerun;
+  0. check the `data` config (check_config) before any I/O;
+  1. discover cases and centers (brats.py); a finished output of the same
+     input and config is reused, one of another is refused naming the fields
+     that differ (its `identity`, through stage_io);
+  2. per case, in parallel: validate every required file, normalise, cut
+     slices, stage to `OUT/.staging/<fingerprint>/<case_id>.npz`
+     (case_slices.py); a staged case is reused by a rerun;
   3. split patients per center, choose the healthy set, build both formats in
-     `OUT/.build` and move them into place (builder.py);
+     `OUT/.build` and move them into place (slice_sets.write_set);
   4. write `OUT/manifest.json` last (atomic rename). Readers only trust an
      output that has a manifest, so an interrupted run never looks complete.
 """
