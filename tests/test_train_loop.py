@@ -95,6 +95,9 @@ def test_corrupt_newest_checkpoint_is_retrained_and_saved(trained, tmp_path):
   finally:
     ckpt.close()
   assert meta["next_step"] == STEPS
+  # The model a later export or synthesis reads is the new final step.
+  from dfgm_jax.diffusion import denoiser
+  assert denoiser.Denoiser.load(str(workdir), _config()).step == STEPS + 2
   # Replayed from step 2 exactly: the same weights as the first run's step 4.
   again = _flat(state["params"])
   assert set(again) == set(trained[1])
