@@ -136,16 +136,20 @@ def test_mixed_sampler_is_step_indexed():
 
 def test_event_file_reads_back_in_tensorflow(tmp_path):
   tf = pytest.importorskip("tensorflow")
-  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer = metrics_lib.MetricsWriter(str(tmp_path), resume_step=2)
   writer.write(5, {"loss": 0.25, "lr": 1e-3})
   writer.write(10, {"loss": 0.125, "lr": 1e-3})
   writer.close()
   (event_file,) = os.listdir(tmp_path / "tensorboard")
-  seen = []
+  seen, starts = [], []
   for event in tf.compat.v1.train.summary_iterator(str(tmp_path / "tensorboard" / event_file)):
+    if event.HasField("session_log"):
+      starts.append((event.step, event.session_log.status))
     for v in event.summary.value:
       seen.append((event.step, v.tag, round(v.simple_value, 6)))
   assert (5, "loss", 0.25) in seen and (10, "loss", 0.125) in seen
+  # A resumed run tells TensorBoard to drop the interrupted run's later events.
+  assert starts == [(2, tf.compat.v1.SessionLog.START)]
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 2 and '"step": 10' in lines[1]
 

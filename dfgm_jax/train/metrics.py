@@ -58,14 +58,19 @@ def _field_bytes(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+_SESSION_START = 1  # SessionLog.SessionStatus.START
+
+
 def _event(wall_time: float, step: int, summary: bytes | None = None,
-           file_version: str | None = None) -> bytes:
+           file_version: str | None = None, session_start: bool = False) -> bytes:
   msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
   msg += _varint(2 << 3 | 0) + _varint(step)
   if file_version is not None:
     msg += _field_bytes(3, file_version.encode())
   if summary is not None:
     msg += _field_bytes(5, summary)
+  if session_start:  # Event.session_log (7) = SessionLog{status (1): START}.
+    msg += _field_bytes(7, _varint(1 << 3 | 0) + _varint(_SESSION_START))
   return msg
 
 
@@ -85,9 +90,14 @@ def _record(data: bytes) -> bytes:
 
 
 class EventFileWriter:
-  """Appends scalar summaries to one TensorBoard event file."""
+  """Appends scalar summaries to one TensorBoard event file.
 
-  def __init__(self, logdir: str):
+  With `start_step`, the file begins with a SessionLog START event at that
+  step: TensorBoard then discards the events an interrupted run wrote after
+  it (they are replayed), as it does for TensorFlow's own resumed runs.
+  """
+
+  def __init__(self, logdir: str, start_step: int | None = None):
     logdir = epath.Path(logdir)  # a bucket URL works too (dfgm_jax/paths.py).
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / (f"events.out.tfevents.{int(time.time())}."
@@ -95,6 +105,9 @@ class EventFileWriter:
     self.path = str(path)
     self._f = path.open("ab")
     self._f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
+    if start_step is not None:
+      self._f.write(_record(_event(time.time(), int(start_step),
+                                   session_start=True)))
     self._f.flush()
 
   def scalars(self, step: int, scalars: dict) -> None:
@@ -137,7 +150,8 @@ class MetricsWriter:
   """metrics.jsonl + TensorBoard scalars; only process 0 writes.
 
   With `resume_step`, rows logged after that step by an interrupted run are
-  dropped first (the resumed run logs them again): one row per step.
+  dropped first (the resumed run logs them again): one row per step; the
+  event file starts with a session start at that step, for the same reason.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
@@ -155,7 +169,8 @@ class MetricsWriter:
         drop_rows_after(jsonl, resume_step)
       self._jsonl = jsonl.open("a")
       if tensorboard:
-        self._tb = EventFileWriter(str(workdir / "tensorboard"))
+        self._tb = EventFileWriter(str(workdir / "tensorboard"),
+                                   start_step=resume_step)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
