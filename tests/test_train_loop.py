@@ -231,3 +231,53 @@ def test_metrics_resume_keeps_one_row_per_step(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert [r["loss"] for r in rows] == [1.0, 2.0, 30.0, 40.0]
+
+
+def test_run_steps_drives_any_step_function(tmp_path):
+  """The loop's pieces with a toy step, as FedAvg rounds will use them."""
+  from dfgm_jax import parallel
+  mesh = parallel.make_mesh(1)
+
+  def step_fn(state, batches):
+    def one(s, b):
+      return {"w": s["w"] + jnp.sum(b["x"])}, {"loss": jnp.sum(b["x"])}
+    state, metrics = jax.lax.scan(one, state, batches)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  def batch_fn(step):
+    return {"x": np.full((2,), step, np.float32)}
+
+  state = jax.device_put({"w": jnp.zeros(())}, parallel.replicated(mesh))
+  first = loop.stack_batches(batch_fn, 0, 2)
+  compiled, seconds = loop.compile_step(step_fn, state, loop.global_batches(first, mesh),
+                                        mesh, steps_per_dispatch=2)
+  assert seconds >= 0
+
+  class StopAtSecondCheck:  # a preemption signal after the second dispatch.
+    calls = 0
+
+    def requested(self):
+      self.calls += 1
+      return self.calls == 2
+
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+  result = loop.run_steps(compiled, state, batch_fn, mesh, start=0, end=8,
+                          batch_size=2, steps_per_dispatch=2, log_every=2,
+                          checkpoint_every=100, checkpointer=ckpt, meta={"round": 1},
+                          writer=writer, watcher=StopAtSecondCheck(),
+                          first_batches=first)
+  writer.close()
+  assert result.preempted and result.step == 4
+  assert float(result.state["w"]) == 2 * (0 + 1 + 2 + 3)
+  assert ckpt.all_steps() == [4]  # saved on the preemption, not on an interval.
+  _, meta = ckpt.restore(4, {"w": jnp.zeros(())})
+  ckpt.close()
+  assert meta == {"round": 1, "next_step": 4}
+  assert _rows(tmp_path) == [2, 4]
+  # Another round from where this one stopped, without checkpoints or metrics.
+  again = loop.run_steps(compiled, result.state, batch_fn, mesh, start=4, end=8,
+                         batch_size=2, steps_per_dispatch=2)
+  assert not again.preempted and again.step == 8
+  assert float(again.state["w"]) == 2 * sum(range(8))
+  assert again.metrics["loss"] == 2 * (6 + 7) / 2  # mean of the last dispatch.
