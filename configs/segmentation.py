@@ -1,0 +1,56 @@
+"""The `seg` section: the downstream segmenter and its training (ALGORITHM.md 7).
+
+The network is dfgm_jax/models/seg_unet.py, the trainer
+dfgm_jax/train/segmentation.py. Paper values where the paper states them
+(Adam, lr 1e-3, BCE-with-logits); the rest are our choices (ALGORITHM.md 7).
+A config adds it with `config.seg = segmentation.get_seg_config()`.
+"""
+
+import ml_collections
+
+
+def get_seg_config() -> ml_collections.ConfigDict:
+  """The segmenter (paper scale); the input channels are data.modalities."""
+  c = ml_collections.ConfigDict()
+  # Channels of the UNet's first level; level i has width * 2^i (64: the
+  # standard UNet, about 31M parameters with transposed convolutions).
+  c.width = 64
+  # 2x down-samplings (4: the standard UNet; image_size must allow them).
+  c.depth = 4
+  # Bilinear up-sampling (about 17M parameters at width 64) instead of 2x2
+  # transposed convolutions.
+  c.bilinear = False
+  # Activations: float32 or bfloat16 (parameters stay float32).
+  c.dtype = "float32"
+  # Adam's learning rate, constant (paper).
+  c.lr = 1e-3
+  # bce (BCE-with-logits, mean over pixels; paper) or bce_dice (plus a soft
+  # Dice loss, mean over images).
+  c.loss = "bce"
+  # Global batch size (a multiple of the devices).
+  c.batch_size = 16
+  # Fixed epoch count: no model selection, the test set is never looked at.
+  c.epochs = 50
+  # Probability of a horizontal flip of each training example (image and
+  # mask together).
+  c.hflip = 0.5
+  # Seeds of a run: each one an initialisation, data order and flips; the
+  # results are reported as mean and std over them.
+  c.seeds = (0, 1, 2)
+  # Train the seeds stacked as one compiled program (vmap over the models);
+  # on out-of-memory the trainer falls back to one seed at a time by itself.
+  # False trains one at a time from the start (same results up to float
+  # rounding).
+  c.stack_seeds = True
+  # Write metrics every this many steps (and at the end).
+  c.log_every = 10
+  # Save a checkpoint every this many epochs (and at the end); 0: only at
+  # the end.
+  c.checkpoint_every_epochs = 5
+  # Checkpoints kept per seed group.
+  c.checkpoints_to_keep = 2
+  # Save checkpoints in the background.
+  c.async_checkpoints = True
+  # Also write TensorBoard event files beside metrics.jsonl.
+  c.tensorboard = True
+  return c
