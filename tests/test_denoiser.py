@@ -5,7 +5,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,7 +36,7 @@ def _batch(n=2, size=32):
 
 def _config():
   config = tiny.get_config()
-  config.sampler.steps = 3
+  config.sampler.steps = 2
   config.sampler.resamples = 1
   return config
 
@@ -101,13 +100,9 @@ def test_export_and_workdir_load_the_same_ema_and_sample_the_same(trained):
       "dfgm", from_export.eps_fn(p), from_export.schedule, from_export.sampler_config,
       x, t, h, jax.random.key(7), i, 1, 0))(from_export.params, x, tumor, h, index)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  # The loaded export's network computes what a freshly built one does.
-  fresh = denoiser.Denoiser.init(config)
-  args = (jnp.asarray(x), jnp.full((2,), 50, jnp.int32), jnp.ones((2,), jnp.int32),
-          jnp.asarray(tumor), jnp.asarray(tumor))
-  np.testing.assert_array_equal(
-      np.asarray(fresh.eps_fn(from_export.params)(*args)),
-      np.asarray(from_export.eps_fn(from_export.params)(*args)))
+  # The loaded network (built abstractly, no weights computed) is the one
+  # init builds: the same graph, so the same computation.
+  assert from_export.graphdef == from_workdir.graphdef == denoiser.Denoiser.init(config).graphdef
 
 
 def test_corrupt_newest_checkpoint_falls_back_mismatch_is_refused(trained, tmp_path):
