@@ -61,6 +61,13 @@ def sampler_config_from(config):
                                       if k in fields})
 
 
+def radii(config) -> tuple[int, int]:
+  """(r_out, r_in) in pixels: config.mask's radii at 240 px scaled to data.image_size."""
+  size = config.data.image_size
+  return (masks.radius_for_size(config.mask.r_out_240, size),
+          masks.radius_for_size(config.mask.r_in_240, size))
+
+
 def make_sampler(mode: str, eps_fn_factory: Callable | None, sched: schedule_lib.Schedule,
                  scfg: sampler_lib.SamplerConfig, r_out: int, r_in: int, seed: int,
                  mesh: jax.sharding.Mesh | None = None) -> Callable:
@@ -133,12 +140,12 @@ class Denoiser:
   @property
   def r_out(self) -> int:
     """Outer ring radius in pixels at the model's image size."""
-    return masks.radius_for_size(self.config.mask.r_out_240, self.config.data.image_size)
+    return radii(self.config)[0]
 
   @property
   def r_in(self) -> int:
     """Inner ring radius in pixels (dfgm_inner) at the model's image size."""
-    return masks.radius_for_size(self.config.mask.r_in_240, self.config.data.image_size)
+    return radii(self.config)[1]
 
   @property
   def region(self) -> str:

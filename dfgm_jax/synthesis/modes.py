@@ -8,8 +8,12 @@
 | dfgm (default)   | D and not M (the ring)    | y           |
 | dfgm_inner       | D and not erode(M, r_in)  | y           |
 
-y = M * x + (1 - M) * h is the cut-paste composite. All modes share the
-sampler, matching and placement; only m and the known image change.
+y = M * x + (1 - M) * h is the cut-paste composite (a select, as is every
+paste: a NaN on one side cannot reach the other). All modes share the
+sampler, matching and placement; only m and the known image change. The
+sampler hands m to the network as its conditioning mask, so a model serves
+only the modes whose m is the region it was trained on
+(Denoiser.check_mode; an anomalydiffusion model is trained on D).
 """
 
 from __future__ import annotations
