@@ -84,6 +84,17 @@ def profile(name: str, compiled, run: Callable[[], None], profile_dir: str,
   return {**line, "ops_table": table, **report}
 
 
+def model_dir_of(checkpoint_dir: str) -> str:
+  """The model folder for an export, a workdir or a workdir's checkpoints/.
+
+  String operations only: os.path.normpath would turn gs://b into gs:/b.
+  """
+  model_dir = checkpoint_dir.rstrip("/")
+  if model_dir.endswith("/checkpoints") or model_dir == "checkpoints":
+    model_dir = model_dir[:-len("checkpoints")].rstrip("/") or "."
+  return model_dir
+
+
 def sampler_benchmark(config) -> list[dict]:
   """Times the path synthesis runs: Denoiser.sampler -> modes.synthesize_batch.
 
@@ -107,10 +118,7 @@ def sampler_benchmark(config) -> list[dict]:
   # pylint: enable=g-import-not-at-top
   mesh = parallel.make_mesh()
   if config.bench.checkpoint_dir:
-    model_dir = os.path.normpath(config.bench.checkpoint_dir)
-    if os.path.basename(model_dir) == "checkpoints":  # the workdir's, then.
-      model_dir = os.path.dirname(model_dir)
-    model = denoiser.Denoiser.load(model_dir, config, mesh)
+    model = denoiser.Denoiser.load(model_dir_of(config.bench.checkpoint_dir), config, mesh)
     weights = f"ema@{model.step}"
   else:
     model = denoiser.Denoiser.init(config, mesh)

@@ -118,3 +118,11 @@ def test_cpu_bench_alternates_and_summarises(tmp_path):
   med = sorted(d["images_per_s"] for d in ours)
   assert summary["ours_median"] == sum(med) / 2
   assert summary["ratio_of_medians"] == round(summary["ours_median"] / 2.0, 3)
+
+
+def test_checkpoint_dir_names_the_model_folder_bucket_urls_included():
+  from launch import benchmark_common
+  assert benchmark_common.model_dir_of("gs://b/run/checkpoints/") == "gs://b/run"
+  assert benchmark_common.model_dir_of("gs://b/model") == "gs://b/model"
+  assert benchmark_common.model_dir_of("runs/g1/checkpoints") == "runs/g1"
+  assert benchmark_common.model_dir_of("checkpoints") == "."
