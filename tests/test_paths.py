@@ -82,6 +82,8 @@ def test_an_export_in_a_bucket_is_read_and_checked(fake_bucket):
   want = model_io.flatten(state["ema"])
   assert record["step"] == 3 and arrays.keys() == want.keys()
   assert all(np.array_equal(arrays[k], want[k]) for k in want)
+  model = denoiser.Denoiser.load("gs://bucket/model", config)  # what synthesis reads.
+  assert model.step == 3 and model.model_id == record["params_sha256"]
   # The checksum is verified through the bucket too.
   params = fake_bucket / "bucket/model/params.npz"
   params.write_bytes(params.read_bytes()[:-100])
