@@ -165,6 +165,7 @@ def test_binary_refuses_another_run_in_one_line(tmp_path):
   loop.claim_workdir(str(tmp_path), identity, identity_fn=diffusion.run_identity,
                      what="a diffusion training run")
   record = (tmp_path / loop.RUN_RECORD).read_text()
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # the run saved a step.
   r = subprocess.run(_binary(tmp_path, "--config.model.overrides.base_channels=24"),
                      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 1, r.stderr[-3000:]
@@ -172,4 +173,4 @@ def test_binary_refuses_another_run_in_one_line(tmp_path):
   assert "model.overrides.base_channels: None -> 24" in r.stderr
   assert "--overwrite" in r.stderr
   assert (tmp_path / loop.RUN_RECORD).read_text() == record
-  assert not (tmp_path / "checkpoints").exists()
+  assert os.listdir(tmp_path / "checkpoints") == ["10"]

@@ -169,6 +169,12 @@ def test_overwrite_clears_the_old_run_only(tmp_path):
   loop.claim_workdir(str(workdir), diffusion.run_identity(
       json.loads(config.to_json_best_effort())),
                      identity_fn=diffusion.run_identity, what="a run")
+  # A recorded run without any checkpoint (e.g. out of memory while
+  # compiling) has nothing to lose: another config takes its place.
+  loop.claim_workdir(str(workdir), old, identity_fn=diffusion.run_identity,
+                     what="a run")
+  record = json.loads((workdir / loop.RUN_RECORD).read_text())
+  assert record["identity"]["model"]["overrides"]["base_channels"] is None
 
 
 def test_bad_training_settings_are_refused_before_any_io(tmp_path):

@@ -104,13 +104,18 @@ def _write_json(path: epath.Path, obj: dict) -> None:
     stage_io.write_json(str(path), obj)
 
 
+def _has_checkpoints(workdir: epath.Path) -> bool:
+  ckpt_dir = workdir / CHECKPOINTS
+  return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def _stored_identity(workdir: epath.Path, identity_fn) -> tuple[dict | None, str]:
   """(identity, where from) of the run already in `workdir`, if any."""
   record = _read_json(workdir / RUN_RECORD)
   if record is not None:
     return record.get("identity"), str(workdir / RUN_RECORD)
   ckpt_dir = workdir / CHECKPOINTS
-  if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+  if _has_checkpoints(workdir):
     # A workdir from before run records: its checkpoints carry the config.
     ckpt = ckpt_lib.Checkpointer(str(ckpt_dir))
     try:
@@ -132,9 +137,11 @@ def claim_workdir(workdir: str, identity: dict, *,
 
   Compares `identity` with the run record (or, for an older workdir, the
   newest checkpoint's config through `identity_fn`); equal identities resume
-  (num_steps and the other free fields may differ). With `overwrite`, the
-  old run's outputs (RUN_OUTPUTS) are deleted first. Runs on every process
-  (all read the same record); process 0 writes.
+  (num_steps and the other free fields may differ). A recorded run that
+  saved no checkpoint has nothing to resume or lose (e.g. it ran out of
+  memory while compiling), so this run takes its place. With `overwrite`,
+  the old run's outputs (RUN_OUTPUTS) are deleted first. Runs on every
+  process (all read the same record); process 0 writes.
 
   Raises:
     errors.RunMismatch: the workdir holds another run, naming what differs.
@@ -155,14 +162,18 @@ def claim_workdir(workdir: str, identity: dict, *,
     parallel.barrier("dfgm_claim_overwrite")
   else:
     stored, source = _stored_identity(wd, identity_fn)
-    if stored is not None:
-      diffs = stage_io.differences(stored, stage_io.normalise(identity))
-      if diffs:
-        raise errors.RunMismatch(stage_io.mismatch_message(
-            what, source, diffs, remedy))
-  if parallel.is_main() and not (wd / RUN_RECORD).exists():
+    diffs = (stage_io.differences(stored, stage_io.normalise(identity))
+             if stored is not None else [])
+    if diffs and _has_checkpoints(wd):
+      raise errors.RunMismatch(stage_io.mismatch_message(
+          what, source, diffs, remedy))
+    if diffs:
+      logging.warning("%s: the run recorded there saved no checkpoint; this "
+                      "run replaces it (%s)", wd, "; ".join(diffs[:3]))
+  record = {"identity": stage_io.normalise(identity)}
+  if parallel.is_main() and _read_json(wd / RUN_RECORD) != record:
     wd.mkdir(parents=True, exist_ok=True)
-    _write_json(wd / RUN_RECORD, {"identity": stage_io.normalise(identity)})
+    _write_json(wd / RUN_RECORD, record)
   parallel.barrier("dfgm_claim_workdir")
 
 
