@@ -23,6 +23,7 @@ checkpointer), the same compiled step each time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -92,12 +93,10 @@ def identity_of(config: dict, sections: tuple[str, ...],
 
 
 def _read_json(path: epath.Path) -> dict | None:
-  import json  # pylint: disable=g-import-not-at-top
   return json.loads(path.read_text()) if path.exists() else None
 
 
 def _write_json(path: epath.Path, obj: dict) -> None:
-  import json  # pylint: disable=g-import-not-at-top
   if paths.is_url(str(path)):
     path.write_text(json.dumps(obj, indent=1) + "\n")  # objects appear whole.
   else:
