@@ -20,8 +20,10 @@ from dfgm_jax import errors
 from dfgm_jax.train import diffusion
 from dfgm_jax.train import loop
 from dfgm_jax.train import metrics as metrics_lib
+from tests import test_paths
 
 STEPS = 4
+fake_bucket = test_paths.fake_bucket  # gs://bucket served from tmp_path.
 
 
 def _config(**train):
@@ -287,3 +289,23 @@ def test_run_steps_drives_any_step_function(tmp_path):
   assert not again.preempted and again.step == 8
   assert float(again.state["w"]) == 2 * sum(range(8))
   assert again.metrics["loss"] == 2 * (6 + 7) / 2  # mean of the last dispatch.
+
+
+def test_run_record_and_metrics_resume_in_a_bucket_workdir(fake_bucket):
+  identity = {"model": {"preset": "tiny"}}
+  loop.claim_workdir("gs://bucket/run", identity, identity_fn=lambda c: c,
+                     what="a run")
+  stored = json.loads((fake_bucket / "bucket/run" / loop.RUN_RECORD).read_text())
+  assert stored == {"identity": identity}
+  (fake_bucket / "bucket/run/checkpoints/2").mkdir(parents=True)
+  with pytest.raises(errors.RunMismatch, match="model.preset: 'tiny' -> 'small'"):
+    loop.claim_workdir("gs://bucket/run", {"model": {"preset": "small"}},
+                       identity_fn=lambda c: c, what="a run")
+  (fake_bucket / "bucket/run/metrics.jsonl").write_text(
+      "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+  writer = metrics_lib.MetricsWriter("gs://bucket/run", tensorboard=False,
+                                     resume_step=2)
+  writer.write(3, {"loss": 1.0})
+  writer.close()
+  assert _rows(fake_bucket / "bucket/run") == [1, 2, 3]
+  assert not os.path.exists("gs:")  # nothing written through local os calls.

@@ -124,7 +124,8 @@ def drop_rows_after(jsonl: epath.Path, step: int) -> int:
 
   A run killed after its last checkpoint logged steps that its resume
   replays; without this they would appear twice. A torn last line (killed
-  mid-write) goes too. Rewritten through a temporary file and a rename.
+  mid-write) goes too. Rewritten through a temporary file and a rename
+  (a bucket object in one write).
   """
   if not jsonl.exists():
     return 0
@@ -140,9 +141,13 @@ def drop_rows_after(jsonl: epath.Path, step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    tmp = jsonl.parent / f"{jsonl.name}.tmp{os.getpid()}"
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(jsonl)
+    text = "".join(line + "\n" for line in kept)
+    if "://" in str(jsonl):
+      jsonl.write_text(text)  # a bucket object is replaced whole.
+    else:
+      tmp = jsonl.parent / f"{jsonl.name}.tmp{os.getpid()}"
+      tmp.write_text(text)
+      tmp.replace(jsonl)
   return dropped
 
 
