@@ -60,10 +60,11 @@ def _cmd(workdir, model_dir, data_dir, *extra):
           *extra]
 
 
-def _share_salt(reference, workdir):
+def _share_salt(reference, workdir, where="private/salt"):
   """The center's salt, so that pseudonymous keys compare across runs."""
-  os.makedirs(os.path.join(str(workdir), "private"), exist_ok=True)
-  with open(os.path.join(str(workdir), "private", "salt"), "w") as f:
+  path = os.path.join(str(workdir), where)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
     f.write((reference / "private" / "salt").read_text())
 
 
@@ -189,9 +190,14 @@ def test_unknown_center_fails_before_the_memory_bank(trained, tmp_path):
 
 def test_training_workdir_and_export_give_the_same_images(trained, tmp_path):
   data_dir, _, g1, _, reference, _ = trained
-  _share_salt(reference, tmp_path)
+  # The salt where earlier versions kept it, in the shared folder: moved out,
+  # the same pseudonyms.
+  _share_salt(reference, tmp_path, "synthetic/.salt")
   _run(tmp_path, g1, data_dir, _config(centers=("TCIA",)))
   _assert_same_images(reference, tmp_path, ("TCIA",))
+  assert not (tmp_path / "synthetic" / ".salt").exists()
+  assert (tmp_path / "private" / "salt").read_text() == (
+      reference / "private" / "salt").read_text()
 
 
 def test_stopped_synthesis_resumes_at_the_next_batch(trained, tmp_path):
@@ -215,18 +221,23 @@ def test_stopped_synthesis_resumes_at_the_next_batch(trained, tmp_path):
 def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
   portpicker = pytest.importorskip("portpicker")
   data_dir, _, _, export, reference, _ = trained
-  port = portpicker.pick_unused_port()
   _share_salt(reference, tmp_path)
-  procs = [subprocess.Popen(
-      _cmd(tmp_path, export, data_dir, f"--coordinator_address=localhost:{port}",
-           "--num_processes=2", f"--process_id={pid}"),
-      cwd=ROOT, env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for pid in range(2)]
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out)
+
+  def run_two():
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(
+        _cmd(tmp_path, export, data_dir, f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={pid}"),
+        cwd=ROOT, env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for pid in range(2)]
+    outs = []
+    for p in procs:
+      out, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-3000:]
+      outs.append(out)
+    return outs
+
+  outs = run_two()
   assert "synthesis done:" in outs[0] and "synthetic set:" in outs[0]
   summary = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
   assert summary["devices"] == 4 and summary["processes"] == 2
@@ -237,6 +248,8 @@ def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
       np.testing.assert_allclose(got[key][0], ref[key][0], atol=1e-4)
       np.testing.assert_array_equal(got[key][1], ref[key][1])
       assert got[key][2] == ref[key][2]  # the same healthy match.
+  # A rerun is reused by every process (none starts generating alone).
+  assert "synthesis reused:" in run_two()[0]
 
 
 def test_corrupt_export_is_refused_with_its_path(trained, tmp_path):

@@ -112,8 +112,8 @@ def _check_settings(config, model_dir) -> None:
                              "--model_dir (an export or a training workdir)")
 
 
-def _status(paths: dict, identity: dict, overwrite: bool) -> dict | None:
-  """Process 0's stage record when the set is finished (reuse), else None.
+def _status(paths: dict, identity: dict, overwrite: bool) -> tuple[bool, dict]:
+  """(finished, process 0's stage record): whether to reuse the set.
 
   Every process learns the answer; a set of another identity is refused on
   every process (the other processes with a pointer to process 0's message).
@@ -133,7 +133,7 @@ def _status(paths: dict, identity: dict, overwrite: bool) -> dict | None:
   if code == 2:
     raise refusal or errors.RunMismatch(
         f"{paths['shared']} holds a synthetic set of another run (see process 0)")
-  return record if code == 1 else None
+  return code == 1, record or {}
 
 
 def run(config, workdir: str, data, *, model_dir: str | None = None,
@@ -196,10 +196,10 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
               "synthesis": syn.to_dict(), "sampler": s.to_dict(),
               "model": config.model.to_dict(), "mask": config.mask.to_dict(),
               "diffusion": config.diffusion.to_dict()}
-  record = _status(paths, identity, overwrite)
-  if record is not None:
+  finished, record = _status(paths, identity, overwrite)
+  if finished:
     logging.info("%s is complete for this model and config; reusing it", paths["shared"])
-    return {**record["summary"], "paths": record["paths"], "reused": True,
+    return {**record.get("summary", {}), "paths": record.get("paths", {}), "reused": True,
             "stopped": False, "batches": {}}
   if main:
     for d in (paths["shared"], paths["figures"], paths["state"]):
