@@ -191,7 +191,7 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
     raise errors.ConfigError(
         f"config.data.image_size={size}: {data.data_dir} holds "
         f"{data.manifest['image_size']}px slices and the model samples {size}px")
-  identity = {"data": data.manifest["fingerprint"], "model_step": model.step,
+  identity = {"data": data.manifest.get("fingerprint"), "model_step": model.step,
               "model_id": model.model_id, "centers": centers,
               "synthesis": syn.to_dict(), "sampler": s.to_dict(),
               "model": config.model.to_dict(), "mask": config.mask.to_dict(),
