@@ -326,3 +326,20 @@ def test_losses_and_flip():
   np.testing.assert_array_equal(fm, mask.transpose(0, 2, 1, 3)[:, :, ::-1])
   same, _ = seg_lib.hflip(key, image, mask, 0.0)
   np.testing.assert_array_equal(same, image)
+
+
+def test_processes_split_each_global_batch_in_order(monkeypatch):
+  image, mask = toy_set(20, seed=0)
+  image[:, 0, 0, 0] = np.arange(20)
+  whole = seg_lib.from_arrays(image, mask, batch_size=8)
+  parts = []
+  for pid in (0, 1):
+    monkeypatch.setattr(seg_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(seg_lib.jax, "process_index", lambda pid=pid: pid)
+    parts.append(seg_lib.from_arrays(image, mask, batch_size=8))
+  for step in (0, 1, 5):
+    halves = [p.batch_fn(3, step)["image"][:, 0, 0, 0] for p in parts]
+    assert [len(h) for h in halves] == [4, 4]
+    # Row i of the global batch is the same slice (its flip is drawn per row).
+    np.testing.assert_array_equal(np.concatenate(halves),
+                                  whole.batch_fn(3, step)["image"][:, 0, 0, 0])

@@ -127,7 +127,9 @@ def from_arrays(image: np.ndarray, mask: np.ndarray, batch_size: int, *,
   def batch_fn(seed: int, step: int) -> dict:
     epoch, i = divmod(step, steps_per_epoch)
     idx = order(seed, epoch)[i * batch_size:(i + 1) * batch_size]
-    idx = np.sort(idx[pid * share:(pid + 1) * share])
+    # This process's rows of the global batch, in the global order (the
+    # flips are drawn per row): any process count trains the same batches.
+    idx = idx[pid * share:(pid + 1) * share]
     return {"image": image[idx], "mask": mask[idx]}
 
   return TrainData(batch_fn=batch_fn, num_examples=n,
@@ -399,7 +401,12 @@ def _unstack(graphdef, state, seeds) -> list[SegModel]:
 def _train_group(config, config_json, group_dir: str, data: TrainData,
                  seeds: Sequence[int], mesh, *, progress: bool,
                  stop_at: int | None) -> dict:
-  """Trains (or resumes) one group of stacked seeds in group_dir."""
+  """Trains (or resumes) one group of stacked seeds in group_dir.
+
+  Its metrics.jsonl rows hold loss and grad_norm (means over the group's
+  seeds), loss_seed<s> per seed, and images_per_s counting every seed's
+  images (per seed: divide by the group's size).
+  """
   seg = config.seg
   loop.claim_workdir(
       group_dir, run_identity(config_json, data.identity, seeds),
