@@ -214,7 +214,7 @@ def test_another_run_in_the_workdir_is_refused(reference):
   assert not os.path.exists(os.path.join(workdir, "seed_0"))
 
 
-def _fake_group(calls, oom=False):
+def _fake_group(calls, oom=False, preempted=False):
   def fake(config, config_json, group_dir, data, seeds, mesh, **kw):
     del config, config_json, data, mesh, kw
     calls.append((os.path.basename(group_dir), list(seeds)))
@@ -222,7 +222,8 @@ def _fake_group(calls, oom=False):
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                          "allocate 1.2G")
     return {"models": [seg_lib.SegModel(s, None, None, None) for s in seeds],
-            "step": 32, "compile_s": 0.0, "metrics": {}, "preempted": False}
+            "step": 32, "compile_s": 0.0, "metrics": {},
+            "preempted": preempted}
   return fake
 
 
@@ -267,6 +268,12 @@ def test_out_of_memory_falls_back_to_one_seed_at_a_time(monkeypatch, tmp_path):
   config.seg.stack_seeds = False
   seg_lib.train(config, str(tmp_path), (image, mask), progress=False)
   assert calls == [("seed_3", [3]), ("seed_4", [4])]
+  # A preemption (SIGTERM) stops the run after saving, not the seed only.
+  calls.clear()
+  monkeypatch.setattr(seg_lib, "_train_group",
+                      _fake_group(calls, preempted=True))
+  result = seg_lib.train(config, str(tmp_path), (image, mask), progress=False)
+  assert calls == [("seed_3", [3])] and result["preempted"]
 
 
 def test_settings_out_of_range_are_refused(tmp_path):
