@@ -393,7 +393,15 @@ class SegModel:
 
 def _unstack(graphdef, state, seeds) -> list[SegModel]:
   """Per-seed models (host arrays) from a stacked state."""
-  params, stats = jax.device_get((state["params"], state["batch_stats"]))
+
+  def host(x):
+    # A replicated array spanning processes is not fully addressable, but
+    # each process holds all of it.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  params, stats = jax.tree.map(host, (state["params"], state["batch_stats"]))
   return [SegModel(seed=int(s), graphdef=graphdef,
                    params=jax.tree.map(lambda x, i=i: x[i], params),
                    batch_stats=jax.tree.map(lambda x, i=i: x[i], stats))
