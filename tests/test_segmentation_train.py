@@ -286,6 +286,10 @@ def test_settings_out_of_range_are_refused(tmp_path):
     config.seg[field] = value
     with pytest.raises(errors.ConfigError, match=match):
       seg_lib.train(config, str(tmp_path), (image, mask), progress=False)
+  config = make_config()
+  config.data.modalities = ("t1", "t2")
+  with pytest.raises(errors.ConfigError, match="modalities.*expects"):
+    seg_lib.train(config, str(tmp_path), (image, mask), progress=False)
   assert not os.listdir(tmp_path)  # refused before any output
 
 

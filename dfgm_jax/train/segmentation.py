@@ -373,6 +373,14 @@ def validate(config, data: TrainData | None = None) -> None:
     raise errors.ConfigError(
         f"config.seg.batch_size={seg.batch_size}: larger than the "
         f"{data.num_examples} training slices")
+  if data is not None:
+    shape = tuple(np.shape(data.batch_fn(int(seg.seeds[0]), 0)["image"]))[1:]
+    want = (size, size, len(config.data.modalities))
+    if shape != want:
+      raise errors.ConfigError(
+          f"config.data.image_size={size}, config.data.modalities="
+          f"{tuple(config.data.modalities)}: the training slices are "
+          f"{shape} (H, W, modalities), the network expects {want}")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
