@@ -269,11 +269,7 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
         meta={"config": config_json, "sampler": "step-indexed"},
         writer=writer, watcher=watcher, progress=progress, first_batches=local)
   finally:
-    checkpointer.close()
-    if writer is not None:
-      writer.close()
-    if watcher is not None:
-      watcher.restore_handlers()
+    loop.close_all(checkpointer, writer, watcher)
   if result.preempted:
     logging.warning("stopped at step %d on a preemption signal; checkpoint "
                     "saved, rerun with the same --workdir to resume", result.step)

@@ -227,6 +227,17 @@ def compile_step(step_fn: Callable, state, batches: dict, mesh, *,
 # --- The loop ----------------------------------------------------------------------
 
 
+def close_all(checkpointer=None, writer=None, watcher=None) -> None:
+  """Finishes a run's checkpoint saves, closes its metrics and restores the
+  signal handlers; each may be None. Call it in a `finally`."""
+  if checkpointer is not None:
+    checkpointer.close()
+  if writer is not None:
+    writer.close()
+  if watcher is not None:
+    watcher.restore_handlers()
+
+
 @dataclasses.dataclass
 class LoopResult:
   state: object

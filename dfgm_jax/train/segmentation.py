@@ -458,11 +458,7 @@ def _train_group(config, config_json, group_dir: str, data: TrainData,
         writer=writer, watcher=watcher, progress=progress,
         desc=f"segmenter {group_name(seeds)}", first_batches=local)
   finally:
-    checkpointer.close()
-    if writer is not None:
-      writer.close()
-    if watcher is not None:
-      watcher.restore_handlers()
+    loop.close_all(checkpointer, writer, watcher)
   return {"models": _unstack(graphdef, result.state, seeds),
           "step": result.step, "compile_s": compile_s,
           "metrics": result.metrics, "preempted": result.preempted}
