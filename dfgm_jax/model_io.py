@@ -85,8 +85,14 @@ def _sha256(path: str) -> str:
 
 
 def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
-           extra: dict | None = None) -> str:
-  """Writes an export of `params` (the EMA) with config's defining sections."""
+           extra: dict | None = None, loss_region: str | None = None) -> str:
+  """Writes an export of `params` (the EMA) with config's defining sections.
+
+  loss_region: the region the weights were trained to regenerate
+  (train.loss_region of their run), recorded as config.train.loss_region so
+  that a synthesis mode the model was not trained for is refused from the
+  export alone; None leaves it out (unknown).
+  """
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise ModelError(f"{out_dir} exists; pass overwrite to replace it")
@@ -104,6 +110,8 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
       "config": defining_sections(config.to_dict()),
       **(extra or {}),
   }
+  if loss_region is not None:
+    record["config"]["train"] = {"loss_region": loss_region}
   with open(os.path.join(tmp, MODEL_JSON), "w") as f:
     json.dump(record, f, indent=1)
   shutil.rmtree(out_dir, ignore_errors=True)
@@ -185,4 +193,5 @@ def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = Fa
   """Exports the newest readable checkpoint of a training workdir; (out, step)."""
   from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
   d = denoiser.Denoiser.load(model_dir, config)
-  return export(d.params, d.config, d.step, out_dir, overwrite=overwrite), d.step
+  return export(d.params, d.config, d.step, out_dir, overwrite=overwrite,
+                loss_region=d.loss_region), d.step

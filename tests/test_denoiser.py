@@ -141,7 +141,7 @@ def test_not_a_model_folder(tmp_path):
     denoiser.Denoiser.load(str(tmp_path), _config())
 
 
-def test_mode_must_fit_the_region_the_model_was_trained_with():
+def test_mode_must_fit_the_region_the_model_was_trained_with(tmp_path):
   """Issue 11 item 13: a ring model sees no other conditioning mask."""
   config = _config()
   config.mask.r_in_240 = 16.0  # dfgm_inner's band: 2 px at 32.
@@ -162,7 +162,15 @@ def test_mode_must_fit_the_region_the_model_was_trained_with():
   denoiser.Denoiser.init(config).check_mode("anomalydiffusion")
   with pytest.raises(errors.ConfigError, match="mode=dfgm:"):
     denoiser.Denoiser.init(config).check_mode("dfgm")
-  # Unknown loss region (an export): the conditioning check alone.
+  # An export records the loss region: the same refusal from the export alone.
+  config.train.loss_region = "ring"
+  out = model_io.export(dilated.params, config, 0, str(tmp_path / "m"),
+                        loss_region=dilated.loss_region)
+  exported = denoiser.Denoiser.load(out, _config())
+  assert exported.loss_region == "ring"
+  with pytest.raises(errors.ConfigError, match="loss_region='ring'"):
+    exported.check_mode("anomalydiffusion")
+  # Unknown loss region (an export made without it): the conditioning check alone.
   dilated.loss_region = None
   dilated.check_mode("anomalydiffusion")
   # An illustration may show other modes with the same model.
