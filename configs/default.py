@@ -18,6 +18,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import segmentation
 
 VARIANTS = {
     "": "BraTS 2020/2021/2023, centers auto",
@@ -33,6 +34,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = data.get_data_config()
   diffusion.add_diffusion_sections(config)
+  # The evaluation's segmenter at paper scale: the standard UNet (width 64,
+  # 4 down-samplings), 50 epochs, 3 seeds (ALGORITHM.md 7).
+  config.seg = segmentation.get_seg_config()
   if variant == "paper":
     # The two private centers of the paper (BraTS 2020 name_mapping.csv).
     config.data.centers = "CBICA,TCIA"

@@ -14,6 +14,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import segmentation
 
 VARIANTS = {"": "phantom BraTS 2020, tiny network, CPU minutes"}
 
@@ -61,4 +62,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.sampler.steps = 25
   config.sampler.resamples = 1
   config.sampler.batch_size = 8
+
+  # The evaluation's segmenter (launch/evaluate.py): a narrow UNet with 3
+  # down-samplings (64 / 8 = 8 pixels at the bottom), a few epochs and two
+  # seeds, for CPU minutes; not yet tuned nor timed (issue 12).
+  config.seg = segmentation.get_seg_config()
+  config.seg.width = 16
+  config.seg.depth = 3
+  config.seg.epochs = 10
+  config.seg.seeds = (0, 1)
   return config

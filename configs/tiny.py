@@ -9,6 +9,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import segmentation
 
 VARIANTS = {"": "tests: phantom at 0.4 scale, 32 x 32, tiny network"}
 
@@ -53,4 +54,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.async_checkpoints = False
   # Random batches of the right shapes: no data set needed.
   config.train.reader = "synthetic"
+
+  # The segmenter of the evaluation: a narrow, shallow UNet, one epoch, two
+  # stacked seeds (enough to test the mean, std and stacking).
+  config.seg = segmentation.get_seg_config()
+  config.seg.width = 8
+  config.seg.depth = 2
+  config.seg.batch_size = 4
+  config.seg.epochs = 1
+  config.seg.seeds = (0, 1)
+  config.seg.log_every = 5
+  config.seg.checkpoint_every_epochs = 0
+  # Synchronous saves and no event files: tests read right after training.
+  config.seg.async_checkpoints = False
+  config.seg.tensorboard = False
   return config

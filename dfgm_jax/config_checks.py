@@ -258,6 +258,29 @@ _PHANTOM = {
     "scale": _real(0, 1, low_open=True),
 }
 
+# The downstream segmenter (configs/segmentation.py); train/segmentation.py
+# checks what needs the devices (batch_size against the device count).
+_SEG = {
+    "width": _int_at_least(1),
+    "depth": _int_at_least(0),
+    "bilinear": _bool(),
+    "dtype": _one_of(("float32", "bfloat16")),
+    "lr": _real(0, low_open=True),
+    "loss": _one_of(("bce", "bce_dice")),
+    "batch_size": _int_at_least(1),
+    "epochs": _int_at_least(1),
+    "hflip": _real(0, 1),
+    "seeds": ((lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
+               and all(_is_int(x) for x in v) and len(set(v)) == len(v)),
+              "must be distinct integers, at least one"),
+    "stack_seeds": _bool(),
+    "log_every": _int_at_least(1),
+    "checkpoint_every_epochs": _int_at_least(0),
+    "checkpoints_to_keep": _int_at_least(1),
+    "async_checkpoints": _bool(),
+    "tensorboard": _bool(),
+}
+
 _BENCH = {
     "warmup_steps": _int_at_least(0),
     "steps": _int_at_least(1),
@@ -270,7 +293,7 @@ _BENCH = {
 SECTIONS = {
     "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
     "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
-    "phantom": _PHANTOM, "bench": _BENCH,
+    "phantom": _PHANTOM, "bench": _BENCH, "seg": _SEG,
 }
 
 
