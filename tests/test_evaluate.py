@@ -8,13 +8,15 @@ stacked seeds) serves every test.
 import json
 import os
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
 import pytest
 
 from data_pipeline import slice_sets
 from dfgm_jax import config_checks
 from dfgm_jax import errors
 from dfgm_jax.eval import runs
-from dfgm_jax.synthesis import stage
 from dfgm_jax.train import segmentation
 
 
@@ -22,9 +24,6 @@ def _config():
   from configs import tiny
   config = tiny.get_config()
   config.data.centers = "CBICA,TCIA"
-  config.synthesis.mode = "cutpaste"
-  config.synthesis.centers = "CBICA"
-  config.synthesis.backend = "pixels"
   return config
 
 
@@ -52,17 +51,53 @@ class _BorrowedTest:
     return self.data.load_split(self._split(split))
 
 
+def _stand_in_synthetic_set(data, out_dir):
+  """A CBICA_synthetic split through the data layer, no diffusion model.
+
+  The CBICA tumor slices mirrored left-right, labelled mode cutpaste: the
+  stage only needs a set in the synthetic format (the synthesis stage's
+  own tests cover making one).
+  """
+  src = data.load_split("CBICA_train")
+  n = len(src["image"])
+  res = {"image": src["image"][:, :, ::-1], "mask": src["mask"][:, :, ::-1].astype(np.uint8),
+         "source": [f"stand-in{i}" for i in range(n)], "center": ["CBICA"] * n,
+         "slice_index": list(src["slice_index"]), "healthy": list(src["key"]),
+         "rank": [0] * n}
+  formats = data.write_synthetic_set(
+      out_dir, {"CBICA": res}, image_size=res["image"].shape[1],
+      channels=res["image"].shape[-1], mode="cutpaste", model_step=0,
+      formats=("array_record",))
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    # As the synthesis stage writes it; formats: <format>/<name>/<version>.
+    json.dump({"dataset": formats["array_record"].split("/")[1], "formats": formats, "image_size": res["image"].shape[1],
+               "channels": res["image"].shape[-1],
+               "splits": {"CBICA_synthetic": {"num_slices": n, "num_cases": n}}}, f)
+  return slice_sets.SliceData(out_dir)
+
+
 @pytest.fixture(scope="module")
 def evaluated(preprocessed_2020, tmp_path_factory):
   data_dir, manifest = preprocessed_2020
   assert manifest["splits"]["CBICA_test"]["num_slices"] == 0  # else drop _BorrowedTest.
   config = _config()
-  workdir = str(tmp_path_factory.mktemp("evaluate"))
-  stage.run(config, workdir, slice_sets.SliceData(data_dir))  # W/synthetic: CBICA_synthetic.
+  workdir = tmp_path_factory.mktemp("evaluate")
   real = _BorrowedTest(slice_sets.SliceData(data_dir))
-  synthetic = {runs.DFGM: slice_sets.SliceData(os.path.join(workdir, "synthetic"))}
-  result = runs.run(config, workdir, real, synthetic, progress=False)
-  return config, workdir, real, synthetic, result
+  synthetic = {runs.DFGM: _stand_in_synthetic_set(real.data, str(workdir / "synthetic"))}
+  # The five runs compile the same training step: a persistent compilation
+  # cache compiles it once (restored afterwards for the other tests).
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    result = runs.run(config, str(workdir), real, synthetic, progress=False)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    compilation_cache.reset_cache()
+  return config, str(workdir), real, synthetic, result
 
 
 def test_results_hold_runs_a_to_e_per_seed_with_gains(evaluated):
