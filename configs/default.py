@@ -50,4 +50,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.sampler.steps = 10
     config.sampler.resamples = 1
     config.sampler.batch_size = 8
+  # What the pipeline compares dfgm with (baseline sets, quality table).
+  config.evaluation = segmentation.get_evaluation_config()
   return config

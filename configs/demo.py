@@ -71,4 +71,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seg.depth = 3
   config.seg.epochs = 10
   config.seg.seeds = (0, 1)
+  # What the pipeline compares dfgm with (baseline sets, quality table).
+  config.evaluation = segmentation.get_evaluation_config()
   return config

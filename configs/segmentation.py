@@ -54,3 +54,21 @@ def get_seg_config() -> ml_collections.ConfigDict:
   # Also write TensorBoard event files beside metrics.jsonl.
   c.tensorboard = True
   return c
+
+
+def get_evaluation_config() -> ml_collections.ConfigDict:
+  """The `evaluation` section: what the pipeline compares dfgm with (issue 12).
+
+  Not part of any run's identity but its own stages': changing the
+  baselines never invalidates the dfgm synthetic set or a segmentation run.
+  """
+  c = ml_collections.ConfigDict()
+  # Baseline synthetic sets the pipeline makes for runs B_<mode>, D_<mode>
+  # (ALGORITHM.md 8): cutpaste (no model) and/or anomalydiffusion (its own
+  # model, trained like G1 but on the dilated region: the fair baseline);
+  # () for none.
+  c.baselines = ("cutpaste", "anomalydiffusion")
+  # Slices per synthetic set (a fixed subsample) the quality table's VGG16
+  # features are computed on; 0: all.
+  c.quality_max_slices = 512
+  return c

@@ -68,4 +68,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Synchronous saves and no event files: tests read right after training.
   config.seg.async_checkpoints = False
   config.seg.tensorboard = False
+  # What the pipeline compares dfgm with: the cheap cutpaste baseline only.
+  config.evaluation = segmentation.get_evaluation_config()
+  config.evaluation.baselines = ("cutpaste",)
+  config.evaluation.quality_max_slices = 64
   return config

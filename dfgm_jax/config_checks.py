@@ -136,7 +136,8 @@ def _names(allowed, allow_empty=False):
     return ((allow_empty or len(v) > 0) and len(set(v)) == len(v)
             and all(isinstance(x, str) and x in allowed for x in v))
 
-  return ok, f"must be a non-empty tuple of distinct names from {allowed}"
+  return ok, (f"must be a {'' if allow_empty else 'non-empty '}tuple of distinct "
+              f"names from {allowed}")
 
 
 def _centers():
@@ -281,6 +282,12 @@ _SEG = {
     "tensorboard": _bool(),
 }
 
+# The pipeline's comparisons (configs/segmentation.py get_evaluation_config).
+_EVALUATION = {
+    "baselines": _names(("cutpaste", "anomalydiffusion"), allow_empty=True),
+    "quality_max_slices": _int_at_least(0),
+}
+
 _BENCH = {
     "warmup_steps": _int_at_least(0),
     "steps": _int_at_least(1),
@@ -294,6 +301,7 @@ SECTIONS = {
     "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
     "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
     "phantom": _PHANTOM, "bench": _BENCH, "seg": _SEG,
+    "evaluation": _EVALUATION,
 }
 
 

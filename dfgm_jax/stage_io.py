@@ -30,7 +30,16 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-  write_bytes(path, text.encode())
+  """Writes `text` atomically; an identical file is left untouched (a rerun
+  that reuses a stage rewrites nothing)."""
+  data = text.encode()
+  try:
+    with open(path, "rb") as f:
+      if f.read() == data:
+        return
+  except OSError:
+    pass
+  write_bytes(path, data)
 
 
 def write_json(path: str, obj: Any) -> None:

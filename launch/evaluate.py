@@ -2,14 +2,13 @@ r"""Segmentation runs A-E: does the synthetic data help? (dfgm_jax/eval/runs.py)
 
   python -m launch.evaluate --config=configs/demo.py --workdir=runs/demo
 
-Trains the segmenter (config.seg) on real and real + synthetic slices and
-tests it on real test slices; writes WORKDIR/eval/results.json and
-results.md. Finished runs are reused; runs of another config are refused
+Trains the segmenter (config.seg) on real and real + synthetic slices (the
+dfgm set and the baseline sets of config.evaluation.baselines, or
+--baselines) and tests it on real test slices; writes WORKDIR/eval/
+results.json and results.md. Finished runs are reused; runs of another config are refused
 (--overwrite redoes them). Runs whose inputs are missing are skipped and
 listed.
 """
-
-import os
 
 from absl import app
 from absl import flags
@@ -23,6 +22,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Writes WORKDIR/eval.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Real slices; default WORKDIR/slices.")
 _SYNTHETIC_DIR = flags.DEFINE_string("synthetic_dir", None, "The dfgm synthetic set; "
                                      "default WORKDIR/synthetic.")
+_BASELINES = flags.DEFINE_list("baselines", None, "Baseline sets to compare "
+                               "(runs B_<mode>, D_<mode>); default "
+                               "config.evaluation.baselines. Each is read from "
+                               "WORKDIR/baselines/<mode>/set.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo runs made with another config.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -32,19 +35,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.require_local(workdir=_WORKDIR.value)
   common.initialize_distributed()
-  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import errors  # pylint: disable=g-import-not-at-top
   from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
   from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
-  synthetic = slice_sets.SliceData(
-      _SYNTHETIC_DIR.value or os.path.join(_WORKDIR.value, "synthetic"))
-  try:
-    synthetic.manifest  # pylint: disable=pointless-statement
-  except errors.UserError:
-    synthetic = None  # runs B, D and E are skipped and listed.
-  result = runs.run(flags.FLAGS.config, _WORKDIR.value, slice_sets.SliceData(
-      _DATA_DIR.value or os.path.join(_WORKDIR.value, "slices")),
-                    {runs.DFGM: synthetic}, overwrite=_OVERWRITE.value)
+  from launch import pipeline  # pylint: disable=g-import-not-at-top
+  real, synthetic = pipeline.evaluation_sets(
+      _WORKDIR.value, flags.FLAGS.config, data_dir=_DATA_DIR.value,
+      synthetic_dir=_SYNTHETIC_DIR.value, modes=_BASELINES.value)
+  result = runs.run(flags.FLAGS.config, _WORKDIR.value, real, synthetic,
+                    overwrite=_OVERWRITE.value)
   if parallel.is_main():
     common.print_artifacts("evaluation stopped (rerun to resume):" if result["stopped"]
                            else "evaluation done:", {

@@ -13,9 +13,13 @@ Workdir W:
   W/model/       G1's export (trained on private slices)          private
   W/private/     salt, figures of private images, staging         private
   W/synthetic/   the synthetic set, summary, manifest             SHAREABLE
+  W/baselines/   per baseline mode: its set (set/, state/) and,   private
+                 for anomalydiffusion, its own model (g1/, model/)
+  W/eval/        segmentation runs, results, figures, quality      private
+  W/report.md    the report of every stage (links private figures) private
 
-The next stages (baseline synthesis sets, evaluation, federated G1, G2,
-local synthesis, privacy audit, report) are further entries of STAGES.
+The next stages (federated G1, G2, local synthesis, privacy audit) are
+further entries of STAGES.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from typing import Any, Callable
 
 from absl import logging
+
+from dfgm_jax import errors
 
 
 @dataclasses.dataclass
@@ -41,6 +47,10 @@ class Run:
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
+
+
+class Stopped(errors.UserError):
+  """A stage stopped early (preemption); a rerun of the pipeline resumes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +83,29 @@ def preprocess(run: Run) -> dict:
                               for k, v in manifest["splits"].items())}
 
 
-def train_g1(run: Run) -> dict:
-  """G1: the diffusion model on the private center's slices + public healthy."""
+def _train(config, slices_dir: str, out: str, overwrite: bool, name: str) -> dict:
+  """Trains a diffusion model of `config` in `out` (resumed; refused if another run's)."""
   from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
   from launch import train_data  # pylint: disable=g-import-not-at-top
-  out = run.path("g1")
-  sampler = train_data.make_sampler(run.config, run.path("slices"))
-  result = diffusion.train(run.config, out, sampler.batch, overwrite=run.overwrite)
-  logging.info("train G1: step %d, last metrics %s (compile %.1fs)", result["step"],
+  sampler = train_data.make_sampler(config, slices_dir)
+  result = diffusion.train(config, out, sampler.batch, overwrite=overwrite)
+  logging.info("train %s: step %d, last metrics %s (compile %.1fs)", name, result["step"],
                result["metrics"], result["compile_s"])
+  return result
+
+
+def _export(config, train_dir: str, out: str, step: int) -> int:
+  """The EMA weights of `train_dir` as a self-contained export, redone when training moved on."""
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  if not (model_io.is_export(out) and model_io.read_record(out)["step"] == step):
+    _, step = model_io.export_workdir(train_dir, config, out, overwrite=True)
+  return step
+
+
+def train_g1(run: Run) -> dict:
+  """G1: the diffusion model on the private center's slices + public healthy."""
+  out = run.path("g1")
+  result = _train(run.config, run.path("slices"), out, run.overwrite, "G1")
   return {"G1 checkpoints": os.path.join(out, "checkpoints"),
           "G1 metrics": os.path.join(out, "metrics.jsonl"),
           "G1 step": result["step"], "G1 final loss": result["metrics"].get("loss")}
@@ -89,10 +113,8 @@ def train_g1(run: Run) -> dict:
 
 def export_g1(run: Run) -> dict:
   """G1's EMA weights as a self-contained export, redone when G1 moved on."""
-  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
-  out, step = run.path("model"), run.outputs["train G1"]["G1 step"]
-  if not (model_io.is_export(out) and model_io.read_record(out)["step"] == step):
-    _, step = model_io.export_workdir(run.path("g1"), run.config, out, overwrite=True)
+  out = run.path("model")
+  step = _export(run.config, run.path("g1"), out, run.outputs["train G1"]["G1 step"])
   return {"G1 export": out, "G1 export step": step}
 
 
@@ -106,12 +128,129 @@ def synthesize(run: Run) -> dict:
   return {**result["paths"], "synthetic pairs": result["synthetic_total"]}
 
 
+# --- The evaluation's baselines (ALGORITHM.md 8), all private -------------------
+
+AD = "anomalydiffusion"
+
+
+def baselines(config) -> tuple[str, ...]:
+  """The baseline sets config.evaluation asks for (none without the section)."""
+  evaluation = config.get("evaluation")
+  return tuple(evaluation.baselines) if evaluation is not None else ()
+
+
+def baseline_config(config, mode: str):
+  """`config` for the baseline `mode`: its synthesis mode and, for
+  anomalydiffusion, its own model's regions (conditioned on and trained on
+  the dilated tumor, ALGORITHM.md 8). Everything else, G1's training budget
+  included, stays G1's: the comparison is fair."""
+  config = config.copy_and_resolve_references()
+  config.synthesis.mode = mode
+  if mode == AD:
+    config.mask.region = "dilated"
+    config.train.loss_region = "dilated"
+  return config
+
+
+def train_baseline_model(run: Run) -> dict:
+  """The anomalydiffusion baseline's own model, trained and exported like G1."""
+  if AD not in baselines(run.config):
+    return {}
+  config = baseline_config(run.config, AD)
+  root = run.path("baselines", AD)
+  result = _train(config, run.path("slices"), os.path.join(root, "g1"), run.overwrite,
+                  f"the {AD} model")
+  step = _export(config, os.path.join(root, "g1"), os.path.join(root, "model"),
+                 result["step"])
+  return {f"{AD} model": os.path.join(root, "model"), f"{AD} model step": step,
+          f"{AD} final loss": result["metrics"].get("loss")}
+
+
+def synthesize_baselines(run: Run) -> dict:
+  """The baseline synthetic sets (W/baselines/<mode>/set) for runs B_<mode>, D_<mode>."""
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
+  out = {}
+  for mode in baselines(run.config):
+    model_dir = run.outputs["train baseline model"].get(f"{AD} model") if mode == AD else None
+    result = stage.run(baseline_config(run.config, mode), run.workdir,
+                       slice_sets.SliceData(run.path("slices")), model_dir=model_dir,
+                       baseline=True, overwrite=run.overwrite)
+    out[f"{mode} set"] = result["paths"]["synthetic set"]
+    out[f"{mode} pairs"] = result["synthetic_total"]
+  return out
+
+
+# --- Evaluation and report ------------------------------------------------------
+
+
+def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
+                    synthetic_dir: str | None = None, modes=None) -> tuple[Any, dict]:
+  """The real slices and the synthetic sets (name -> SliceData, None when
+  missing: its runs are skipped and listed) that the evaluation compares.
+
+  Defaults: W/slices, W/synthetic (dfgm) and W/baselines/<mode>/set for each
+  mode of `modes` (default config.evaluation.baselines).
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
+  dirs = {runs.DFGM: synthetic_dir or stage.layout(workdir)["shared"]}
+  for mode in baselines(config) if modes is None else modes:
+    dirs[mode] = stage.layout(workdir, mode)["shared"]
+  synthetic = {}
+  for name, path in dirs.items():
+    data = slice_sets.SliceData(path)
+    try:
+      data.manifest  # pylint: disable=pointless-statement
+    except errors.UserError:
+      data = None
+    synthetic[name] = data
+  return slice_sets.SliceData(data_dir or os.path.join(workdir, "slices")), synthetic
+
+
+def evaluate(run: Run) -> dict:
+  """Segmentation runs A-E, B_<mode>, D_<mode>: does the synthetic data help?"""
+  from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
+  real, synthetic = evaluation_sets(run.workdir, run.config)
+  result = runs.run(run.config, run.workdir, real, synthetic, overwrite=run.overwrite)
+  if result["stopped"]:
+    raise Stopped("evaluation stopped by a preemption; rerun to resume")
+  gains = {f"Dice gain {k}": f"{g['gain']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}]"
+           for k, g in result["gains"].items()}
+  return {"evaluation results": result["paths"]["results_md"], **gains}
+
+
+def synthesis_quality(run: Run) -> dict:
+  """Seam, tumor preservation, realism and diversity of every synthetic set."""
+  from dfgm_jax.eval import quality_report  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
+  real, synthetic = evaluation_sets(run.workdir, run.config)
+  salt_path = stage.layout(run.workdir)["salt"]
+  salt = open(salt_path).read().strip() if os.path.exists(salt_path) else None
+  result = quality_report.run(run.config, run.workdir, real, synthetic, salt=salt,
+                              overwrite=run.overwrite)
+  return {"quality": result["path"]}
+
+
+def write_report(run: Run) -> dict:
+  """W/report.md: the tables and figures of every stage, one explanation each."""
+  from dfgm_jax import report  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.eval import quality_report  # pylint: disable=g-import-not-at-top
+  return {"report": report.write(run.workdir, quality_table=quality_report.table)}
+
+
 STAGES = (
     Stage("phantom", phantom),
     Stage("preprocess", preprocess),
     Stage("train G1", train_g1),
     Stage("export G1", export_g1),
     Stage("synthesize", synthesize),
+    Stage("train baseline model", train_baseline_model),
+    Stage("synthesize baselines", synthesize_baselines),
+    Stage("evaluate", evaluate),
+    Stage("synthesis quality", synthesis_quality),
+    Stage("report", write_report),
 )
 
 

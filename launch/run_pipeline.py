@@ -6,8 +6,10 @@ r"""The whole DFGM pipeline, stage after stage, in this process (the README's ma
 
 Stages (launch/pipeline.py: STAGES), each reused when finished and resumed
 when interrupted: phantom (skipped with --brats_dir) -> preprocess ->
-train G1 -> export G1 -> synthesize. WORKDIR/synthetic is the shareable
-part; everything else under WORKDIR is private.
+train G1 -> export G1 -> synthesize -> train baseline model -> synthesize
+baselines -> evaluate -> report. Ends by printing the path of
+WORKDIR/report.md. WORKDIR/synthetic is the shareable part; everything else
+under WORKDIR is private.
 """
 
 from absl import app
@@ -37,6 +39,7 @@ def main(argv):
       num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value))
   common.print_artifacts("pipeline done:", {
       name: value for artifacts in outputs.values() for name, value in artifacts.items()})
+  print(f"report: {outputs['report']['report']}")
 
 
 if __name__ == "__main__":

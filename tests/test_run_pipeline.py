@@ -10,7 +10,8 @@ from launch import pipeline
 
 def test_stages_are_named_in_order():
   assert [s.name for s in pipeline.STAGES] == [
-      "phantom", "preprocess", "train G1", "export G1", "synthesize"]
+      "phantom", "preprocess", "train G1", "export G1", "synthesize",
+      "train baseline model", "synthesize baselines", "evaluate", "synthesis quality", "report"]
 
 
 @pytest.mark.slow
@@ -31,6 +32,20 @@ def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
   assert summary["model_step"] == 10 and summary["synthetic_total"] == out[
       "synthesize"]["synthetic pairs"] > 0
   assert os.path.exists(out["synthesize"]["figure (private)"])
+  # The tiny config's one baseline: a private cut-paste set, no model of its own.
+  assert out["train baseline model"] == {}
+  cutpaste = json.loads((tmp_path / "baselines" / "cutpaste" / "set" / "summary.json")
+                        .read_text())
+  assert cutpaste["mode"] == "cutpaste"
+  assert cutpaste["synthetic_total"] == summary["synthetic_total"]  # same pairs.
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert "D_cutpaste" in results["runs"] and "D" in results["runs"]
+  report = (tmp_path / "report.md").read_text()
+  assert out["report"]["report"] == str(tmp_path / "report.md")
+  for section in ("## Data", "## Synthetic sets", "## Does the synthetic data help?",
+                  "| D_cutpaste |", "## Synthesis quality", "| cutpaste |"):
+    assert section in report
+  assert str(tmp_path) not in report  # links relative to the workdir.
   # A second run reuses every stage: nothing is rewritten.
   mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
   again = pipeline.run_stages(pipeline.Run(config, str(tmp_path), num_workers=1))

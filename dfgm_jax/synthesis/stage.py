@@ -59,16 +59,27 @@ from dfgm_jax.synthesis import runner
 
 SHARED = "synthetic"
 PRIVATE = "private"
+BASELINES = "baselines"
 FIGURE_MODES = ("cutpaste", "anomalydiffusion", "dfgm")
 
 
-def layout(workdir: str) -> dict:
-  """The stage's folders and files under `workdir` (see the module docstring)."""
+def layout(workdir: str, baseline: str | None = None) -> dict:
+  """The stage's folders and files under `workdir` (see the module docstring).
+
+  With `baseline` (a mode name), the layout of a baseline set made only for
+  the evaluation (runs B_<mode>, D_<mode>): W/baselines/<mode>/set and
+  .../state, private like all of W/baselines; no figure; the same salt.
+  """
   private = os.path.join(workdir, PRIVATE)
-  state = os.path.join(private, "synthesis")
-  return {"shared": os.path.join(workdir, SHARED), "private": private,
+  if baseline:
+    root = os.path.join(workdir, BASELINES, baseline)
+    out, state, fig = os.path.join(root, "set"), os.path.join(root, "state"), None
+  else:
+    out, state = os.path.join(workdir, SHARED), os.path.join(private, "synthesis")
+    fig = os.path.join(private, "figures")
+  return {"shared": out, "private": private,
           "salt": os.path.join(private, "salt"),
-          "figures": os.path.join(private, "figures"), "state": state,
+          "figures": fig, "state": state,
           "record": os.path.join(state, "record.json"),
           "staging": os.path.join(state, "staging")}
 
@@ -137,7 +148,8 @@ def _status(paths: dict, identity: dict, overwrite: bool) -> tuple[bool, dict]:
 
 
 def run(config, workdir: str, data, *, model_dir: str | None = None,
-        overwrite: bool = False, stop_after_batches: int | None = None) -> dict:
+        baseline: bool = False, overwrite: bool = False,
+        stop_after_batches: int | None = None) -> dict:
   """Synthesizes every center's tumors into public healthy slices.
 
   Args:
@@ -148,6 +160,8 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
       write_synthetic_set); the library does not import the data layer.
     model_dir: an export (model.json) or a training workdir (checkpoints/);
       needed by every mode but cutpaste.
+    baseline: make the evaluation's baseline set of config.synthesis.mode in
+      W/baselines/<mode>/set (private) instead of the shareable W/synthetic.
     overwrite: redo a finished set, also one of another identity.
     stop_after_batches: stop (staged, resumable) after generating this many
       batches (tests, dry runs).
@@ -167,7 +181,7 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   """
   config_checks.validate(config)
   _check_settings(config, model_dir)
-  paths = layout(workdir)
+  paths = layout(workdir, config.synthesis.mode if baseline else None)
   main = parallel.is_main()
   mesh = parallel.make_mesh()
   logging.info("process %d of %d, %d local / %d global devices (%s)",
@@ -203,7 +217,8 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
             "stopped": False, "batches": {}}
   if main:
     for d in (paths["shared"], paths["figures"], paths["state"]):
-      os.makedirs(d, exist_ok=True)
+      if d:
+        os.makedirs(d, exist_ok=True)
     for stale in (paths["record"], os.path.join(paths["shared"], "manifest.json")):
       if os.path.exists(stale):  # no longer describes what is there.
         os.remove(stale)
@@ -269,8 +284,9 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   formats = data.write_synthetic_set(
       paths["shared"], results, image_size=size, channels=len(config.data.modalities),
       mode=mode, model_step=model.step, formats=config.data.formats)
-  figure = _figure(paths["figures"], model, settings, bank, centers[0],
-                   tumors_by_center[centers[0]], results[centers[0]])
+  figure = paths["figures"] and _figure(paths["figures"], model, settings, bank,
+                                       centers[0], tumors_by_center[centers[0]],
+                                       results[centers[0]])
   total = sum(len(r["image"]) for r in results.values())
   took = sum(seconds.values())
   summary = {
@@ -301,7 +317,9 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   stage_io.write_json(os.path.join(paths["shared"], "manifest.json"), manifest)
   out_paths = {"synthetic set": paths["shared"],
                "summary": os.path.join(paths["shared"], "summary.json"),
-               "figure (private)": figure, "private state": paths["private"]}
+               "private state": paths["private"]}
+  if figure:
+    out_paths["figure (private)"] = figure
   stage_io.mark_done(paths["record"], identity, summary=summary, paths=out_paths)
   shutil.rmtree(staging, ignore_errors=True)
   return {**summary, "paths": out_paths, "reused": False, "stopped": False,

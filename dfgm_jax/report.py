@@ -1,0 +1,156 @@
+"""W/report.md: one page that gathers what the pipeline's stages made (issue 12).
+
+Each section is read from the files its stage wrote (never recomputed), with
+a short explanation of what the numbers mean: the data, the models, the
+synthetic sets, the downstream segmentation (Dice table, gains with their
+intervals, figures), the synthesis quality table. A section whose stage did
+not run says so instead of inventing numbers.
+
+The report is PRIVATE (it lives in the workdir beside the private stages and
+links figures of private test slices). Links are relative to W, so the
+workdir can be moved or zipped whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from dfgm_jax import stage_io
+
+REPORT = "report.md"
+
+
+def _read_json(path: str) -> Any | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _last_metrics(path: str) -> dict:
+  """The last row of a metrics.jsonl (the trainer dedupes replayed steps)."""
+  last = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          last = json.loads(line)
+  except (OSError, ValueError):
+    pass
+  return last
+
+
+def _data(workdir: str) -> list[str]:
+  manifest = _read_json(os.path.join(workdir, "slices", "manifest.json"))
+  if not manifest:
+    return ["No preprocessed slices (the preprocess stage did not run)."]
+  lines = [f"{manifest.get('image_size', '?')} px 2D slices of "
+           f"{', '.join(manifest.get('modalities', []) or ['?'])}; splits (slices / "
+           "patients). `healthy` is the public memory bank; `<center>_train` and "
+           "`<center>_test` hold the private tumor slices of each center, split by "
+           "patient.", "", "| split | slices | patients |", "|---|---|---|"]
+  for name, split in sorted(manifest.get("splits", {}).items()):
+    lines.append(f"| {name} | {split.get('num_slices', '?')} | "
+                 f"{split.get('num_cases', '?')} |")
+  return lines
+
+
+def _models(workdir: str) -> list[str]:
+  lines = ["Diffusion models: G1 (dfgm, trained to regenerate the boundary ring) and, "
+           "when the anomalydiffusion baseline is made, its own model trained the same "
+           "number of steps on the dilated tumor region (the fair baseline, "
+           "ALGORITHM.md 8). Loss: the last logged training loss.", "",
+           "| model | folder | step | last loss |", "|---|---|---|---|"]
+  found = False
+  for name, folder in (("G1 (dfgm)", "g1"),
+                       ("anomalydiffusion", os.path.join("baselines", "anomalydiffusion",
+                                                         "g1"))):
+    m = _last_metrics(os.path.join(workdir, folder, "metrics.jsonl"))
+    if m:
+      found = True
+      loss = m.get("loss")
+      lines.append(f"| {name} | {folder} | {m.get('step', '?')} | "
+                   f"{loss:.4f} |" if isinstance(loss, (int, float)) else
+                   f"| {name} | {folder} | {m.get('step', '?')} | ? |")
+  return lines if found else ["No diffusion model was trained."]
+
+
+def _synthetic(workdir: str) -> list[str]:
+  sets = [("dfgm (SHAREABLE)", "synthetic")]
+  root = os.path.join(workdir, "baselines")
+  for mode in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    sets.append((f"{mode} (private, evaluation only)", os.path.join("baselines", mode, "set")))
+  lines = ["Each private tumor slice is pasted into its k closest public healthy "
+           "slices; dfgm regenerates only the ring around the tumor, "
+           "anomalydiffusion the tumor and the ring from the mask alone, cutpaste "
+           "nothing.", "", "| set | folder | mode | images | per center | images/s |",
+           "|---|---|---|---|---|---|"]
+  found = False
+  for name, folder in sets:
+    s = _read_json(os.path.join(workdir, folder, "summary.json"))
+    if not s:
+      continue
+    found = True
+    per_center = ", ".join(f"{c}: {v.get('synthetic')}"
+                           for c, v in s.get("centers", {}).items())
+    lines.append(f"| {name} | {folder} | {s.get('mode')} | {s.get('synthetic_total')} | "
+                 f"{per_center} | {s.get('images_per_s')} |")
+  figure = os.path.join(workdir, "private", "figures")
+  if os.path.isdir(figure):
+    for f in sorted(os.listdir(figure)):
+      if f.endswith(".png"):
+        lines += ["", f"![{f} (private tumor slices)]({os.path.join('private', 'figures', f)})"]
+  return lines if found else ["No synthetic set was made."]
+
+
+def _evaluation(workdir: str) -> list[str]:
+  md = os.path.join(workdir, "eval", "results.md")
+  if not os.path.exists(md):
+    return ["The evaluation did not run."]
+  with open(md) as f:
+    body = [l for l in f.read().splitlines() if not l.startswith("# ")]
+  # results.md links figures relative to W/eval; the report sits in W.
+  return [l.replace("](figures/", "](eval/figures/") for l in body]
+
+
+def _quality(workdir: str, table: Callable[[dict], str] | None) -> list[str]:
+  quality = _read_json(os.path.join(workdir, "eval", "quality.json"))
+  if quality is None or table is None:
+    return ["The quality table was not computed."]
+  return table(quality).splitlines()
+
+
+def build(workdir: str, *, title: str = "DFGM run report",
+          quality_table: Callable[[dict], str] | None = None,
+          extra: dict[str, list[str]] | None = None) -> str:
+  """The report's markdown, from the files under `workdir`.
+
+  Args:
+    workdir: W.
+    title: the first heading.
+    quality_table: quality.json -> markdown (eval/quality_report.table).
+    extra: further sections (title -> lines), appended in order.
+  """
+  sections = [("Data", _data(workdir)), ("Models", _models(workdir)),
+              ("Synthetic sets", _synthetic(workdir)),
+              ("Does the synthetic data help? Downstream segmentation",
+               _evaluation(workdir)),
+              ("Synthesis quality", _quality(workdir, quality_table))]
+  sections += list((extra or {}).items())
+  out = [f"# {title}", "",
+         f"Workdir `{os.path.basename(os.path.normpath(workdir))}`. Everything in it "
+         "is private except `synthetic/` (see the README's workdir layout); this "
+         "report links private figures, so keep it inside the center.", ""]
+  for name, lines in sections:
+    out += [f"## {name}", "", *lines, ""]
+  return "\n".join(out)
+
+
+def write(workdir: str, **kwargs) -> str:
+  """Writes W/report.md (atomically); returns its path."""
+  path = os.path.join(workdir, REPORT)
+  stage_io.write_text(path, build(workdir, **kwargs))
+  return path
