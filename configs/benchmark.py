@@ -2,9 +2,12 @@
 
 Variants (--config=configs/benchmark.py[:variant]):
   (none), gpu   GPU/TPU: small preset, 128 x 128, batch 64, bfloat16;
-                sampler: DDIM blend S=100, jl=5, r=2 = 195 NFE (PERFORMANCE.md)
+                sampler: DDIM blend S=100, jl=5, r=2 = 195 NFE (PERFORMANCE.md);
+                segmenter (bench.model=seg): paper scale, width 64, depth 4,
+                3 seeds, batch 16
   cpu           this 2-core CPU: small preset at 64 x 64, batch 4, float32;
-                sampler: 10 steps, no resampling
+                sampler: 10 steps, no resampling; segmenter: the demo's
+                (width 16, depth 3, 2 seeds, batch 16)
 """
 
 import ml_collections
@@ -12,6 +15,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import segmentation
 
 VARIANTS = {
     "": "GPU/TPU, small preset, 128 x 128, batch 64, bfloat16",
@@ -55,6 +59,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.bench.profile_dir = ""
   # Global batch of one timed sampler call.
   config.sampler.batch_size = 64
+  # What launch.benchmark_train times: diffusion (the diffusion train step)
+  # or seg (the segmenter's step, config.seg.seeds stacked against one at a
+  # time).
+  config.bench.model = "diffusion"
+  # The segmenter of bench.model=seg (paper scale; the cpu variant: the demo's).
+  config.seg = segmentation.get_seg_config()
   if variant == "cpu":
     config.sampler.batch_size = 4
     config.sampler.steps = 10
@@ -67,4 +77,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.batch_size = 4
     config.bench.warmup_steps = 1
     config.bench.steps = 3
+    # The demo's segmenter (configs/demo.py) on the same 64 x 64 slices.
+    config.seg.width = 16
+    config.seg.depth = 3
+    config.seg.seeds = (0, 1)
   return config

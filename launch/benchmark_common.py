@@ -1,4 +1,9 @@
-"""Device facts shared by the benchmarks: peak FLOP/s, memory, description."""
+"""The benchmarks' runs and the device facts they share.
+
+sampler_benchmark and train_benchmark (diffusion or segmenter step) are what
+launch/benchmark_sampler.py and launch/benchmark_train.py print; the rest is
+peak FLOP/s, memory, device description and profiling they share.
+"""
 
 from __future__ import annotations
 
@@ -186,10 +191,134 @@ def sampler_benchmark(config) -> list[dict]:
   return lines
 
 
+BENCH_MODELS = ("diffusion", "seg")
+
+
 def train_benchmark(config) -> list[dict]:
-  """The diffusion train step on synthetic batches: the JSON line of
-  launch.benchmark_train, then its profile line with bench.profile_dir."""
+  """The train step of config.bench.model on synthetic batches: the JSON
+  lines of launch.benchmark_train.
+
+  diffusion: the diffusion train step, then its profile line with
+  bench.profile_dir. seg: the segmenter's step, seeds stacked against one
+  at a time (seg_train_benchmark).
+
+  Raises:
+    errors.ConfigError: an unknown config.bench.model.
+  """
+  from dfgm_jax import errors  # pylint: disable=g-import-not-at-top
+  model = config.bench.get("model", "diffusion")
+  if model not in BENCH_MODELS:
+    raise errors.ConfigError(
+        f"config.bench.model={model!r}: must be one of {BENCH_MODELS}")
+  if model == "seg":
+    return [seg_train_benchmark(config)]
+  return _diffusion_train_benchmark(config)
+
+
+def _timed_steps(compiled, state, batch, warmup: int, steps: int):
+  """(state, metrics, seconds per step) of `steps` timed calls after `warmup`."""
   import time  # pylint: disable=g-import-not-at-top
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  return state, metrics, (time.perf_counter() - start) / steps
+
+
+def seg_train_benchmark(config) -> dict:
+  """The segmenter's train step (dfgm_jax/train/segmentation.py) on one
+  synthetic batch: config.seg.seeds stacked (vmap, one compiled program, as
+  the trainer runs them) against one seed at a time (its fallback, and
+  config.seg.stack_seeds=False: one program per seed, run in turn).
+
+  Rates count every seed's images over the whole run: `images_per_s` is
+  the total, `images_per_s_per_seed` = total / seeds (how fast each seed's
+  training advances while all of them are trained). step_time_s: one step
+  of all seeds (stacked), one step of one seed (one at a time, mean).
+  `stacked_speedup` is stacked over one-at-a-time total throughput.
+  compile_s of one_at_a_time sums the seeds' compiles (the trainer compiles
+  each seed's program).
+  """
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
+  from data_pipeline import input_pipeline
+  from dfgm_jax import parallel
+  from dfgm_jax.train import loop
+  from dfgm_jax.train import segmentation
+  # pylint: enable=g-import-not-at-top
+  seg = config.seg
+  segmentation.validate(config)
+  mesh = parallel.make_mesh()
+  seeds = [int(s) for s in seg.seeds]
+  size, channels = int(config.data.image_size), len(config.data.modalities)
+  b = int(seg.batch_size)
+  examples = [input_pipeline.synthetic_example(i, size, channels) for i in range(b)]
+  data = segmentation.from_arrays(np.stack([e["image"] for e in examples]),
+                                  np.stack([e["mask"] for e in examples]), b,
+                                  name="synthetic")
+  warmup, steps = int(config.bench.warmup_steps), int(config.bench.steps)
+
+  def run(group):
+    """One group's compile and timed steps, as segmentation._train_group."""
+    graphdef, state = segmentation.init_state(config, group)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    batch = loop.global_batches(loop.stack_batches(
+        segmentation._stacked_batch_fn(data, group), 0, 1), mesh)  # pylint: disable=protected-access
+    compiled, compile_s = loop.compile_step(
+        segmentation.make_train_step(graphdef, config, group), state, batch, mesh,
+        name=segmentation.group_name(group))
+    state, metrics, step_s = _timed_steps(compiled, state, batch, warmup, steps)
+    params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(state["params"]))
+    return {"step_s": step_s, "compile_s": compile_s, "params": params,
+            "loss": float(metrics["loss"])}
+
+  stacked = run(seeds)
+  alone = [run([s]) for s in seeds]
+  n = len(seeds)
+  alone_s = sum(r["step_s"] for r in alone)  # one step of every seed, in turn
+  losses = [stacked["loss"]] + [r["loss"] for r in alone]
+  return {
+      "benchmark": "train_seg",
+      "device": device_description(),
+      **software(),
+      "platform": jax.default_backend(),
+      "devices": jax.device_count(),
+      "image_size": size,
+      "channels": channels,
+      "batch_size": b,
+      "width": int(seg.width),
+      "depth": int(seg.depth),
+      "bilinear": bool(seg.bilinear),
+      "dtype": str(seg.dtype),
+      "seeds": n,
+      "params_per_seed": stacked["params"],
+      "steps": steps,
+      "stacked": {
+          "images_per_s": round(b * n / stacked["step_s"], 2),
+          "images_per_s_per_seed": round(b / stacked["step_s"], 2),
+          "step_time_s": round(stacked["step_s"], 4),
+          "compile_s": round(stacked["compile_s"], 2),
+      },
+      "one_at_a_time": {
+          "images_per_s": round(b * n / alone_s, 2),
+          "images_per_s_per_seed": round(b / alone_s, 2),
+          "step_time_s": round(alone_s / n, 4),
+          "compile_s": round(sum(r["compile_s"] for r in alone), 2),
+      },
+      "stacked_speedup": round(alone_s / stacked["step_s"], 3),
+      "peak_memory_bytes": peak_memory_bytes(),
+      "finite": bool(np.isfinite(losses).all()),
+  }
+
+
+def _diffusion_train_benchmark(config) -> list[dict]:
+  """The diffusion train step on synthetic batches: its JSON line, then its
+  profile line with bench.profile_dir."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dfgm_jax import parallel  # pylint: disable=g-import-not-at-top
   from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
@@ -209,15 +338,8 @@ def train_benchmark(config) -> list[dict]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   step_flops = float((cost or {}).get("flops", 0.0))
   b = config.train.batch_size
-  for _ in range(config.bench.warmup_steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(config.bench.steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - start
-  step_s = elapsed / config.bench.steps
+  state, metrics, step_s = _timed_steps(compiled, state, batch,
+                                        config.bench.warmup_steps, config.bench.steps)
   mcfg = denoiser.model_config(config)
   # Training FLOPs = 3 x forward (the backward pass costs about twice the
   # forward), counted analytically like the peer's 31.1 GFLOP. XLA's own count

@@ -1,13 +1,19 @@
-r"""Diffusion train-step throughput on synthetic data (no TensorFlow needed).
+r"""Train-step throughput on synthetic data (no TensorFlow needed).
 
   python -m launch.benchmark_train --config=configs/benchmark.py      # GPU
   python -m launch.benchmark_train --config=configs/benchmark.py:cpu  # CPU
+  python -m launch.benchmark_train --config=configs/benchmark.py:cpu \
+      --config.bench.model=seg                      # the segmenter's step
 
 Prints one JSON line: images/s, step time, compile time, parameters, FLOPs
 per image (3 x the analytic forward count; XLA's count beside it), the
 achieved TFLOP/s and its share of the chip's peak, peak device memory. With
 --config.bench.profile_dir=D, a second line breaks 3 steps' time down by
 kind of work (dfgm_jax/profiling.py); D keeps the trace.
+
+With --config.bench.model=seg, one line for the segmenter of config.seg
+instead: images/s (total and per seed), step and compile times with its
+seeds stacked in one program and with one seed at a time.
 """
 
 import json

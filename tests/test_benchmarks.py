@@ -126,3 +126,51 @@ def test_checkpoint_dir_names_the_model_folder_bucket_urls_included():
   assert benchmark_common.model_dir_of("gs://b/model") == "gs://b/model"
   assert benchmark_common.model_dir_of("runs/g1/checkpoints") == "runs/g1"
   assert benchmark_common.model_dir_of("checkpoints") == "."
+
+
+SEG_KEYS = {"image_size", "batch_size", "width", "depth", "seeds", "devices",
+            "platform", "params_per_seed", "stacked", "one_at_a_time",
+            "stacked_speedup"}
+
+
+def test_train_benchmark_of_the_segmenter_stacked_and_one_at_a_time():
+  """bench.model=seg: one line, the seeds trained stacked and one at a time.
+
+  In process (the binary is flags + train_benchmark, run by gpu_bench.sh's
+  test): a subprocess would add its imports to the test's time.
+  """
+  from configs import benchmark
+  from launch import benchmark_common
+  config = benchmark.get_config("cpu")
+  config.bench.model = "seg"
+  config.data.image_size = 16
+  config.seg.update(width=4, depth=2, batch_size=2, seeds=(3, 5))
+  config.bench.update(steps=1, warmup_steps=0)
+  lines = benchmark_common.train_benchmark(config)
+  assert len(lines) == 1, lines
+  line = json.loads(json.dumps(lines[0]))  # what the binary prints
+  assert SEG_KEYS <= set(line) and line["benchmark"] == "train_seg"
+  assert (line["image_size"], line["width"], line["depth"], line["seeds"]) == (16, 4, 2, 2)
+  assert line["platform"] == "cpu" and line["devices"] == 1 and line["finite"]
+  assert line["params_per_seed"] > 0
+  for mode in ("stacked", "one_at_a_time"):
+    r = line[mode]
+    assert r["images_per_s"] > 0 and r["step_time_s"] > 0 and r["compile_s"] > 0, mode
+    # Total = seeds x per seed (rounding aside).
+    assert abs(r["images_per_s"] - 2 * r["images_per_s_per_seed"]) < 0.02, r
+  # Stacked: one step of both seeds; one at a time: one seed's step, twice.
+  st, one = line["stacked"], line["one_at_a_time"]
+  assert abs(st["images_per_s"] - 2 * 2 / st["step_time_s"]) < 0.02 * st["images_per_s"] + 0.01
+  assert abs(one["images_per_s"] - 2 / one["step_time_s"]) < 0.02 * one["images_per_s"] + 0.01
+  assert abs(line["stacked_speedup"] - st["images_per_s"] / one["images_per_s"]) < 0.01 * line["stacked_speedup"] + 0.002
+
+
+def test_train_benchmark_refuses_an_unknown_model():
+  import pytest
+  from configs import benchmark
+  from dfgm_jax import errors
+  from launch import benchmark_common
+  config = benchmark.get_config("cpu")
+  config.bench.model = "vae"
+  with pytest.raises(errors.ConfigError, match="config.bench.model='vae'"):
+    benchmark_common.train_benchmark(config)
