@@ -13,6 +13,14 @@ tumor's mass effect) shared by its modalities, an irregular nested tumor,
 tissue contrasts per modality, a bias field, noise and a site-dependent gain,
 so that per-volume normalisation is needed downstream.
 
+Tumors look and measure like BraTS gliomas (data_pipeline/tumor_contrast.py):
+each compartment's mean / brain mean per modality is that of a real BraTS
+case (T2: whole tumor about 1.4x the brain; FLAIR edema about 1.8x; T1ce
+enhancing rim about 1.9x, necrosis about 0.5x), with a smooth texture and
+soft edges; the whole tumor takes 1-15 % of the brain (one small case of
+about 1.5 %, one large near the superior border of about 11 %, the others
+3-8 %).
+
 Everything random derives from (seed, version, case number), so a case's
 bytes do not depend on which other cases are generated or on num_workers.
 """
@@ -37,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from data_pipeline import brats
+from data_pipeline import tumor_contrast
 from dfgm_jax import errors
 from dfgm_jax import stage_io
 
@@ -71,15 +80,21 @@ _TISSUE_MEANS = {
     "t2": (2600.0, 720.0, 420.0),
     "flair": (300.0, 1150.0, 950.0),
 }
-# Tumor compartments (NCR/NET, edema, ET) as multiples of the modality's WM
-# mean: T2 hyperintense edema/necrosis, FLAIR bright edema and dark necrosis,
-# T1ce bright ring and dark necrosis, T1 hypointense.
-_TUMOR_FACTORS = {
-    "t1": (0.45, 0.72, 0.85),
-    "t1ce": (0.35, 0.78, 1.72),
-    "t2": (2.4, 1.9, 1.55),
-    "flair": (0.55, 2.35, 1.5),
-}
+# Tumor compartments get the region / brain contrasts measured on real BraTS
+# data (tumor_contrast.TARGET_RATIOS), solved for per case (see
+# _lesion_intensities).
+_TEXTURE_STD = 0.1  # Smooth intensity heterogeneity inside the tumor.
+_TEXTURE_MM = 4.0
+_EDGE_MM = 1.0  # Gaussian blur of the compartments' edges.
+# Whole tumor / brain volume per tumor kind. BraTS gliomas span about 1-15 %
+# of the brain, median about 5 % (tumor_contrast.WT_FRACTION_RANGE); the
+# real sample case has 1.9 %.
+_WT_FRACTIONS = {"small": (0.012, 0.018), "medium": (0.03, 0.08),
+                 "large": (0.1, 0.13)}
+# Drawn ellipsoid volume / wanted volume: the shape noise enlarges small and
+# medium tumors by about 10 % and the brain's edge trims the large border
+# tumor by about 10 % (medians over 64 cases at scale 0.4, 8 seeds).
+_VOLUME_GAIN = {"small": 0.93, "medium": 0.9, "large": 1.1}
 _NOISE_FRACTION = 0.025  # Noise sigma as a fraction of the WM mean.
 _BIAS_STD = 0.08  # Std of the log bias field.
 _BIAS_SPACING_MM = 90.0
@@ -567,26 +582,38 @@ class _Tumor:
   mass_effect: float  # Fraction of the distance pulled in at the center.
 
 
+def _radius_for_volume(volume_mm3: float, aspect: np.ndarray) -> float:
+  """Radius r of the ellipsoid with semi-axes r * aspect and this volume."""
+  return float((3 * volume_mm3 / (4 * np.pi * np.prod(aspect))) ** (1 / 3))
+
+
 def _plan_tumor(rng: np.random.Generator, spec: _CaseSpec,
                 maps: TissueMaps) -> _Tumor:
-  """Size, shape and location of the tumor (in template voxels)."""
-  if spec.kind == "small":
-    # A flat disk: < 2k voxels spanning at most 3 axial slices at 1 mm.
-    axes = np.array([rng.uniform(9.0, 12.0), rng.uniform(8.0, 11.0),
-                     rng.uniform(0.9, 1.2)])
-    rotation = np.eye(3)
-    need_depth, mass = 14.0, 0.0
-  elif spec.kind == "large":
-    radius = rng.uniform(34.0, 38.0)
-    axes = radius * rng.uniform(0.9, 1.1, 3)
-    axes[2] = min(axes[2], 34.0)  # Keeps >= 30 tumor-free slices.
+  """Size, shape and location of the tumor (in template voxels).
+
+  The size is drawn as a fraction of the brain (_WT_FRACTIONS), so the
+  tumors span what BraTS gliomas span at every grid scale.
+  """
+  brain_mm3 = float(np.count_nonzero(maps.brain)) * maps.voxel_mm**3
+  low, high = _WT_FRACTIONS[spec.kind]
+  # Log-uniform: medium tumors of 3-5 % about as often as of 5-8 %.
+  volume = brain_mm3 * float(np.exp(rng.uniform(np.log(low), np.log(high))))
+  if spec.kind == "large":
+    aspect = rng.uniform(0.9, 1.1, 3)
+    radius = _radius_for_volume(volume * _VOLUME_GAIN["large"], aspect)
+    axes = radius * aspect
+    # Keeps >= 30 tumor-free slices; the lost volume goes to the other axes.
+    if axes[2] > 34.0:
+      axes[:2] *= np.sqrt(axes[2] / 34.0)
+      axes[2] = 34.0
     rotation = _rotation(rng, 20.0)
     need_depth, mass = 0.5 * radius, rng.uniform(0.25, 0.35)
   else:
-    radius = rng.uniform(15.0, 26.0)
-    axes = radius * rng.uniform(0.8, 1.2, 3)
+    aspect = rng.uniform(0.8, 1.2, 3)
+    axes = _radius_for_volume(volume * _VOLUME_GAIN[spec.kind], aspect) * aspect
     rotation = _rotation(rng, 30.0)
-    need_depth, mass = 1.15 * axes.max() + 4.0, rng.uniform(0.15, 0.3)
+    need_depth = 1.15 * axes.max() + 4.0
+    mass = rng.uniform(0.1, 0.2) if spec.kind == "small" else rng.uniform(0.15, 0.3)
   depth = maps.depth_mm
   candidates = (depth >= need_depth) & (maps.csf < 0.3)
   if spec.kind == "large":
@@ -600,12 +627,15 @@ def _plan_tumor(rng: np.random.Generator, spec: _CaseSpec,
   points = np.argwhere(candidates)
   center = points[rng.integers(len(points))].astype(np.float64)
   # Radii relative to the whole tumor; the core keeps >= 2 mm of edema around
-  # it and ET >= 1 voxel around the necrosis, so both end up smaller.
+  # it and ET >= 1 voxel around the necrosis, so both end up smaller. With an
+  # enhancing rim: edema about half of the whole tumor, ET and necrosis about
+  # a quarter each; without: non-enhancing tumor 15-45 % (the real LGG
+  # sample: 38 %).
   if spec.with_et:
-    tc = rng.uniform(0.68, 0.8)
-    ncr = tc - rng.uniform(0.15, 0.22)
+    tc = rng.uniform(0.76, 0.86)
+    ncr = tc - rng.uniform(0.17, 0.24)
   else:
-    tc, ncr = rng.uniform(0.5, 0.7), 0.0
+    tc, ncr = rng.uniform(0.6, 0.8), 0.0
   return _Tumor(center=center, semi_axes_mm=axes, rotation=rotation,
                 tc_fraction=tc, ncr_fraction=ncr, mass_effect=mass)
 
@@ -663,6 +693,75 @@ def _tumor_labels(rng: np.random.Generator, tumor: _Tumor, spec: _CaseSpec,
 
 def _free_slices(brain: np.ndarray, seg: np.ndarray) -> int:
   return int(np.sum(brain.any(axis=(0, 1)) & ~(seg > 0).any(axis=(0, 1))))
+
+
+class _LesionSystem(NamedTuple):
+  """The modality-independent part of _lesion_intensities' linear system.
+
+  Attributes:
+    present: labels - 1 of the compartments the tumor has.
+    regions: per present compartment, its voxels among the tumor box's brain
+      voxels (bool).
+    region_coef: [k, j] mean of w_j * texture over present region k.
+    brain_coef: [j] sum of w_j * texture over the brain / brain voxels.
+  """
+
+  present: list
+  regions: list
+  region_coef: np.ndarray
+  brain_coef: np.ndarray
+
+
+def _lesion_system(weights: Sequence[np.ndarray], texture: np.ndarray,
+                   sel_labels: np.ndarray, num_brain: int) -> _LesionSystem:
+  """Sets up _lesion_intensities for one case (see there)."""
+  lesion = [w.astype(np.float64) * texture for w in weights]
+  present = [k for k in range(3) if np.any(sel_labels == k + 1)]
+  regions = [sel_labels == k + 1 for k in present]
+  region_coef = np.array([[lesion[j][region].mean() for j in present]
+                          for region in regions]).reshape(len(present), -1)
+  brain_coef = np.array([lesion[j].sum() / num_brain for j in present])
+  return _LesionSystem(present, regions, region_coef, brain_coef)
+
+
+def _lesion_intensities(healthy: np.ndarray, sel: np.ndarray,
+                        tumor_weight: np.ndarray, system: _LesionSystem,
+                        ratios: Sequence[float]) -> np.ndarray:
+  """Intensities of the compartments (labels 1, 2, 3) of one modality.
+
+  A tumor-box voxel becomes healthy * (1 - sum_j w_j) + sum_j w_j I_j texture,
+  so every labelled region's mean and the brain's mean are linear in
+  I = (I_1, I_2, I_3): one small solve makes region mean / brain mean equal
+  `ratios` exactly (before bias field and noise), whatever the edge blur, the
+  tumor's share of the brain and the grid scale.
+
+  Args:
+    healthy: tissue intensities of the brain voxels, without tumor.
+    sel: indices into `healthy` of the tumor box's brain voxels.
+    tumor_weight: sum_j w_j at `sel`.
+    system: _lesion_system() of the case.
+    ratios: region mean / brain mean wanted for labels 1, 2, 3.
+
+  Returns:
+    float64 (I_1, I_2, I_3); 0 for a label the tumor lacks.
+  """
+  out = np.zeros(3)
+  if not system.present:
+    return out
+  n = healthy.size
+  in_box = healthy[sel].astype(np.float64)
+  kept = in_box * (1 - tumor_weight)
+  brain_const = (float(healthy.sum(dtype=np.float64)) - in_box.sum()
+                 + kept.sum()) / n
+  wanted = np.array([ratios[k] for k in system.present])
+  matrix = system.region_coef - wanted[:, None] * system.brain_coef[None, :]
+  rhs = wanted * brain_const - np.array([kept[r].mean() for r in system.regions])
+  # A guard for one- or two-voxel regions on coarse grids, where the blur
+  # would call for extreme values: stay within 0.2-4x the brain mean.
+  mean = float(healthy.mean(dtype=np.float64))
+  out[system.present] = np.clip(np.linalg.solve(matrix, rhs), 0.2 * mean,
+                                4.0 * mean)
+  return out
 
 
 def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
@@ -731,10 +830,16 @@ def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
     in_box &= (xyz[axis] >= part.start) & (xyz[axis] < part.stop)
   sel = np.flatnonzero(in_box)
   local = tuple(xyz[axis, sel] - part.start for axis, part in enumerate(box))
-  soft = [ndimage.gaussian_filter((box_labels == k).astype(np.float32), 0.6)[local]
+  # Soft compartment edges, as partial volume and infiltration give real scans.
+  edge = max(0.6, _EDGE_MM / voxel)
+  soft = [ndimage.gaussian_filter((box_labels == k).astype(np.float32), edge)[local]
           for k in (1, 2, 3)]
   tumor_weight = soft[0] + soft[1] + soft[2]
-  texture = 1 + 0.08 * _smooth_field(rng, box_labels.shape, max(1.5, 4.0 / voxel))[local]
+  texture = 1 + _TEXTURE_STD * _smooth_field(
+      rng, box_labels.shape, max(1.5, _TEXTURE_MM / voxel))[local]
+  system = _lesion_system(soft, texture, labels.reshape(-1)[flat[sel]], len(flat))
+  # Label 1 is necrosis beside an enhancing rim, non-enhancing tumor without.
+  ncr_region = "ncr" if spec.with_et else "net"
 
   gain = CENTER_GAIN.get(spec.center, _DEFAULT_GAIN) * float(np.exp(rng.normal(0, 0.1)))
   images = {}
@@ -742,8 +847,11 @@ def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
     mean_csf, mean_gm, mean_wm = _TISSUE_MEANS[modality]
     values = (csf * np.float32(mean_csf) + gm * np.float32(mean_gm)
               + wm * np.float32(mean_wm)) * rim
-    lesion = sum(w * np.float32(f * mean_wm)
-                 for w, f in zip(soft, _TUMOR_FACTORS[modality]))
+    ratios = tumor_contrast.TARGET_RATIOS[modality]
+    intensities = _lesion_intensities(
+        values, sel, tumor_weight, system,
+        [ratios[region] for region in (ncr_region, "ed", "et")])
+    lesion = sum(w * np.float32(i) for w, i in zip(soft, intensities))
     values[sel] = values[sel] * (1 - tumor_weight) + lesion * texture
     bias = _smooth_field(rng, shape, _BIAS_SPACING_MM / voxel).reshape(-1)[flat]
     values *= np.exp(np.float32(_BIAS_STD) * bias)

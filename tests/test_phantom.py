@@ -13,6 +13,9 @@ from scipy import ndimage
 
 from data_pipeline import brats
 from data_pipeline import phantom
+from data_pipeline import tumor_contrast
+from data_pipeline import volumes
+from tests.conftest import REAL_SAMPLE
 
 SCALE = 0.4  # 96 x 96 x 62 voxels of 2.5 mm: fast, still anatomical.
 SEG_VALUES = {"2020": {0, 1, 2, 4}, "2021": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}
@@ -182,15 +185,95 @@ def test_tumor_variety(ph2020, volumes2020):
   no_et = [cid for cid, v in volumes2020.items() if not np.any(v["seg"] == 4)]
   assert no_et
   assert any(np.any(v["seg"] == 4) for v in volumes2020.values())
-  small = [cid for cid, v in volumes2020.items()
-           if 0 < np.count_nonzero(v["seg"]) * voxel_mm3 < 2000
-           and (v["seg"] > 0).any(axis=(0, 1)).sum() <= 3]
-  assert small
   sizes = [c.tumor_voxels * voxel_mm3 for c in ph2020.cases]
-  assert max(sizes) > 80_000 and max(sizes) / max(min(sizes), 1) > 20
+  assert max(sizes) > 80_000 and max(sizes) / max(min(sizes), 1) > 5
   assert sum(10_000 <= s <= 200_000 for s in sizes) >= 5
   lgg = [c.case_id for c in ph2020.cases if c.grade == "LGG"]
   assert lgg and all(not np.any(volumes2020[cid]["seg"] == 4) for cid in lgg)
+
+
+def _canonical(vol, version="2020"):
+  return volumes.canonical_labels("seg", vol["seg"], version)
+
+
+@pytest.fixture(scope="module")
+def real_sample():
+  """The real BraTS case's four modalities and canonical labels."""
+  if not os.path.isdir(REAL_SAMPLE):
+    pytest.fail(f"{REAL_SAMPLE} is missing: ../shared must sit beside the repo")
+  vol = {m: load(os.path.join(REAL_SAMPLE, f"TCGA-DU-7294_{m}.nii.gz"))
+         for m in brats.MODALITIES + ("seg",)}
+  return {m: vol[m] for m in brats.MODALITIES}, _canonical(vol)
+
+
+def test_real_sample_measures_as_documented(real_sample):
+  # The table the phantom's contrasts and ranges come from is what the same
+  # measuring function gives on the real case, and the real case lies in
+  # every accepted range.
+  images, labels = real_sample
+  ratios = tumor_contrast.contrast_ratios(images, labels)
+  assert ratios.keys() == tumor_contrast.REAL_SAMPLE_RATIOS.keys()
+  for modality, table in tumor_contrast.REAL_SAMPLE_RATIOS.items():
+    assert ratios[modality].keys() == table.keys()  # no ET in this case.
+    for region, want in table.items():
+      assert ratios[modality][region] == pytest.approx(want, abs=0.006)
+      low, high = tumor_contrast.RATIO_RANGES[modality][region]
+      assert low < ratios[modality][region] < high, (modality, region)
+  fractions = tumor_contrast.tumor_fractions(tumor_contrast.brain_mask(images),
+                                             labels)
+  for name, want in tumor_contrast.REAL_SAMPLE_FRACTIONS.items():
+    assert fractions[name] == pytest.approx(want, abs=0.006)
+  low, high = tumor_contrast.WT_FRACTION_RANGE
+  assert low < fractions["wt"] < high
+  assert 1.17 <= ratios["t2"]["wt"] <= 1.5  # hyperintense on T2.
+
+
+def test_tumor_contrasts_follow_real_brats(ph2020, volumes2020):
+  grade = {c.case_id: c.grade for c in ph2020.cases}
+  for case_id, vol in volumes2020.items():
+    images = {m: vol[m] for m in brats.MODALITIES}
+    ratios = tumor_contrast.contrast_ratios(images, _canonical(vol))
+    with_et = grade[case_id] == "HGG"
+    want = {"ncr", "ed", "wt"} | ({"et"} if with_et else set())
+    for modality, table in ratios.items():
+      assert set(table) == want, (case_id, modality)
+      for region, ratio in table.items():
+        low, high = tumor_contrast.RATIO_RANGES[modality][region]
+        assert low < ratio < high, (case_id, modality, region, ratio)
+    # What radiology reads (BRATS_FORMAT.md section 6): bright on T2 and
+    # FLAIR, dark on T1; necrosis brighter than edema on T2, darker on FLAIR
+    # and T1ce; the enhancing rim the brightest on T1ce.
+    assert ratios["t2"]["wt"] > 1.1 and ratios["flair"]["wt"] > 1.3, case_id
+    assert ratios["t1"]["wt"] < 1.05 and ratios["t1"]["ncr"] < 0.85, case_id
+    assert ratios["t2"]["ncr"] > ratios["t2"]["ed"], case_id
+    assert ratios["flair"]["ed"] > ratios["flair"]["ncr"], case_id
+    if with_et:
+      assert ratios["t1ce"]["et"] > 1.3 > ratios["t1ce"]["ed"] > ratios["t1ce"]["ncr"]
+
+
+def test_tumor_sizes_follow_real_brats(ph2020, volumes2020):
+  grade = {c.case_id: c.grade for c in ph2020.cases}
+  wt = {}
+  for case_id, vol in volumes2020.items():
+    brain = vol["t1"] > 0
+    fractions = tumor_contrast.tumor_fractions(brain, _canonical(vol))
+    wt[case_id] = fractions["wt"]
+    low, high = tumor_contrast.WT_FRACTION_RANGE
+    assert low < fractions["wt"] < high, (case_id, fractions)
+    low, high = tumor_contrast.SHARE_RANGES["ed"]
+    assert low < fractions["ed"] < high, (case_id, fractions)
+    if grade[case_id] == "HGG":
+      for name in ("et", "ncr"):
+        low, high = tumor_contrast.SHARE_RANGES[name]
+        assert low < fractions[name] < high, (case_id, name, fractions)
+    else:  # non-enhancing tumor of a low-grade glioma (the real one: 38 %).
+      assert fractions["et"] == 0 and 0.1 < fractions["ncr"] < 0.5, case_id
+  # Small to large like BraTS (median about 5 %): the small pick under 2 %,
+  # the large one over 9 %.
+  picks = phantom.select_case_numbers("2020", len(ph2020.cases))
+  large, small = (brats.case_id_for("2020", picks[i]) for i in (1, 3))
+  assert wt[small] < 0.02 and wt[large] > 0.09
+  assert 0.03 < np.median(list(wt.values())) < 0.08
 
 
 def _regions(maps, seg):
