@@ -11,12 +11,15 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
+from PIL import Image
 import pytest
 
 from data_pipeline import slice_sets
 from dfgm_jax import config_checks
 from dfgm_jax import errors
+from dfgm_jax.eval import figures
 from dfgm_jax.eval import runs
+from dfgm_jax.eval import segmentation_metrics
 from dfgm_jax.train import segmentation
 
 
@@ -133,6 +136,78 @@ def test_results_hold_runs_a_to_e_per_seed_with_gains(evaluated):
   assert text.count("interval") >= 2 and "cutpaste" in text  # the stand-in is said.
 
 
+FIGURES = {"overlay_B_vs_A", "overlay_D_vs_C", "dice_per_run", "training_curves"}
+
+
+def _check_figures(workdir, results):
+  """The listed figures exist under W/eval as PNGs of a plausible size."""
+  assert set(results["figures"]) == FIGURES and results["figures_skipped"] == []
+  sizes = {}
+  for name, rel in results["figures"].items():
+    assert rel == f"figures/{name}.png"  # relative to W/eval, never absolute.
+    with Image.open(os.path.join(workdir, "eval", rel)) as im:
+      im.verify()  # a complete, valid PNG.
+    with Image.open(os.path.join(workdir, "eval", rel)) as im:
+      assert im.format == "PNG"
+      sizes[name] = im.size
+    assert min(sizes[name]) >= 200 and max(sizes[name]) <= 4000, (name, sizes[name])
+  # Four columns; a row per test slice shown (up to figures.OVERLAY_SLICES).
+  width, height = sizes["overlay_B_vs_A"]
+  assert width > 600
+  assert [f for f in os.listdir(os.path.join(workdir, "eval", "figures"))
+          if not f.endswith(".png")] == []  # no temporary file left.
+  return sizes
+
+
+def test_figures_are_drawn_listed_and_linked(evaluated):
+  _, workdir, _, _, result = evaluated
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)
+  assert results["figures"] == result["figures"]
+  _check_figures(workdir, results)
+  text = open(os.path.join(workdir, "eval", "results.md")).read()
+  for rel in results["figures"].values():
+    assert f"]({rel})" in text
+  assert workdir not in json.dumps(results) + text  # no local absolute path.
+
+
+def test_stored_predictions_are_the_first_seeds_masks(evaluated):
+  config, workdir, real, _, _ = evaluated
+  for rid, split in (("B", "CBICA_test"), ("C", "TCIA_test")):
+    run_dir = os.path.join(workdir, "eval", "runs", rid)
+    with open(os.path.join(run_dir, "record.json")) as f:
+      record = json.load(f)
+    stored = runs.read_predictions(os.path.join(run_dir, runs.PREDICTIONS),
+                                   record["identity"]["test"])
+    assert stored is not None and stored["seed"] == "0"
+    test = real.load_split(split)
+    assert stored["mask"].dtype == np.uint8 and stored["mask"].shape == test["mask"].shape[:3]
+    # What the loaded first seed predicts (the probability to 1/255, and
+    # thresholded as the evaluator does), and not what the second does.
+    models = segmentation.load(config, os.path.join(run_dir, "seg"))
+    probs = [segmentation.predict(m, test["image"][:2])[..., 0] for m in models]
+    np.testing.assert_array_equal(stored["mask"][:2], (probs[0] > 0.5).astype(np.uint8))
+    assert stored["prob"].dtype == np.uint8
+    np.testing.assert_allclose(stored["prob"][:2] / 255.0, probs[0], atol=0.5 / 255 + 1e-6)
+    assert np.abs(stored["prob"][:2] / 255.0 - probs[1]).max() > 2.0 / 255
+    # Every stored slice scores the per-slice Dice the run recorded for seed 0.
+    ev = segmentation_metrics.SegmentationEvaluator(kind="probs")
+    ev.update(stored["mask"][..., None].astype(np.float32), test["mask"],
+              [str(c) for c in test["case_id"]])
+    np.testing.assert_allclose(ev.per_slice()["dice"], record["per_slice"]["0"]["dice"])
+
+
+def test_pick_slices_takes_the_largest_tumors_one_patient_first():
+  ref = np.zeros((5, 4, 4, 1), np.uint8)
+  for i, area in enumerate([5, 9, 3, 0, 9]):
+    ref[i].flat[:area] = 1
+  patients = ["a", "a", "b", "c", "b"]
+  # The largest of a (9) and of b (9, the earlier wins ties) before a's 5.
+  assert figures.pick_slices(ref, patients, 2) == [1, 4]
+  assert figures.pick_slices(ref, patients, 3) == [1, 4, 0]
+  assert figures.pick_slices(ref, patients, 9) == [1, 4, 0, 2, 3]
+
+
 def test_a_rerun_reuses_the_runs_without_training(evaluated, monkeypatch):
   config, workdir, real, synthetic, first = evaluated
 
@@ -140,9 +215,21 @@ def test_a_rerun_reuses_the_runs_without_training(evaluated, monkeypatch):
     raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(segmentation, "train", no_training)
+  # Figures drawn again from the stored predictions; a run recorded before
+  # predictions were stored gets them from its checkpoints.
+  eval_dir = os.path.join(workdir, "eval")
+  for f in os.listdir(os.path.join(eval_dir, "figures")):
+    os.remove(os.path.join(eval_dir, "figures", f))
+  stored = os.path.join(eval_dir, "runs", "A", runs.PREDICTIONS)
+  with np.load(stored) as f:
+    before = f["mask"]
+  os.remove(stored)
   again = runs.run(config, workdir, real, synthetic, progress=False)
   assert again["reused"] == ["A", "B", "C", "D", "E"] and again["trained"] == []
   assert again["runs"]["B"]["seeds"] == first["runs"]["B"]["seeds"]
+  _check_figures(workdir, again)
+  with np.load(stored) as f:
+    np.testing.assert_array_equal(f["mask"], before)
 
 
 def test_another_seg_config_is_refused_without_overwrite(evaluated, monkeypatch):
@@ -162,6 +249,45 @@ def test_runs_without_their_inputs_are_skipped_and_listed(evaluated, monkeypatch
   assert [s["id"] for s in result["skipped"]] == ["B", "D", "E"]
   assert set(result["runs"]) == {"A", "C"} and result["gains"] == {}
   assert "Run B skipped" in runs.report(result)
+  # The overlays of runs not run are listed, not drawn (and an old one removed).
+  assert set(result["figures"]) == {"dice_per_run", "training_curves"}
+  assert {s["figure"] for s in result["figures_skipped"]} == {"overlay_B_vs_A",
+                                                               "overlay_D_vs_C"}
+  assert sorted(os.listdir(os.path.join(workdir, "eval", "figures"))) == [
+      "dice_per_run.png", "training_curves.png"]
+
+
+def test_a_figure_that_fails_is_listed_not_raised(evaluated, monkeypatch):
+  config, workdir, real, synthetic, _ = evaluated
+  monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no display")
+
+  monkeypatch.setattr(figures, "curves_figure", broken)
+  result = runs.run(config, workdir, real, synthetic, progress=False)
+  assert "training_curves" not in result["figures"] and "dice_per_run" in result["figures"]
+  assert result["figures_skipped"] == [{"figure": "training_curves",
+                                        "reason": "RuntimeError: no display"}]
+  assert "Figure training_curves not drawn: RuntimeError: no display" in runs.report(result)
+
+
+def test_a_run_without_predictions_or_checkpoints_loses_its_overlay_only(
+    evaluated, monkeypatch):
+  config, workdir, real, synthetic, _ = evaluated
+  monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))
+
+  def no_checkpoint(config, workdir):
+    raise errors.UserError(f"{workdir}: no segmenter checkpoint")
+
+  monkeypatch.setattr(segmentation, "load", no_checkpoint)
+  os.remove(os.path.join(workdir, "eval", "runs", "A", runs.PREDICTIONS))
+  result = runs.run(config, workdir, real, synthetic, progress=False)
+  assert result["reused"] == ["A", "B", "C", "D", "E"]
+  assert set(result["figures"]) == FIGURES - {"overlay_B_vs_A"}
+  [skipped] = result["figures_skipped"]
+  assert skipped["figure"] == "overlay_B_vs_A"
+  assert "run A has no stored predictions" in skipped["reason"]
 
 
 def test_plan_adds_the_baseline_runs_and_config_checks_the_seg_section():

@@ -1,12 +1,57 @@
-"""Figures: the comparison grid in the style of the paper's Figure 2."""
+"""Figures of the synthesis and evaluation stages (matplotlib, Agg backend).
+
+  comparison_figure   the synthesis stage's grid in the style of the paper's
+                      Figure 2 (tumor slice, healthy matches, synthetic ones).
+  overlay_figure      the paper's Figure 3/4 style: test slices with the
+                      reference and two runs' predictions (before, after).
+  dice_figure         mean Dice per run with its seeds and the paper's value.
+  curves_figure       the segmenter's training loss per run and seed.
+
+Every figure is written atomically (a temporary file, then a rename), so a
+stage stopped while drawing never leaves half a PNG. The evaluation's
+figures show private test slices: they belong in the private eval folder.
+"""
 
 from __future__ import annotations
 
+import io
+from typing import Mapping, Sequence
+
 import numpy as np
+
+from dfgm_jax import stage_io
+
+# Slices per overlay figure: a config-free constant, so every run's figure
+# shows the same number of rows.
+OVERLAY_SLICES = 4
+_REF_COLOR = "red"
+_PRED_COLOR = "yellow"
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path: str, dpi: int = 110) -> str:
+  """Saves `fig` as a PNG at `path` atomically and closes it."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  _pyplot().close(fig)
+  stage_io.write_bytes(path, buf.getvalue())
+  return path
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
+  """The first channel of an image in [-1, 1], as [0, 1] gray."""
   return np.clip((np.asarray(img)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _plane(mask: np.ndarray) -> np.ndarray:
+  m = np.asarray(mask)
+  return (m[..., 0] if m.ndim == 3 else m) > 0.5
 
 
 def comparison_figure(path: str, rows: list[dict], title: str = "") -> str:
@@ -18,9 +63,7 @@ def comparison_figure(path: str, rows: list[dict], title: str = "") -> str:
       healthy images), and optional 'cutpaste', 'anomalydiffusion', 'dfgm'.
     title: figure title.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
   n_match = max(len(r["matches"]) for r in rows)
   columns = (["tumor slice (private)"] + [f"match {i + 1} (public)" for i in range(n_match)]
              + [c for c in ("cutpaste", "anomalydiffusion", "dfgm") if c in rows[0]])
@@ -42,6 +85,181 @@ def comparison_figure(path: str, rows: list[dict], title: str = "") -> str:
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+# --- Overlays (Figure 3/4) --------------------------------------------------------
+
+
+def pick_slices(reference: np.ndarray, patients: Sequence[str],
+                n: int = OVERLAY_SLICES) -> list[int]:
+  """The test slices an overlay figure shows, from the reference masks only.
+
+  Never looks at a prediction, so the choice cannot favour either run: the
+  slices with the largest reference tumor, at most one per patient while
+  other patients have tumor slices left, then the next largest. Ties go to
+  the earlier slice; empty slices only when too few have tumor.
+
+  Args:
+    reference: (N,S,S[,1]) reference masks of the test split.
+    patients: (N,) patient of each slice.
+    n: slices wanted.
+
+  Returns:
+    Up to n slice indices, largest tumor first.
+  """
+  ref = np.asarray(reference)
+  area = (ref.reshape(len(ref), -1) > 0.5).sum(axis=1)
+  order = [int(i) for i in np.argsort(-area, kind="stable")]
+  chosen, seen = [], set()
+  for i in order:  # the largest slice of each patient, largest first.
+    if len(chosen) < n and area[i] > 0 and str(patients[i]) not in seen:
+      chosen.append(i)
+      seen.add(str(patients[i]))
+  for i in order:  # too few patients: their next largest slices.
+    if len(chosen) < n and i not in chosen:
+      chosen.append(i)
+  return sorted(chosen, key=lambda i: (-area[i], i))
+
+
+def _overlay(ax, image, fill=None, contour=None, fill_color=_PRED_COLOR):
+  ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+  if fill is not None and fill.any():
+    rgba = np.zeros(fill.shape + (4,))
+    rgba[fill] = (*_rgb(fill_color), 0.45)
+    ax.imshow(rgba, interpolation="nearest")
+  if contour is not None and contour.any() and not contour.all():
+    ax.contour(contour.astype(np.float32), levels=[0.5], colors=_REF_COLOR,
+               linewidths=0.7)
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def _rgb(name: str) -> tuple:
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
+  return colors.to_rgb(name)
+
+
+def overlay_figure(path: str, image: np.ndarray, reference: np.ndarray,
+                   before: np.ndarray, after: np.ndarray,
+                   dice_before: Sequence[float], dice_after: Sequence[float],
+                   row_labels: Sequence[str], names: tuple[str, str],
+                   modality: str = "image", title: str = "") -> str:
+  """Test slices with the reference and the predictions of two runs.
+
+  Columns: the image, the reference (filled red), the prediction before and
+  after (filled yellow, the reference's outline in red for comparison), each
+  prediction titled with its per-slice Dice.
+
+  Args:
+    path: output .png path.
+    image: (R,S,S,C) the slices in [-1, 1]; the first channel is shown.
+    reference, before, after: (R,S,S[,1]) masks in {0, 1}.
+    dice_before, dice_after: (R,) per-slice Dice of the two predictions.
+    row_labels: (R,) e.g. patient and slice.
+    names: the two runs' names, e.g. ("A", "B").
+    modality: the shown channel's name.
+    title: figure title.
+  """
+  plt = _pyplot()
+  rows = len(image)
+  fig, axes = plt.subplots(rows, 4, squeeze=False, figsize=(8.0, 2.1 * rows + 0.5))
+  for i in range(rows):
+    ref = _plane(reference[i])
+    _overlay(axes[i, 0], image[i])
+    _overlay(axes[i, 1], image[i], fill=ref, fill_color=_REF_COLOR)
+    _overlay(axes[i, 2], image[i], fill=_plane(before[i]), contour=ref)
+    _overlay(axes[i, 3], image[i], fill=_plane(after[i]), contour=ref)
+    axes[i, 0].set_title(f"{modality}\n{row_labels[i]}", fontsize=7)
+    axes[i, 1].set_title("reference", fontsize=7)
+    axes[i, 2].set_title(f"before ({names[0]})\nDice {dice_before[i]:.3f}", fontsize=7)
+    axes[i, 3].set_title(f"after ({names[1]})\nDice {dice_after[i]:.3f}", fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+# --- Dice per run ------------------------------------------------------------------
+
+
+def dice_figure(path: str, runs: Mapping[str, dict], title: str = "") -> str:
+  """Mean Dice per run: a bar, one dot per seed, the std as an error bar.
+
+  Args:
+    path: output .png path.
+    runs: run id -> {"seeds": {seed: {"dice": ...}}, "mean": {"dice"},
+      "std": {"dice"}, "paper_dice": float or None} (results.json's runs).
+    title: figure title.
+  """
+  plt = _pyplot()
+  ids = list(runs)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(ids), 3.4))
+  x = np.arange(len(ids))
+  means = [runs[r]["mean"]["dice"] for r in ids]
+  stds = [runs[r]["std"]["dice"] for r in ids]
+  ax.bar(x, means, width=0.6, color="#9ecae1", edgecolor="#3182bd",
+         label="mean over seeds")
+  ax.errorbar(x, means, yerr=stds, fmt="none", ecolor="black", capsize=4,
+              linewidth=1, label="std over seeds")
+  for i, r in enumerate(ids):
+    dice = [s["dice"] for s in runs[r]["seeds"].values()]
+    # A fixed spread, so the seeds of a run do not hide each other.
+    offsets = np.linspace(-0.15, 0.15, len(dice)) if len(dice) > 1 else [0.0]
+    ax.scatter(i + np.asarray(offsets), dice, s=14, color="#08306b", zorder=3,
+               label="one seed" if i == 0 else None)
+  paper = [(i, runs[r]["paper_dice"]) for i, r in enumerate(ids)
+           if runs[r].get("paper_dice") is not None]
+  if paper:
+    ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="D", s=28,
+               facecolors="none", edgecolors="red", zorder=4, label="paper")
+  ax.set_xticks(x)
+  ax.set_xticklabels(ids, fontsize=8, rotation=30 if len(ids) > 5 else 0)
+  ax.set_ylim(0.0, 1.0)
+  ax.set_ylabel("mean per-slice Dice")
+  ax.legend(fontsize=7, loc="upper right")
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+# --- Training curves ------------------------------------------------------------
+
+
+def curves_figure(path: str, curves: Mapping[str, Mapping[str, tuple]],
+                  title: str = "") -> str:
+  """Training loss against step: one panel per run, one line per seed.
+
+  Args:
+    path: output .png path.
+    curves: run id -> seed -> (steps, losses); a run without rows gets an
+      empty panel that says so.
+    title: figure title.
+  """
+  plt = _pyplot()
+  ids = list(curves)
+  cols = min(len(ids), 4)
+  rows = -(-len(ids) // cols)
+  fig, axes = plt.subplots(rows, cols, squeeze=False,
+                           figsize=(3.0 * cols, 2.4 * rows + 0.4))
+  for k, ax in enumerate(axes.flat):
+    if k >= len(ids):
+      ax.axis("off")
+      continue
+    ax.set_title(f"run {ids[k]}", fontsize=8)
+    if not curves[ids[k]]:
+      ax.text(0.5, 0.5, "no metrics", ha="center", va="center",
+              transform=ax.transAxes, fontsize=8)
+    for seed, (steps, loss) in curves[ids[k]].items():
+      ax.plot(steps, loss, marker="." if len(steps) < 20 else None,
+              linewidth=1, label=f"seed {seed}")
+    ax.set_xlabel("step", fontsize=7)
+    ax.set_ylabel("loss", fontsize=7)
+    ax.tick_params(labelsize=7)
+    if curves[ids[k]]:
+      ax.legend(fontsize=6)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)

@@ -18,17 +18,25 @@ set: `plan` adds them when `synthetic` holds such a set (see BASELINES).
 
 Layout under W/eval/:
   runs/<id>/seg/       the segmenter's workdir (seed groups, checkpoints)
+  runs/<id>/predictions.npz  the first seed's predicted masks and
+                       probabilities of every test slice (uint8,
+                       compressed), so that a reused run still draws its
+                       figures without retraining.
   runs/<id>/record.json  written last: the run's identity (defining seg
                        config, the training and test sets' fingerprints)
                        and its per-seed metrics and per-slice Dice/HD95;
                        a rerun with the same identity reuses it, another
                        identity is refused (errors.RunMismatch) unless
                        overwrite.
+  figures/             overlay_<after>_vs_<before>.png per gain (test
+                       slices, reference, both runs' predictions: PRIVATE
+                       images), dice_per_run.png, training_curves.png.
   results.json         per run, per seed, per metric; mean and std over
                        seeds; relative gains with a paired patient bootstrap
-                       interval.
+                       interval; "figures" (name -> path relative to
+                       W/eval) and "figures_skipped" (figure, reason).
   results.md           the table next to the paper's figures, one sentence
-                       per gain.
+                       per gain, the figures.
 
 The library never imports the data layer: `real` and each synthetic set are
 SliceData-like objects (manifest, split_size, load_split) made by
@@ -38,16 +46,20 @@ launch/evaluate.py.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 from typing import Any, Mapping, Sequence
+import zipfile
 
+from absl import logging
 import numpy as np
 
 from dfgm_jax import errors
 from dfgm_jax import parallel
 from dfgm_jax import stage_io
+from dfgm_jax.eval import figures as figures_lib
 from dfgm_jax.eval import segmentation_metrics as metrics_lib
 from dfgm_jax.train import segmentation
 
@@ -65,6 +77,10 @@ _FREE_FIELDS = ("log_every", "checkpoint_every_epochs", "checkpoints_to_keep",
                 "async_checkpoints", "tensorboard", "stack_seeds")
 # Metrics of SegmentationEvaluator.result() that get a mean and std over seeds.
 METRICS = ("dice", "dice_pooled", "dice_patient", "hd95", "hd95_median")
+# W/eval/FIGURES: the stage's figures; W/eval/runs/<id>/PREDICTIONS: a run's
+# stored test predictions.
+FIGURES = "figures"
+PREDICTIONS = "predictions.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +151,7 @@ def layout(workdir: str) -> dict:
   """The stage's files under `workdir` (see the module docstring)."""
   root = os.path.join(workdir, EVAL)
   return {"eval": root, "runs": os.path.join(root, "runs"),
+          "figures": os.path.join(root, FIGURES),
           "results_json": os.path.join(root, "results.json"),
           "results_md": os.path.join(root, "results.md")}
 
@@ -208,7 +225,8 @@ def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
   Returns:
     dict: seeds (seed -> SegmentationEvaluator.result()), per_slice (seed ->
     {dice, hd95} lists in test-slice order), patients (test slice ->
-    case_id), preempted.
+    case_id), prediction (the first seed's, as _prediction stores it),
+    preempted.
   """
   image = np.concatenate([np.asarray(d["image"], np.float32) for d in train_sets])
   mask = np.concatenate([np.asarray(d["mask"], np.float32) for d in train_sets])
@@ -226,7 +244,60 @@ def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
     out["seeds"][str(model.seed)] = ev.result()
     out["per_slice"][str(model.seed)] = {"dice": s["dice"].tolist(),
                                          "hd95": s["hd95"].tolist()}
+    if "prediction" not in out:
+      out["prediction"] = _prediction(model.seed, probs)
   return out
+
+
+# --- Stored predictions (for the figures) ----------------------------------------
+
+
+def _prediction(seed: int, probs: np.ndarray) -> dict:
+  """What a run stores of one seed's test predictions.
+
+  mask: (N,S,S) uint8, thresholded as SegmentationEvaluator('probs') does,
+  so its per-slice Dice is the recorded one; prob: (N,S,S) uint8, the
+  probability in 1/255 steps (for threshold or calibration studies without
+  the checkpoint; mostly 0 in the background, so it compresses well).
+  """
+  p = np.asarray(probs, np.float32)
+  p = p[..., 0] if p.ndim == 4 else p
+  return {"seed": str(int(seed)), "mask": (p > 0.5).astype(np.uint8),
+          "prob": np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)}
+
+
+def write_predictions(path: str, prediction: dict, test_sha256: str) -> None:
+  """A run's stored predictions (_prediction) as a compressed npz, written
+  atomically, with the fingerprint of the test set they are of."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, mask=prediction["mask"], prob=prediction["prob"],
+                      seed=np.asarray(prediction["seed"]),
+                      test_sha256=np.asarray(test_sha256))
+  stage_io.write_bytes(path, buf.getvalue())
+
+
+def read_predictions(path: str, test: dict) -> dict | None:
+  """{seed, mask, prob} stored at `path` for the test set `test` (a run
+  identity's test entry), or None when there is none or it was made for
+  another test set."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as f:
+      if str(f["test_sha256"]) != test["sha256"] or len(f["mask"]) != test["num_slices"]:
+        return None
+      return {"seed": str(f["seed"]), "mask": np.asarray(f["mask"]),
+              "prob": np.asarray(f["prob"])}
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    return None  # unreadable or of another format: made again from checkpoints.
+
+
+def _predict_stored(config, seg_dir: str, test_set: dict) -> dict:
+  """The first seed's prediction from the run's checkpoints (a run recorded
+  before predictions were stored)."""
+  model = segmentation.load(config, seg_dir)[0]
+  probs = segmentation.predict(model, test_set["image"])
+  return _prediction(model.seed, probs)
 
 
 def train_one(config, workdir: str, train: Sequence[tuple[Any, str]],
@@ -338,7 +409,8 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
     todo.append((r, inputs, identity))
 
   records = {}
-  code = np.zeros(len(todo), np.int32)  # 0: train, 1: reuse, 2: refused.
+  # 0: train, 1: reuse, 2: refused, 3: reuse, its stored predictions missing.
+  code = np.zeros(len(todo), np.int32)
   refusal = None
   if parallel.is_main():
     for i, (r, _, identity) in enumerate(todo):
@@ -350,7 +422,9 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
         code[i], refusal = 2, refusal or e
       else:
         if rec is not None:
-          code[i], records[r.id] = 1, rec
+          stored = read_predictions(
+              os.path.join(paths["runs"], r.id, PREDICTIONS), identity["test"])
+          code[i], records[r.id] = (1 if stored is not None else 3), rec
   code = parallel.broadcast(code)
   if (code == 2).any():
     raise refusal or errors.RunMismatch(
@@ -358,7 +432,10 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
 
   trained, reused = [], []
   for i, (r, inputs, identity) in enumerate(todo):
-    if code[i] == 1:
+    if code[i] == 3:
+      _restore_predictions(config, os.path.join(paths["runs"], r.id), sets.load(*inputs[-1]),
+                           identity["test"])
+    if code[i] in (1, 3):
       reused.append(r.id)
       continue
     out = train_and_evaluate(
@@ -369,6 +446,8 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
       return {"paths": paths, "trained": trained, "reused": reused, "stopped": True}
     trained.append(r.id)
     if parallel.is_main():
+      write_predictions(os.path.join(paths["runs"], r.id, PREDICTIONS),
+                        out["prediction"], identity["test"]["sha256"])
       records[r.id] = stage_io.mark_done(
           os.path.join(paths["runs"], r.id, "record.json"), identity,
           seeds=out["seeds"], per_slice=out["per_slice"], patients=out["patients"])
@@ -377,9 +456,25 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
   if not parallel.is_main():
     return done
   results = _results(config, names, gains, todo, records, skipped)
+  results["figures"], results["figures_skipped"] = draw_figures(
+      config, paths, gains, todo, records, results, sets)
   stage_io.write_json(paths["results_json"], results)
   stage_io.write_text(paths["results_md"], report(results))
   return {**results, **done}
+
+
+def _restore_predictions(config, run_dir: str, test_set: dict, test: dict) -> None:
+  """Stores a reused run's predictions from its checkpoints (every process
+  restores; process 0 writes). A run whose checkpoints are gone keeps no
+  predictions: its overlays are skipped with the reason, the stage goes on."""
+  try:
+    prediction = _predict_stored(config, os.path.join(run_dir, "seg"), test_set)
+  except Exception as e:  # pylint: disable=broad-except
+    # No checkpoint (errors.UserError) or an unreadable one: only a figure lost.
+    logging.warning("no stored predictions for %s: %s", run_dir, e)
+    return
+  if parallel.is_main():
+    write_predictions(os.path.join(run_dir, PREDICTIONS), prediction, test["sha256"])
 
 
 def _results(config, names, gains, todo, records, skipped) -> dict:
@@ -404,6 +499,128 @@ def _results(config, names, gains, todo, records, skipped) -> dict:
   return {"centers": names, "seeds": [int(s) for s in seeds],
           "metric": "mean per-slice Dice of the real test split (primary)",
           "runs": out_runs, "gains": out_gains, "skipped": skipped}
+
+
+# --- Figures -------------------------------------------------------------------
+
+
+class _NoFigure(Exception):
+  """A figure this stage cannot draw; the message says why."""
+
+
+def draw_figures(config, paths: dict, gains, todo, records: dict, results: dict,
+                 sets: _Sets) -> tuple[dict, list]:
+  """Draws the stage's figures in paths["figures"] (process 0).
+
+  The overlays of each gain (after, before) from the runs' stored
+  predictions, Dice per run from `results`, the training curves from the
+  segmenter's metrics.jsonl. A figure that cannot be drawn is left out with
+  its reason: figures are views of results already computed, never worth
+  failing the stage for. PNGs of an earlier call that were not drawn again
+  are removed, so the folder holds exactly the figures listed.
+
+  Returns:
+    figures (name -> path relative to W/eval), skipped ([{figure, reason}]).
+  """
+  os.makedirs(paths["figures"], exist_ok=True)
+  by_id = {r.id: (r, inputs, identity) for r, inputs, identity in todo}
+  jobs, skipped = [], []
+  for after, before in gains:
+    name = f"overlay_{after}_vs_{before}"
+    missing = [x for x in (before, after) if x not in records]
+    if missing:
+      skipped.append({"figure": name, "reason": f"run {', '.join(missing)} did not run"})
+      continue
+    jobs.append((name, lambda path, a=after, b=before: _overlays(
+        path, config, paths, by_id[a], by_id[b], records, sets)))
+  jobs.append(("dice_per_run", lambda path: _dice(path, results)))
+  jobs.append(("training_curves", lambda path: _curves(
+      path, paths, config, [r.id for r, _, _ in todo])))
+  figures = {}
+  for name, draw in jobs:
+    try:
+      draw(os.path.join(paths["figures"], f"{name}.png"))
+    except _NoFigure as e:
+      skipped.append({"figure": name, "reason": str(e)})
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("figure %s not drawn: %s", name, e)
+      skipped.append({"figure": name, "reason": f"{type(e).__name__}: {e}"})
+    else:
+      figures[name] = f"{FIGURES}/{name}.png"
+  for f in os.listdir(paths["figures"]):
+    if f.endswith(".png") and f"{FIGURES}/{f}" not in figures.values():
+      os.remove(os.path.join(paths["figures"], f))
+  return figures, skipped
+
+
+def _overlays(path: str, config, paths: dict, after, before, records: dict,
+              sets: _Sets) -> None:
+  """Figure 3/4: the test slices of pick_slices, before and after."""
+  (ra, inputs, ida), (rb, _, idb) = after, before
+  if ida["test"]["sha256"] != idb["test"]["sha256"]:
+    raise _NoFigure(f"runs {rb.id} and {ra.id} were tested on different sets")
+  pred = {}
+  for r, identity in ((rb, idb), (ra, ida)):
+    pred[r.id] = read_predictions(os.path.join(paths["runs"], r.id, PREDICTIONS),
+                                  identity["test"])
+    if pred[r.id] is None:
+      raise _NoFigure(f"run {r.id} has no stored predictions of its test set "
+                      "(its checkpoints are gone; rerun it with --overwrite)")
+  test = sets.load(*inputs[-1])
+  patients = [str(c) for c in test["case_id"]]
+  idx = figures_lib.pick_slices(test["mask"], patients)
+  # The per-slice Dice the run recorded for the seed whose masks are shown.
+  dice = {rid: np.asarray(records[rid]["per_slice"][p["seed"]]["dice"])[idx]
+          for rid, p in pred.items()}
+  where = test.get("slice_index")
+  labels = [patients[i] + (f", slice {int(where[i])}" if where is not None else "")
+            for i in idx]
+  figures_lib.overlay_figure(
+      path, np.asarray(test["image"])[idx], np.asarray(test["mask"])[idx],
+      pred[rb.id]["mask"][idx], pred[ra.id]["mask"][idx], dice[rb.id], dice[ra.id],
+      labels, (rb.id, ra.id), modality=str(config.data.modalities[0]),
+      title=(f"{ra.id} vs {rb.id} on {ida['test']['split']} (seed {pred[ra.id]['seed']}): "
+             f"{rb.description} -> {ra.description}"))
+
+
+def _dice(path: str, results: dict) -> None:
+  if not results["runs"]:
+    raise _NoFigure("no run finished")
+  figures_lib.dice_figure(
+      path, results["runs"],
+      title=f"mean per-slice Dice of the real test split, seeds {results['seeds']}")
+
+
+def loss_curves(seg_dir: str, seeds: Sequence[int]) -> dict:
+  """seed -> (steps, losses) from a segmenter workdir's metrics.jsonl.
+
+  Reads the stacked group first, then each seed's own, as segmentation.load
+  does; the loss of seed s is the rows' loss_seed<s>.
+  """
+  groups = dict.fromkeys([segmentation.group_name(seeds)]
+                         + [segmentation.group_name([s]) for s in seeds])
+  out = {}
+  for group in groups:
+    f = os.path.join(seg_dir, group, "metrics.jsonl")
+    if not os.path.exists(f):
+      continue
+    with open(f) as fh:
+      rows = [json.loads(line) for line in fh if line.strip()]
+    for s in seeds:
+      key = f"loss_seed{int(s)}"
+      points = sorted((r["step"], r[key]) for r in rows if key in r)
+      if points and str(s) not in out:
+        out[str(s)] = ([p[0] for p in points], [p[1] for p in points])
+  return out
+
+
+def _curves(path: str, paths: dict, config, ids: Sequence[str]) -> None:
+  seeds = [int(s) for s in config.seg.seeds]
+  curves = {rid: loss_curves(os.path.join(paths["runs"], rid, "seg"), seeds)
+            for rid in ids}
+  if not any(curves.values()):
+    raise _NoFigure("no run has metrics.jsonl rows")
+  figures_lib.curves_figure(path, curves, title=f"segmenter training loss ({config.seg.loss})")
 
 
 # --- Report --------------------------------------------------------------------
@@ -464,4 +681,30 @@ def report(results: dict) -> str:
                  f"{modes}, not dfgm.")
   for s in results["skipped"]:
     lines.append(f"- Run {s['id']} skipped: {s['reason']}.")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + _figures_section(results)) + "\n"
+
+
+_FIGURE_CAPTIONS = {
+    "dice_per_run": "Dice per run: mean over seeds (bar), each seed (dot), std "
+                    "(error bar), the paper's Dice (red diamond)",
+    "training_curves": "Training loss of the segmenter per run and seed",
+}
+
+
+def _figures_section(results: dict) -> list[str]:
+  """Links to the figures (relative to W/eval; they show private slices)."""
+  figures, skipped = results.get("figures", {}), results.get("figures_skipped", [])
+  if not figures and not skipped:
+    return []
+  lines = ["", "## Figures", "",
+           "The overlays show private test slices: keep this folder private."]
+  for name, rel in figures.items():
+    caption = _FIGURE_CAPTIONS.get(name) or (
+        "Test slices: image, reference, prediction before and after, " +
+        name.replace("overlay_", "").replace("_vs_", " vs "))
+    lines += ["", f"![{caption}]({rel})"]
+  if skipped:
+    lines.append("")
+  for s in skipped:
+    lines.append(f"- Figure {s['figure']} not drawn: {s['reason']}.")
+  return lines
