@@ -112,8 +112,10 @@ def _evaluation(workdir: str) -> list[str]:
     return ["The evaluation did not run."]
   with open(md) as f:
     body = [l for l in f.read().splitlines() if not l.startswith("# ")]
-  # results.md links figures relative to W/eval; the report sits in W.
-  return [l.replace("](figures/", "](eval/figures/") for l in body]
+  # results.md's sections become subsections; its figure links are relative
+  # to W/eval, the report sits in W.
+  return [("#" + l if l.startswith("## ") else l).replace("](figures/", "](eval/figures/")
+          for l in body]
 
 
 def _quality(workdir: str, table: Callable[[dict], str] | None) -> list[str]:
