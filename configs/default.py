@@ -18,6 +18,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import federated
 from configs import segmentation
 
 VARIANTS = {
@@ -34,6 +35,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = data.get_data_config()
   diffusion.add_diffusion_sections(config)
+  # Federated G1 (ALGORITHM.md 6): R = 100 rounds of tau = 500 local steps,
+  # every private center of the slices a client.
+  config.fed = federated.get_fed_config()
   # The evaluation's segmenter at paper scale: the standard UNet (width 64,
   # 4 down-samplings), 50 epochs, 3 seeds (ALGORITHM.md 7).
   config.seg = segmentation.get_seg_config()
@@ -50,6 +54,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.sampler.steps = 10
     config.sampler.resamples = 1
     config.sampler.batch_size = 8
+    config.fed.rounds = 2
+    config.fed.local_steps = 10
   # What the pipeline compares dfgm with (baseline sets, quality table).
   config.evaluation = segmentation.get_evaluation_config()
   return config

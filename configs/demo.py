@@ -14,6 +14,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import federated
 from configs import segmentation
 
 VARIANTS = {"": "phantom BraTS 2020, tiny network, CPU minutes"}
@@ -58,6 +59,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.checkpoint_every = 100
   config.train.async_checkpoints = True
+  # Federated G1 (launch.train_federated): the two private centers as two
+  # clients, 3 rounds of 100 local steps (each client trains as long as the
+  # central run above).
+  config.fed = federated.get_fed_config()
+  config.fed.centers = "CBICA,TCIA"
+  config.fed.rounds = 3
+  config.fed.local_steps = 100
   # Synthesis: a short blended DDIM run (the paper-scale default is 195 NFE).
   config.sampler.steps = 25
   config.sampler.resamples = 1

@@ -9,6 +9,7 @@ import ml_collections
 import configs
 from configs import data
 from configs import diffusion
+from configs import federated
 from configs import segmentation
 
 VARIANTS = {"": "tests: phantom at 0.4 scale, 32 x 32, tiny network"}
@@ -54,6 +55,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.async_checkpoints = False
   # Random batches of the right shapes: no data set needed.
   config.train.reader = "synthetic"
+
+  # Federated G1: two clients, two short rounds.
+  config.fed = federated.get_fed_config()
+  config.fed.centers = "CBICA,TCIA"
+  config.fed.rounds = 2
+  config.fed.local_steps = 3
 
   # The segmenter of the evaluation: a narrow, shallow UNet, one epoch, two
   # stacked seeds (enough to test the mean, std and stacking).

@@ -297,11 +297,23 @@ _BENCH = {
     "profile_dir": _string(),
 }
 
+# dfgm_jax.train.federated.ENGINES (tests/test_federated.py keeps them equal)
+FED_ENGINES = ("auto", "stacked", "sequential")
+
+# Federated training of G1 (configs/federated.py).
+_FED = {
+    "rounds": _int_at_least(1),
+    "local_steps": _int_at_least(1),
+    "centers": _string(),
+    "fedprox_mu": _real(0),
+    "engine": _one_of(FED_ENGINES),
+}
+
 SECTIONS = {
     "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
     "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
     "phantom": _PHANTOM, "bench": _BENCH, "seg": _SEG,
-    "evaluation": _EVALUATION,
+    "evaluation": _EVALUATION, "fed": _FED,
 }
 
 

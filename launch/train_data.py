@@ -50,12 +50,14 @@ def check_slices(config, data_dir: str) -> None:
         "preprocess again")
 
 
-def synthetic_pools(config) -> tuple[dict, dict]:
+def synthetic_pools(config, client_index: int = 0) -> tuple[dict, dict]:
+  """Random healthy and tumor pools; each client gets its own tumor pool."""
   from data_pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   s, c = config.data.image_size, len(config.data.modalities)
   healthy = [input_pipeline.synthetic_example(i, s, c, tumor=False, seed=1)
              for i in range(64)]
-  tumor = [input_pipeline.synthetic_example(i, s, c, tumor=True, seed=2)
+  tumor = [input_pipeline.synthetic_example(i, s, c, tumor=True,
+                                            seed=2 + client_index)
            for i in range(64)]
   return _stack(healthy), _stack(tumor)
 
@@ -82,3 +84,75 @@ def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
                      f"{jax.process_count()} processes")
   return batches.MixedSampler(healthy, tumor, t.batch_size // jax.process_count(),
                               t.p_healthy, t.sampler_seed, jax.process_index())
+
+
+# --- Federated clients -------------------------------------------------------------
+
+
+def client_centers(config, data_dir: str | None) -> list[str]:
+  """The clients' centers: config.fed.centers, else the slices' private ones.
+
+  Raises:
+    errors.ConfigError: a named center without a <center>_train split, or
+      (synthetic reader) no centers named anywhere.
+  """
+  named = [c.strip() for c in config.fed.centers.split(",") if c.strip()]
+  if config.train.reader == "synthetic":
+    if not named:
+      named = [c.strip() for c in config.data.centers.split(",") if c.strip()]
+      if named in (["auto"], ["all"]):
+        raise errors.ConfigError(
+            "config.fed.centers='': the synthetic reader has no slices to "
+            "take the private centers from; name them, e.g. "
+            "--config.fed.centers=CBICA,TCIA")
+    return named
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  manifest = slice_sets.load_manifest(data_dir)
+  splits = manifest.get("splits", {})
+  if not named:
+    named = [c for c, info in manifest.get("centers", {}).items()
+             if info.get("private") and f"{c}_train" in splits]
+    if not named:
+      raise errors.ConfigError(f"config.fed.centers='': {data_dir} has no "
+                               "private center with a <center>_train split")
+  missing = [c for c in named if f"{c}_train" not in splits]
+  if missing:
+    known = sorted(s[:-len("_train")] for s in splits if s.endswith("_train"))
+    raise errors.ConfigError(
+        f"config.fed.centers={','.join(named)}: no tumor slices of {missing} "
+        f"in {data_dir}; its centers: {known}")
+  return named
+
+
+def make_clients(config, data_dir: str | None) -> list:
+  """The in-job engine's clients: one sampler per center, the healthy set shared.
+
+  Client i draws from its center's <center>_train split (the n_shot subset,
+  train.n_shot) and the public healthy split, with sampler seed
+  train.sampler_seed + i: client 0 draws the batches central training on
+  its center would. One process holds every client's data.
+  """
+  from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
+  t = config.train
+  if "dp" in config and config.dp.enabled:
+    raise errors.ConfigError("config.dp.enabled=True: the federated engine's "
+                             "clients do not run DP-SGD yet; train without DP")
+  centers = client_centers(config, data_dir)
+  if t.reader != "synthetic":
+    if not data_dir:
+      raise errors.ConfigError("--data_dir is required unless "
+                               "config.train.reader=synthetic")
+    check_slices(config, data_dir)
+    healthy = load_split(data_dir, "healthy", t.reader, shard=False)
+  clients = []
+  for i, center in enumerate(centers):
+    if t.reader == "synthetic":
+      healthy, tumor = synthetic_pools(config, i)
+    else:
+      tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False)
+    keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+    tumor = {k: v[keep] for k, v in tumor.items()}
+    sampler = batches.MixedSampler(healthy, tumor, t.batch_size, t.p_healthy,
+                                   t.sampler_seed + i)
+    clients.append(federated.Client(center, sampler.batch, len(keep)))
+  return clients

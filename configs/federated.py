@@ -1,0 +1,31 @@
+"""The `fed` section: federated training of G1 (FedAvg, ALGORITHM.md 6).
+
+The clients' local training takes every other setting from `train` (batch,
+optimizer, p_healthy, n_shot, loss region, augmentation); train.center and
+train.num_steps are the central trainer's and unused here.
+dfgm_jax/config_checks.py says what each field accepts.
+"""
+
+import ml_collections
+
+
+def get_fed_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Rounds R of FedAvg.
+  c.rounds = 100
+  # Local steps tau of every client per round (a multiple of
+  # train.steps_per_dispatch); a client trains rounds x local_steps steps.
+  c.local_steps = 500
+  # Clients: comma-separated private centers, each with a <center>_train
+  # split; '' = every private center of the slices (data.centers as
+  # preprocessing resolved it).
+  c.centers = ""
+  # FedProx proximal strength mu toward the round's global parameters
+  # (0 = plain FedAvg; ALGORITHM.md 6 suggests 0.01 for non-IID centers).
+  c.fedprox_mu = 0.0
+  # How the in-job engine runs the K clients of a round: stacked (one
+  # vmapped program for all K), sequential (one client after another: K
+  # times less activation memory), or auto (stacked unless its program does
+  # not fit the device's memory).
+  c.engine = "auto"
+  return c

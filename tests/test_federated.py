@@ -1,0 +1,228 @@
+"""Federated G1: FedAvg's core (client update, aggregation, FedProx) and the
+in-job engine (stacked and sequential clients, per-round checkpoints, resume,
+export)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import tiny
+from dfgm_jax import config_checks
+from dfgm_jax import errors
+from dfgm_jax import model_io
+from dfgm_jax.train import diffusion
+from dfgm_jax.train import federated
+from launch import train_data
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  # The engine runs below compile the same client programs several times
+  # (each train() compiles its own); a persistent cache compiles each once.
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir",
+                    str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  compilation_cache.reset_cache()
+
+
+def _config(**fed):
+  config = tiny.get_config()
+  config.train.tensorboard = False
+  config.train.checkpoints_to_keep = 5
+  for key, value in fed.items():
+    setattr(config.fed, key, value)
+  return config
+
+
+def _close(a, b, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def _equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- Aggregation -----------------------------------------------------------------
+
+
+def test_aggregation_weights_params_and_ema_by_private_counts():
+  a = {"params": {"w": np.full((2, 3), 1.0, np.float32)},
+       "ema": {"w": np.full((2, 3), 10.0, np.float32)}}
+  b = {"params": {"w": np.full((2, 3), 5.0, np.float32)},
+       "ema": {"w": np.full((2, 3), 50.0, np.float32)}}
+  got = federated.aggregate([a, b], counts=[30, 10])
+  np.testing.assert_allclose(got["params"]["w"], 0.75 * 1.0 + 0.25 * 5.0, rtol=1e-6)
+  np.testing.assert_allclose(got["ema"]["w"], 0.75 * 10.0 + 0.25 * 50.0, rtol=1e-6)
+  # The stacked form (the vmapped engine's) gives the same bits.
+  _equal(federated.aggregate_stacked(federated.stack([a, b]), [30, 10]), got)
+  # Counts, not order or client number, decide: swapping both swaps nothing.
+  _equal(federated.aggregate([b, a], counts=[10, 30]), got)
+  # One client: its own tree, exactly.
+  _equal(federated.aggregate([a], counts=[7]), a)
+  with pytest.raises(ValueError, match="positive total"):
+    federated.aggregate([a, b], counts=[0, 0])
+  with pytest.raises(ValueError, match="counts"):
+    federated.aggregate([a, b], counts=[1])
+
+
+def test_the_fed_section_is_checked_and_its_engines_are_the_librarys():
+  assert config_checks.FED_ENGINES == federated.ENGINES
+  config_checks.validate(_config())
+  for field, value in (("engine", "pod"), ("local_steps", 0), ("fedprox_mu", -1.0)):
+    with pytest.raises(errors.ConfigError, match=f"config.fed.{field}="):
+      config_checks.validate(_config(**{field: value}))
+
+
+def test_client_keys_fold_in_round_and_client():
+  config = _config()
+  keys = {(r, c): tuple(np.asarray(federated.client_key(config, r, c)))
+          for r in range(2) for c in range(2)}
+  assert len(set(keys.values())) == 4
+  root = jax.random.key(config.seed + 1)
+  want = jax.random.fold_in(jax.random.fold_in(root, 1), 0)
+  assert keys[1, 0] == tuple(np.asarray(jax.random.key_data(want)))
+
+
+# --- One client, one round = central training; FedProx --------------------------
+
+
+@pytest.fixture(scope="module")
+def one_client():
+  """(config, client, graphdef, rest, params, ema, the compiled local program)."""
+  config = _config(centers="CBICA", local_steps=3, engine="sequential")
+  [client] = train_data.make_clients(config, None)
+  graphdef, rest, params, ema = federated.init_global(config)
+  opt = federated.stack([federated.init_opt_state(config, params)])
+  engine, program, _ = federated.compile_programs(
+      config, graphdef, rest, params, ema, opt, [client], config.fed.engine)
+  assert engine == "sequential"
+  return config, client, graphdef, rest, params, ema, program
+
+
+def _update(one_client, mu=0.0):
+  config, client, _, _, params, ema, program = one_client
+  config.fed.fedprox_mu = mu
+  return federated.client_update(
+      program, config, params, ema, federated.init_opt_state(config, params),
+      client.batch_fn, round_index=0, client_index=0,
+      num_examples=client.num_examples)
+
+
+def _distance(a, b) -> float:
+  return sum(float(jnp.sum((x - y) ** 2))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_one_client_one_round_is_tau_steps_of_central_training(one_client):
+  config, _, graphdef, rest, params, _, _ = one_client
+  update = _update(one_client)  # FedProx's path with mu = 0: FedAvg.
+  new = federated.aggregate([{"params": update.params, "ema": update.ema}],
+                            [update.num_examples])
+
+  # Central training: the trainer's state and step, the client's key, the
+  # batches central training on CBICA draws (train_data.make_sampler).
+  central_config = _config()
+  central_config.train.center = "CBICA"
+  sampler = train_data.make_sampler(central_config, None)
+  _, _, state = diffusion.init_state(central_config)
+  state["key"] = federated.client_key(config, 0, 0)
+  step = jax.jit(diffusion.make_train_step(graphdef, rest, central_config))
+  losses = []
+  for i in range(config.fed.local_steps):
+    state, metrics = step(state, jax.tree.map(lambda x: x[None], sampler.batch(i)))
+    losses.append(float(metrics["loss"]))
+  _close(new["params"], state["params"])
+  _close(new["ema"], state["ema"])
+  _close(update.opt_state, state["opt_state"])
+  assert update.num_examples == 64
+  assert update.metrics["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+  # The parameters moved: the comparison is not of two initialisations.
+  assert _distance(new["params"], params) > 1e-6
+
+
+def test_fedprox_pulls_the_client_toward_the_global_parameters(one_client):
+  params = one_client[4]
+  fedavg = _update(one_client, mu=0.0)
+  # Deterministic: the same round again gives the same bits.
+  _equal(_update(one_client, mu=0.0).params, fedavg.params)
+  # A strong pull (lr x mu = 0.8 before the last step, lr = 4e-4 in the
+  # warm-up: four fifths of the way back) shrinks the client's drift from
+  # the global parameters.
+  prox = _update(one_client, mu=2000.0)
+  d0, d_prox = _distance(fedavg.params, params), _distance(prox.params, params)
+  assert 0 < d_prox < 0.9 * d0
+
+
+# --- The engine: stacked = sequential, resume = uninterrupted, export --------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  config = _config(engine="stacked")
+  workdir = str(tmp_path_factory.mktemp("fed_full"))
+  result = federated.train(config, workdir, train_data.make_clients(config, None),
+                           progress=False)
+  return config, workdir, result
+
+
+def test_stacked_and_sequential_engines_agree(uninterrupted, tmp_path):
+  config, _, stacked = uninterrupted
+  assert stacked["engine"] == "stacked" and stacked["rounds"] == 2
+  config = _config(engine="sequential")
+  seq = federated.train(config, str(tmp_path), train_data.make_clients(config, None),
+                        progress=False)
+  assert seq["engine"] == "sequential"
+  _close(seq["params"], stacked["params"], atol=1e-5)
+  _close(seq["ema"], stacked["ema"], atol=1e-5)
+  _close(seq["opt_state"], stacked["opt_state"], atol=1e-5)
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_parameters(uninterrupted, tmp_path):
+  config, full_dir, full = uninterrupted
+  clients = train_data.make_clients(config, None)
+  first = federated.train(config, str(tmp_path), clients, stop_after_rounds=1,
+                          progress=False)
+  assert first["rounds"] == 1 and first["step"] == config.fed.local_steps
+  # A new process would rebuild everything: only the workdir carries over.
+  second = federated.train(config, str(tmp_path),
+                           train_data.make_clients(config, None), progress=False)
+  assert second["rounds"] == 2 and len(second["round_s"]) == 1
+  _equal(second["params"], full["params"])
+  _equal(second["ema"], full["ema"])
+  _equal(second["opt_state"], full["opt_state"])
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [3, 6] and [r["round"] for r in rows] == [1, 2]
+  full_rows = [json.loads(l) for l in open(os.path.join(full_dir, "metrics.jsonl"))]
+  for key in ("loss", "CBICA/loss", "TCIA/loss", "CBICA/num_examples"):
+    assert [r[key] for r in rows] == [r[key] for r in full_rows]
+
+
+def test_the_workdir_is_one_runs_and_exports_the_global_ema(uninterrupted, tmp_path):
+  config, workdir, result = uninterrupted
+  # Another defining setting is another run: refused, naming the field.
+  other = _config(engine="stacked", local_steps=4)
+  with pytest.raises(errors.RunMismatch, match="fed.local_steps"):
+    federated.train(other, workdir, train_data.make_clients(other, None),
+                    progress=False)
+  # The export reads the global EMA of the last round.
+  out, step = model_io.export_workdir(workdir, tiny.get_config(),
+                                      str(tmp_path / "model"))
+  assert step == 2 * config.fed.local_steps
+  _, arrays = model_io.read_export(out)
+  want = model_io.flatten(result["ema"])
+  assert sorted(arrays) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(arrays[name], value)
