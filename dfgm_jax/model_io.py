@@ -6,6 +6,11 @@
                      data.modalities)
   <dir>/params.npz   the EMA parameters, one float array per leaf, named by
                      its path ("down/0/res/0/conv1/kernel")
+  <dir>/model_card.json, model_card.md
+                     (a shared model, G2) what the model saw and how it was
+                     trained (train/g2.py fills it); model.json holds the
+                     card's sha256, so an altered card is caught like
+                     altered weights
 
 No pickles (np.load with allow_pickle=False), no orbax version coupling, no
 paths, center data or patient identifiers. The folder is written to a
@@ -24,6 +29,7 @@ import io
 import json
 import os
 import shutil
+from typing import Callable
 
 from etils import epath
 import jax
@@ -36,6 +42,8 @@ from dfgm_jax import errors
 FORMAT = "dfgm-jax-model/1"
 MODEL_JSON = "model.json"
 PARAMS = "params.npz"
+MODEL_CARD = "model_card.json"
+MODEL_CARD_MD = "model_card.md"
 # Sections an export carries: they define the network and how it samples.
 SECTIONS = ("model", "diffusion", "mask")
 DATA_FIELDS = ("image_size", "modalities")
@@ -85,13 +93,20 @@ def _sha256(path: str) -> str:
 
 
 def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
-           extra: dict | None = None, loss_region: str | None = None) -> str:
+           extra: dict | None = None, loss_region: str | None = None,
+           card: dict | None = None, card_markdown: Callable[[dict], str] | None = None
+           ) -> str:
   """Writes an export of `params` (the EMA) with config's defining sections.
 
   loss_region: the region the weights were trained to regenerate
   (train.loss_region of their run), recorded as config.train.loss_region so
   that a synthesis mode the model was not trained for is refused from the
   export alone; None leaves it out (unknown).
+  card: a model card (JSON-able, no paths or identifiers: the caller's
+  responsibility), written as model_card.json with a "weights" entry added
+  here (params_sha256, step, num_params: the card names the weights it
+  describes) and as model_card.md by card_markdown (default: the JSON in a
+  code block). Written inside the folder before it is renamed into place.
   """
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
@@ -112,11 +127,40 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
   }
   if loss_region is not None:
     record["config"]["train"] = {"loss_region": loss_region}
+  if card is not None:
+    card = {**card, "weights": {k: record[k] for k in ("params_sha256", "step",
+                                                       "num_params")}}
+    _write_card(tmp, card, card_markdown)
+    record["model_card_sha256"] = _sha256(os.path.join(tmp, MODEL_CARD))
   with open(os.path.join(tmp, MODEL_JSON), "w") as f:
     json.dump(record, f, indent=1)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
+
+
+def _write_card(directory: str, card: dict, card_markdown) -> None:
+  with open(os.path.join(directory, MODEL_CARD), "w") as f:
+    json.dump(card, f, indent=1)
+    f.write("\n")
+  text = (card_markdown(card) if card_markdown is not None else
+          "# Model card\n\n```json\n" + json.dumps(card, indent=1) + "\n```\n")
+  with open(os.path.join(directory, MODEL_CARD_MD), "w") as f:
+    f.write(text)
+
+
+def read_card(directory: str) -> dict | None:
+  """The export's model card (sha256 checked against model.json); None without one."""
+  record = read_record(directory)
+  path = epath.Path(directory) / MODEL_CARD
+  if "model_card_sha256" not in record:
+    return None
+  if not path.exists():
+    raise ModelError(f"{path}: missing (model.json names a model card)")
+  data = path.read_bytes()
+  if hashlib.sha256(data).hexdigest() != record["model_card_sha256"]:
+    raise ModelError(f"{path}: checksum mismatch (altered model card)")
+  return json.loads(data)
 
 
 def read_record(directory: str) -> dict:
@@ -188,10 +232,16 @@ def fill(template, arrays: dict, source: str):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = False
+def export_workdir(model_dir: str, config, out_dir: str, *, overwrite: bool = False,
+                   card: dict | None = None,
+                   card_markdown: Callable[[dict], str] | None = None
                    ) -> tuple[str, int]:
-  """Exports the newest readable checkpoint of a training workdir; (out, step)."""
+  """Exports the newest readable checkpoint of a training workdir; (out, step).
+
+  card, card_markdown: a model card for the export (see `export`).
+  """
   from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
   d = denoiser.Denoiser.load(model_dir, config)
   return export(d.params, d.config, d.step, out_dir, overwrite=overwrite,
-                loss_region=d.loss_region), d.step
+                loss_region=d.loss_region, card=card,
+                card_markdown=card_markdown), d.step

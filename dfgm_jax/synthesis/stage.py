@@ -149,7 +149,7 @@ def _status(paths: dict, identity: dict, overwrite: bool) -> tuple[bool, dict]:
 
 def run(config, workdir: str, data, *, model_dir: str | None = None,
         baseline: bool = False, overwrite: bool = False,
-        stop_after_batches: int | None = None) -> dict:
+        stop_after_batches: int | None = None, model_loader=None) -> dict:
   """Synthesizes every center's tumors into public healthy slices.
 
   Args:
@@ -165,6 +165,9 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
     overwrite: redo a finished set, also one of another identity.
     stop_after_batches: stop (staged, resumable) after generating this many
       batches (tests, dry runs).
+    model_loader: (model_dir, config, mesh) -> a Denoiser, instead of
+      Denoiser.load (local synthesis: G2 with its harmonise sampler, see
+      synthesis/local.py).
 
   Returns:
     On process 0, summary.json's content plus, not written to any shared
@@ -191,7 +194,7 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   # --- Model: the export's or the workdir's EMA weights and network config ---
   mode = config.synthesis.mode
   if modes.uses_diffusion(mode):
-    model = denoiser_lib.Denoiser.load(model_dir, config, mesh)
+    model = (model_loader or denoiser_lib.Denoiser.load)(model_dir, config, mesh)
   else:  # cutpaste: the network is not used (the figure shows fresh weights).
     model = denoiser_lib.Denoiser.init(config, mesh)
   model.check_mode(mode)
