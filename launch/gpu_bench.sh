@@ -9,6 +9,7 @@
 # Each result is one JSON line in $OUT/<run>.json; the sampler and train runs
 # add a profile line (where one call's time goes, dfgm_jax/profiling.py) and
 # $OUT/*_ops.json, every instruction's time; the traces stay in $TRACES.
+# train_seg times the evaluation's segmenter (seeds stacked vs one at a time).
 #
 # Environment: BENCH_FLAGS (extra --config.x=v for every run of ours, e.g. a
 # tiny dry run on a CPU first), SKIP (run names to leave out), PY (python),
@@ -59,5 +60,8 @@ ours sampler_gn_channels benchmark_sampler --config.model.overrides.norm_impl=ch
 ours sampler_nojump benchmark_sampler --config.sampler.resamples=1
 ours train benchmark_train --config.bench.profile_dir="$TRACES/train"
 cp "$TRACES"/*/*_ops.json "$OUT"/ 2>/dev/null
+# The evaluation's segmenter at paper scale (width 64, depth 4, 3 seeds):
+# seeds stacked in one vmapped program against one at a time.
+ours train_seg benchmark_train --config.bench.model=seg
 ours sampler_cudnn benchmark_sampler --config.model.attention_impl=cudnn
 exit "$FAILED"

@@ -41,7 +41,9 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   flags = (TINY + " --config.sampler.batch_size=2 --config.train.batch_size=2 "
            "--config.sampler.steps=4 --config.sampler.resamples=2 "
            "--config.sampler.jump_length=2 --config.bench.steps=1 "
-           "--config.bench.warmup_steps=0 --config.model.dtype=float32")
+           "--config.bench.warmup_steps=0 --config.model.dtype=float32 "
+           "--config.seg.width=4 --config.seg.depth=1 --config.seg.batch_size=2 "
+           "--config.seg.seeds=0,1")
   env = dict(os.environ, PY=sys.executable, OUT=str(out), TRACES=str(tmp_path / "traces"),
              PEER_SCRIPT=str(peer), BENCH_FLAGS=flags, SKIP="sampler_cudnn",
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
@@ -76,6 +78,9 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   assert train["params"] > 0 and train["images_per_s"] > 0
   assert train_prof["benchmark"] == "train_profile" and train_prof["calls"] == 3
   assert (out / "train_ops.json").exists()
+  (seg,) = lines("train_seg")
+  assert seg["benchmark"] == "train_seg" and seg["seeds"] == 2 and seg["width"] == 4
+  assert seg["stacked"]["images_per_s"] > 0 and seg["one_at_a_time"]["images_per_s"] > 0
 
 
 def test_sampler_benchmark_reads_an_exported_model(tmp_path):
