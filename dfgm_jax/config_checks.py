@@ -274,7 +274,7 @@ _SEG = {
     "seeds": ((lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
                and all(_is_int(x) for x in v) and len(set(v)) == len(v)),
               "must be distinct integers, at least one"),
-    "stack_seeds": _bool(),
+    "stack_seeds": _one_of(("auto", "stacked", "sequential")),
     "log_every": _int_at_least(1),
     "checkpoint_every_epochs": _int_at_least(0),
     "checkpoints_to_keep": _int_at_least(1),

@@ -233,7 +233,7 @@ def seg_train_benchmark(config) -> dict:
   """The segmenter's train step (dfgm_jax/train/segmentation.py) on one
   synthetic batch: config.seg.seeds stacked (vmap, one compiled program, as
   the trainer runs them) against one seed at a time (its fallback, and
-  config.seg.stack_seeds=False: one program per seed, run in turn).
+  config.seg.stack_seeds=sequential: one program per seed, run in turn).
 
   Rates count every seed's images over the whole run: `images_per_s` is
   the total, `images_per_s_per_seed` = total / seeds (how fast each seed's

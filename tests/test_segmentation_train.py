@@ -261,11 +261,11 @@ def test_out_of_memory_falls_back_to_one_seed_at_a_time(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match="a bug"):
     seg_lib.train(make_config(seeds=(3, 4)), str(tmp_path), (image, mask),
                   progress=False)
-  # stack_seeds=False: one at a time from the start.
+  # stack_seeds=sequential: one at a time from the start.
   calls.clear()
   monkeypatch.setattr(seg_lib, "_train_group", _fake_group(calls))
   config = make_config(seeds=(3, 4))
-  config.seg.stack_seeds = False
+  config.seg.stack_seeds = "sequential"
   seg_lib.train(config, str(tmp_path), (image, mask), progress=False)
   assert calls == [("seed_3", [3]), ("seed_4", [4])]
   # A preemption (SIGTERM) stops the run after saving, not the seed only.
@@ -354,3 +354,11 @@ def test_processes_split_each_global_batch_in_order(monkeypatch):
     # Row i of the global batch is the same slice (its flip is drawn per row).
     np.testing.assert_array_equal(np.concatenate(halves),
                                   whole.batch_fn(3, step)["image"][:, 0, 0, 0])
+
+
+def test_auto_stacks_the_seeds_on_cpus_only():
+  # Measured: stacked 1.03-1.23x on the 2-core CPU, 0.34x on an H200.
+  assert seg_lib.stacks_seeds("auto", "cpu")
+  assert not seg_lib.stacks_seeds("auto", "gpu") and not seg_lib.stacks_seeds("auto", "tpu")
+  assert seg_lib.stacks_seeds("stacked", "gpu")
+  assert not seg_lib.stacks_seeds("sequential", "cpu")
