@@ -1,4 +1,4 @@
-"""Sections for the diffusion model: model, diffusion, mask, train.
+"""Sections for the diffusion model: model, diffusion, mask, train, dp.
 
 Defaults follow shared/docs/ALGORITHM.md Appendix A; departures are noted.
 """
@@ -121,6 +121,38 @@ def get_train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def get_dp_config() -> ml_collections.ConfigDict:
+  """DP-SGD for the private tumor slices (dfgm_jax/train/dp.py, ALGORITHM.md 9).
+
+  Off by default. Public healthy slices keep their ordinary gradient; the
+  private part of each batch is Poisson-sampled by unit (expected size
+  batch_size * (1 - p_healthy) examples), clipped per unit and noised.
+  Needs the `dp` extra (pip install -e ".[dp]": dp-accounting).
+  """
+  c = ml_collections.ConfigDict()
+  # DP-SGD on the private slices (train/dp.py); False trains as before.
+  c.enabled = False
+  # Unit of privacy: patient (sample patients, clip the sum of a patient's
+  # slice gradients) | example (each slice its own unit).
+  c.unit = "patient"
+  # Slices of a drawn patient in the step (drawn with replacement); the
+  # clipped patient gradient sums them. Ignored for unit='example'.
+  c.slices_per_patient = 1
+  # Gaussian noise std = noise_multiplier * clip_norm on the clipped sum.
+  c.noise_multiplier = 1.0
+  # L2 bound of one unit's gradient (ALGORITHM.md 9: start with C = 1).
+  c.clip_norm = 1.0
+  # The delta at which epsilon is reported.
+  c.delta = 1e-5
+  # Privacy budget: a run whose num_steps would reach more is refused;
+  # 0 = no budget (epsilon is still reported).
+  c.target_epsilon = 0.0
+  # rdp (RdpAccountant, fast) | pld (PLD, tighter, accounts for the
+  # sampler's truncation exactly; about 1 s per logged row).
+  c.accountant = "rdp"
+  return c
+
+
 def get_sampler_config() -> ml_collections.ConfigDict:
   """Blended sampler (dfgm_jax/diffusion/sampler.py, ALGORITHM.md 5)."""
   c = ml_collections.ConfigDict()
@@ -182,5 +214,6 @@ def add_diffusion_sections(config: ml_collections.ConfigDict) -> None:
   config.diffusion = get_diffusion_config()
   config.mask = get_mask_config()
   config.train = get_train_config()
+  config.dp = get_dp_config()
   config.sampler = get_sampler_config()
   config.synthesis = get_synthesis_config()

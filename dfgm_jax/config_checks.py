@@ -309,11 +309,27 @@ _FED = {
     "engine": _one_of(FED_ENGINES),
 }
 
+# dfgm_jax.train.dp.UNITS and ACCOUNTANTS (tests/test_dp.py keeps them equal)
+DP_UNITS = ("patient", "example")
+DP_ACCOUNTANTS = ("rdp", "pld")
+
+# DP-SGD of the diffusion training (configs/diffusion.py get_dp_config).
+_DP = {
+    "enabled": _bool(),
+    "unit": _one_of(DP_UNITS),
+    "slices_per_patient": _int_at_least(1),
+    "noise_multiplier": _real(0),
+    "clip_norm": _real(0, low_open=True),
+    "delta": _real(0, 1, low_open=True, high_open=True),
+    "target_epsilon": _real(0),
+    "accountant": _one_of(DP_ACCOUNTANTS),
+}
+
 SECTIONS = {
     "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
     "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
     "phantom": _PHANTOM, "bench": _BENCH, "seg": _SEG,
-    "evaluation": _EVALUATION, "fed": _FED,
+    "evaluation": _EVALUATION, "fed": _FED, "dp": _DP,
 }
 
 

@@ -18,12 +18,13 @@ def _stack(examples) -> dict:
           "mask": np.stack([e["mask"] for e in examples]).astype(np.float32)}
 
 
-def load_split(data_dir: str, split: str, reader: str, shard: bool) -> dict:
-  """image and mask of a split (this process's shard when `shard`) in memory."""
+def load_split(data_dir: str, split: str, reader: str, shard: bool,
+               fields: tuple[str, ...] = ("image", "mask")) -> dict:
+  """`fields` of a split (this process's shard when `shard`) in memory."""
   from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   index, count = (jax.process_index(), jax.process_count()) if shard else (0, 1)
   arrays = slice_sets.load_split(data_dir, split, reader, index, count)
-  return {"image": arrays["image"], "mask": arrays["mask"]}
+  return {name: arrays[name] for name in fields}
 
 
 def check_slices(config, data_dir: str) -> None:
@@ -62,9 +63,39 @@ def synthetic_pools(config, client_index: int = 0) -> tuple[dict, dict]:
   return _stack(healthy), _stack(tumor)
 
 
-def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
-  """The host-local sampler of train.batch_size / process_count examples."""
+def make_dp_sampler(config, data_dir: str | None):
+  """DP-SGD batches (config.dp): the whole private split, with its patients.
+
+  Every process holds the whole n_shot subset (the Poisson draw of units is
+  global); the synthetic reader's slices are one patient each.
+  """
+  from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
   t = config.train
+  if t.reader == "synthetic":
+    healthy, tumor = synthetic_pools(config)
+    ids = None
+  else:
+    if not data_dir:
+      raise errors.ConfigError("--data_dir is required unless "
+                               "config.train.reader=synthetic")
+    check_slices(config, data_dir)
+    healthy = load_split(data_dir, "healthy", t.reader, shard=True)
+    tumor = load_split(data_dir, f"{t.center}_train", t.reader, shard=False,
+                       fields=("image", "mask", "case_id"))
+    keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+    ids = [tumor["case_id"][i] for i in keep]
+    tumor = {k: tumor[k][keep] for k in ("image", "mask")}
+  return dp.make_sampler(config, healthy, tumor, ids)
+
+
+def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
+  """The host-local sampler of train.batch_size / process_count examples.
+
+  With config.dp.enabled, the DP sampler instead (make_dp_sampler).
+  """
+  t = config.train
+  if "dp" in config and config.dp.enabled:
+    return make_dp_sampler(config, data_dir)
   if t.reader == "synthetic":
     healthy, tumor = synthetic_pools(config)
   else:

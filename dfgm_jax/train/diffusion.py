@@ -8,6 +8,13 @@ step is one jitted function of (state, batches) with the state donated; the
 batch is sharded over the mesh's `data` axis and the parameters replicated,
 so the same code runs on 1 CPU, 8 fake CPU devices, one GPU or a multi-host
 pod.
+
+With config.dp.enabled the step is DP-SGD on the private slices
+(train/dp.py): the batches then carry the private part separately
+(dp_image, dp_mask, dp_valid; dp.PoissonSampler), the gradient is
+dp.private_grads, and train() checks the privacy budget and logs epsilon.
+With it off (the default) the step is the same program as without the
+option.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dfgm_jax.diffusion import schedule as schedule_lib
 from dfgm_jax.models import unet
 from dfgm_jax.synthesis import masks
 from dfgm_jax.train import augment as augment_lib
+from dfgm_jax.train import dp as dp_lib
 from dfgm_jax.train import loop
 from dfgm_jax.train import metrics as metrics_lib
 
@@ -103,18 +111,27 @@ def step_settings(config) -> StepSettings:
       p_flip=t.aug_hflip, p_rot=t.aug_rot_prob, rot_deg=t.aug_rot_deg)
 
 
+def dp_enabled(config) -> bool:
+  """config.dp.enabled (configs without a dp section train without DP)."""
+  return "dp" in config and bool(config.dp.enabled)
+
+
 def make_train_step(graphdef, rest, config) -> Callable:
   """Returns train_step(state, batches) -> (state, metrics).
 
   `batches` holds k stacked steps (leading axis k, then the global batch):
   image (k,B,S,S,C) float32, mask (k,B,S,S,1), is_tumor (k,B) int32. The k
-  steps run in one lax.scan: one dispatch, k updates.
+  steps run in one lax.scan: one dispatch, k updates. With config.dp.enabled
+  they are the public part, and dp_image (k,U*m,S,S,C), dp_mask, dp_valid
+  (k,U*m) the private one (dp.PoissonSampler); metrics gain dp_units,
+  dp_clipped_frac and dp_unit_grad_norm.
   """
   settings = step_settings(config)
   sched = denoiser.schedule_from(config)
   tx = make_optimizer(config.train)
   t_cfg = config.train
   num_t = config.diffusion.num_steps
+  dp_cfg = config.dp if dp_enabled(config) else None
 
   def loss_fn(params, batch, key):
     k_aug, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -137,20 +154,46 @@ def make_train_step(graphdef, rest, config) -> Callable:
     per_example = loss_lib.masked_mse(noise, eps_hat, weight)
     return jnp.mean(per_example), per_example
 
-  def one_step(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, key)
+  def apply(state, grads):
+    """The optimizer and EMA update of one step."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay(t_cfg.ema_decay, state["step"])
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                        state["ema"], params)
-    new_state = dict(state, step=state["step"] + 1, params=params, ema=ema,
-                     opt_state=opt_state)
+    return dict(state, step=state["step"] + 1, params=params, ema=ema,
+                opt_state=opt_state)
+
+  def dp_step(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+    public = {k: batch[k] for k in ("image", "mask", "is_tumor")}
+    private = {"image": batch["dp_image"], "mask": batch["dp_mask"],
+               "is_tumor": jnp.ones_like(batch["dp_valid"]),
+               "valid": batch["dp_valid"]}
+    grads, aux = dp_lib.private_grads(
+        lambda p, b, k: loss_fn(p, b, k)[1], state["params"], public, private,
+        key, clip_norm=dp_cfg.clip_norm,
+        noise_multiplier=dp_cfg.noise_multiplier,
+        slices_per_unit=(dp_cfg.slices_per_patient
+                         if dp_cfg.unit == "patient" else 1),
+        expected_batch=t_cfg.batch_size)
+    metrics = {"loss": aux["loss_sum"] / jnp.maximum(aux["examples"], 1.0),
+               "grad_norm": optax.global_norm(grads),
+               "lr": learning_rate(t_cfg, state["step"]),
+               "dp_units": aux["units"],
+               "dp_clipped_frac": aux["clipped_frac"],
+               "dp_unit_grad_norm": aux["unit_grad_norm"]}
+    return apply(state, grads), metrics
+
+  def one_step(state, batch):
+    if dp_cfg is not None:
+      return dp_step(state, batch)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, key)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "lr": learning_rate(t_cfg, state["step"])}
-    return new_state, metrics
+    return apply(state, grads), metrics
 
   def train_step(state, batches):
     if batches["image"].shape[0] == 1:
@@ -169,19 +212,25 @@ def make_train_step(graphdef, rest, config) -> Callable:
 # values is another run (errors.RunMismatch). Within these sections, the
 # fields in _FREE_FIELDS may change between reruns of one run: how long to
 # train, how often to log and save, how to run and read, not what is learnt.
-_RUN_SECTIONS = ("seed", "model", "diffusion", "mask", "data", "train")
+_RUN_SECTIONS = ("seed", "model", "diffusion", "mask", "data", "train", "dp")
 _FREE_FIELDS = {
     "model": ("attention_impl",),
     "data": ("formats", "num_shards_hint", "on_error"),
     "train": ("num_steps", "steps_per_dispatch", "log_every",
               "checkpoint_every", "checkpoints_to_keep", "async_checkpoints",
               "tensorboard"),
+    # The budget and how epsilon is reported, not what is learnt.
+    "dp": ("delta", "target_epsilon", "accountant"),
 }
 
 
 def run_identity(config: dict) -> dict:
   """The defining fields of a config (as JSON, e.g. a checkpoint's meta)."""
   identity = loop.identity_of(config, _RUN_SECTIONS, _FREE_FIELDS)
+  dp = identity.get("dp")
+  if isinstance(dp, dict) and not dp.get("enabled", False):
+    # Training without DP is the run it was before the dp section existed.
+    del identity["dp"]
   train = identity.get("train")
   if isinstance(train, dict) and "reader" in train:
     # grain and tf read the same slices; the synthetic reader is other data.
@@ -209,11 +258,32 @@ def _validate(config):
     raise errors.ConfigError(
         f"config.train.batch_size={t.batch_size}: must be a multiple of the "
         f"{jax.device_count()} devices")
+  if dp_enabled(config) and dp_lib.public_per_step(config) % jax.device_count():
+    raise errors.ConfigError(
+        f"config.train.p_healthy={t.p_healthy!r}: with config.dp.enabled the "
+        f"round(batch_size * p_healthy) = {dp_lib.public_per_step(config)} "
+        f"public slices per step must be a multiple of the "
+        f"{jax.device_count()} devices")
+
+
+def _dp_sampling(config, batch_fn, dp_sampling):
+  """The DP sampler's plan: given, or the attribute of batch_fn's sampler."""
+  if not dp_enabled(config):
+    return None
+  sampling = dp_sampling or getattr(getattr(batch_fn, "__self__", None),
+                                    "dp_sampling", None)
+  if sampling is None:
+    raise errors.ConfigError(
+        "config.dp.enabled=True: the batches must come from a DP sampler "
+        "(dfgm_jax.train.dp.make_sampler; launch/train_data.make_sampler "
+        "builds one), or pass dp_sampling=")
+  return sampling
 
 
 def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
           mesh=None, progress: bool = True, stop_at: int | None = None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False,
+          dp_sampling: dp_lib.Sampling | None = None) -> dict:
   """Trains (or resumes) the diffusion model in `workdir`.
 
   Args:
@@ -229,19 +299,31 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
       tests and staged runs. None runs to train.num_steps.
     overwrite: delete another run's checkpoints, metrics and events in
       `workdir` instead of refusing it.
+    dp_sampling: with config.dp.enabled, the DP sampler's plan; by default
+      `batch_fn.__self__.dp_sampling` (batch_fn = dp.PoissonSampler.batch).
 
   Returns:
-    dict with step, state (on device), compile_s, preempted, metrics (last).
+    dict with step, state (on device), compile_s, preempted, metrics (last;
+    with DP, dp_epsilon), and with DP dp_epsilon and dp_sampling.
 
   Raises:
-    errors.ConfigError: a training setting out of range (before any compile
-      or I/O).
+    errors.ConfigError: a training setting out of range, or (DP) the
+      configured steps spend more than config.dp.target_epsilon (before any
+      compile or I/O).
     errors.RunMismatch: `workdir` holds a run with another defining config.
   """
   config_checks.validate(config)
   _validate(config)
   t = config.train
   k = t.steps_per_dispatch
+  sampling = _dp_sampling(config, batch_fn, dp_sampling)
+  accountant = None
+  if sampling is not None:
+    accountant = dp_lib.accountant_for(config, sampling)
+    eps = dp_lib.check_budget(config, accountant, t.num_steps, multiple=k)
+    logging.info("DP-SGD: %s; epsilon %.3f at delta %g after %d steps (%s)",
+                 sampling, eps, config.dp.delta, t.num_steps,
+                 config.dp.accountant)
   mesh = mesh or parallel.make_mesh()
   config_json = json.loads(config.to_json_best_effort())
   loop.claim_workdir(workdir, run_identity(config_json), identity_fn=run_identity,
@@ -260,6 +342,8 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
     writer = metrics_lib.MetricsWriter(workdir, enabled=parallel.is_main(),
                                        tensorboard=t.tensorboard,
                                        resume_step=step)
+    if accountant is not None:
+      writer = dp_lib.EpsilonWriter(writer, accountant)
     watcher = ckpt_lib.PreemptionWatcher()
     end = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
     result = loop.run_steps(
@@ -273,6 +357,12 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
   if result.preempted:
     logging.warning("stopped at step %d on a preemption signal; checkpoint "
                     "saved, rerun with the same --workdir to resume", result.step)
-  return {"step": result.step, "state": result.state, "compile_s": compile_s,
-          "preempted": result.preempted, "metrics": result.metrics,
-          "graphdef": graphdef, "rest": rest}
+  out = {"step": result.step, "state": result.state, "compile_s": compile_s,
+         "preempted": result.preempted, "metrics": result.metrics,
+         "graphdef": graphdef, "rest": rest}
+  if accountant is not None:
+    out.update(dp_epsilon=accountant.epsilon(result.step),
+               dp_sampling=sampling.to_dict())
+    logging.info("DP-SGD: epsilon %.3f at delta %g after %d steps",
+                 out["dp_epsilon"], config.dp.delta, result.step)
+  return out
