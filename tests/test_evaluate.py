@@ -297,3 +297,15 @@ def test_plan_adds_the_baseline_runs_and_config_checks_the_seg_section():
   config.seg.seeds = (0, 0)
   with pytest.raises(errors.ConfigError, match="config.seg.seeds"):
     config_checks.validate(config)
+
+
+def test_runs_smaller_than_one_batch_are_skipped_not_fatal(evaluated, monkeypatch):
+  _, workdir, real, synthetic, _ = evaluated
+  monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))
+  config = _config()
+  config.seg.batch_size = 10_000  # no run's training slices fill one batch.
+  result = runs.run(config, workdir + "_small", real, synthetic, progress=False)
+  assert result["trained"] == [] and result["runs"] == {}
+  assert [s["id"] for s in result["skipped"]] == ["A", "B", "C", "D", "E"]
+  assert all("fewer than config.seg.batch_size=10000" in s["reason"]
+             for s in result["skipped"])

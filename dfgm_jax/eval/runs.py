@@ -404,6 +404,13 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
       skipped.append({"id": r.id, "reason": why})
       continue
     train = [_describe(n, s, sets.load(n, s)) for n, s in inputs[:-1]]
+    n_train = sum(t["num_slices"] for t in train)
+    if n_train < int(config.seg.batch_size):
+      # Too few patients in a center (phantom or small cohorts): this run
+      # cannot fill one batch; the others still run.
+      skipped.append({"id": r.id, "reason": f"{n_train} training slices, fewer than "
+                      f"config.seg.batch_size={config.seg.batch_size}"})
+      continue
     identity = {**base, "train": train,
                 "test": _describe(REAL, test_split, sets.load(REAL, test_split))}
     todo.append((r, inputs, identity))
