@@ -4,6 +4,10 @@ export)."""
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +19,11 @@ from configs import tiny
 from dfgm_jax import config_checks
 from dfgm_jax import errors
 from dfgm_jax import model_io
+from dfgm_jax.diffusion import denoiser
 from dfgm_jax.train import diffusion
 from dfgm_jax.train import federated
 from launch import train_data
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,6 +44,10 @@ def _compilation_cache(tmp_path_factory):
 
 def _config(**fed):
   config = tiny.get_config()
+  # No attention and batches of 4: the same code paths, quicker to compile
+  # and run.
+  config.model.overrides.attention_resolutions = ()
+  config.train.batch_size = 4
   config.train.tensorboard = False
   config.train.checkpoints_to_keep = 5
   for key, value in fed.items():
@@ -226,3 +236,69 @@ def test_the_workdir_is_one_runs_and_exports_the_global_ema(uninterrupted, tmp_p
   assert sorted(arrays) == sorted(want)
   for name, value in want.items():
     np.testing.assert_array_equal(arrays[name], value)
+
+
+# --- The binary: real slices, a killed run, the export ------------------------------
+
+
+def _binary(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "launch.train_federated", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--data_dir={data_dir}",
+          "--config.train.reader=grain", "--config.fed.centers=",
+          "--config.fed.local_steps=4", "--config.fed.rounds=3",
+          "--config.train.tensorboard=False", *extra]
+
+
+def _env():
+  cache = os.path.join(tempfile.gettempdir(), f"dfgm_test_fed_cache_{os.getuid()}")
+  return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+              JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _ema_of(workdir):
+  d = denoiser.Denoiser.load(str(workdir), tiny.get_config())
+  return d.step, model_io.flatten(d.params)
+
+
+@pytest.mark.slow
+def test_the_binary_on_phantom_slices_survives_a_kill_and_exports(
+    preprocessed_2020, tmp_path):
+  data_dir, manifest = preprocessed_2020
+  ref = subprocess.run(_binary(tmp_path / "ref", data_dir), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=900)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  # Both private centers of the slices are clients, with their slice counts.
+  for center in ("CBICA", "TCIA"):
+    assert f"'{center}': {manifest['splits'][center + '_train']['num_slices']}" \
+        in ref.stdout
+  victim = subprocess.Popen(_binary(tmp_path / "run", data_dir), cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  first = tmp_path / "run" / "checkpoints" / "4"
+  deadline = time.time() + 600
+  while not first.exists() and victim.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  victim.kill()  # SIGKILL after round 1 was saved: no chance to clean up.
+  victim.wait()
+  assert first.exists() and not (first.parent / "12").exists()
+  resumed = subprocess.run(_binary(tmp_path / "run", data_dir), cwd=ROOT,
+                           env=_env(), capture_output=True, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert [r["round"] for r in rows] == [1, 2, 3]
+  step_a, a = _ema_of(tmp_path / "ref")
+  step_b, b = _ema_of(tmp_path / "run")
+  assert step_a == step_b == 12
+  for name in a:
+    np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
+  exported = subprocess.run(
+      [sys.executable, "-m", "launch.export_model",
+       f"--model_dir={tmp_path / 'run'}", f"--out={tmp_path / 'model'}"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  record, arrays = model_io.read_export(str(tmp_path / "model"))
+  assert record["step"] == 12
+  for name in a:
+    np.testing.assert_array_equal(arrays[name], b[name])

@@ -120,6 +120,12 @@ def make_local_steps(graphdef, rest, config) -> Callable:
   return local
 
 
+def client_program(graphdef, rest, config) -> Callable:
+  """make_local_steps jitted for client_update, the client state donated
+  (compiled on its first call); one per process, reused every round."""
+  return jax.jit(make_local_steps(graphdef, rest, config), donate_argnums=0)
+
+
 def client_state(config, params, ema, opt_state, *, round_index: int,
                  client_index: int) -> dict:
   """A client's state at the start of a round: fresh copies of the global
@@ -151,8 +157,8 @@ def client_update(local_fn: Callable, config, params, ema, opt_state,
   """One client's round: tau local steps from the global params and EMA.
 
   Args:
-    local_fn: jax.jit(make_local_steps(...), donate_argnums=0), or its
-      compiled form; built once per process.
+    local_fn: client_program(...) (make_local_steps jitted, the state
+      donated) or its compiled form; built once per process.
     config: the run's config (fed.local_steps, train.steps_per_dispatch).
     params, ema: the round's global parameters and EMA (left intact).
     opt_state: the client's optimizer state from its previous round
