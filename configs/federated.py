@@ -25,7 +25,8 @@ def get_fed_config() -> ml_collections.ConfigDict:
   c.fedprox_mu = 0.0
   # How the in-job engine runs the K clients of a round: stacked (one
   # vmapped program for all K), sequential (one client after another: K
-  # times less activation memory), or auto (stacked unless its program does
-  # not fit the device's memory).
+  # times less activation memory), or auto (stacked on CPU unless it does
+  # not fit the memory, sequential on GPU, where it was faster: see
+  # federated.compile_programs).
   c.engine = "auto"
   return c

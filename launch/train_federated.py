@@ -10,8 +10,9 @@ from the global parameters and EMA, trains config.fed.local_steps steps on
 its <center>_train slices mixed with the public healthy split, keeping its
 own optimizer state; the server averages parameters and EMA weighted by the
 clients' private slice counts. The K clients' updates run as one vmapped
-program per dispatch (stacked), or one after another when that does not fit
-the device's memory or config.fed.engine=sequential.
+program per dispatch (stacked: the CPU default) or one after another
+(sequential: the GPU default, and the CPU's when stacked does not fit the
+memory); config.fed.engine chooses.
 
 Outputs: WORKDIR/checkpoints (orbax, one per round, step = rounds x
 local_steps, with every client's optimizer state), WORKDIR/metrics.jsonl
