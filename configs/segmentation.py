@@ -39,8 +39,8 @@ def get_seg_config() -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)
   # How the seeds are trained: stacked (one compiled program, vmap over the
   # models; on out-of-memory the trainer falls back to one seed at a time by
-  # itself), sequential (one at a time), or auto: stacked on CPUs (1.03-1.23x
-  # the throughput and one compile instead of one per seed, measured) and
+  # itself), sequential (one at a time), or auto: stacked on CPUs (one
+  # compile instead of one per seed, at 0.82-1.23x the throughput) and
   # sequential on accelerators (on an H200 the vmapped convolutions ran at
   # 0.34x: 474 against 1,378 images/s at width 64). Same results up to float
   # rounding either way.

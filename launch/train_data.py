@@ -63,6 +63,26 @@ def synthetic_pools(config, client_index: int = 0) -> tuple[dict, dict]:
   return _stack(healthy), _stack(tumor)
 
 
+def _pools(config, data_dir: str | None, fields=("image", "mask")):
+  """(healthy, tumor, keep): the public healthy slices (this process's shard),
+  the whole private split of train.center and its n_shot subset `keep`
+  (None: the synthetic reader's random pools, used whole)."""
+  t = config.train
+  if t.reader == "synthetic":
+    healthy, tumor = synthetic_pools(config)
+    return healthy, tumor, None
+  if not data_dir:
+    raise errors.ConfigError("--data_dir is required unless "
+                             "config.train.reader=synthetic")
+  check_slices(config, data_dir)
+  healthy = load_split(data_dir, "healthy", t.reader, shard=True)
+  # The n_shot subset is chosen over the whole private split (same on every
+  # process).
+  tumor = load_split(data_dir, f"{t.center}_train", t.reader, shard=False, fields=fields)
+  return healthy, tumor, batches.select_n_shot(len(tumor["image"]), t.n_shot,
+                                               t.sampler_seed)
+
+
 def make_dp_sampler(config, data_dir: str | None):
   """DP-SGD batches (config.dp): the whole private split, with its patients.
 
@@ -70,19 +90,9 @@ def make_dp_sampler(config, data_dir: str | None):
   global); the synthetic reader's slices are one patient each.
   """
   from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
-  t = config.train
-  if t.reader == "synthetic":
-    healthy, tumor = synthetic_pools(config)
-    ids = None
-  else:
-    if not data_dir:
-      raise errors.ConfigError("--data_dir is required unless "
-                               "config.train.reader=synthetic")
-    check_slices(config, data_dir)
-    healthy = load_split(data_dir, "healthy", t.reader, shard=True)
-    tumor = load_split(data_dir, f"{t.center}_train", t.reader, shard=False,
-                       fields=("image", "mask", "case_id"))
-    keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+  healthy, tumor, keep = _pools(config, data_dir, ("image", "mask", "case_id"))
+  ids = None
+  if keep is not None:
     ids = [tumor["case_id"][i] for i in keep]
     tumor = {k: tumor[k][keep] for k in ("image", "mask")}
   return dp.make_sampler(config, healthy, tumor, ids)
@@ -96,18 +106,8 @@ def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
   t = config.train
   if "dp" in config and config.dp.enabled:
     return make_dp_sampler(config, data_dir)
-  if t.reader == "synthetic":
-    healthy, tumor = synthetic_pools(config)
-  else:
-    if not data_dir:
-      raise errors.ConfigError("--data_dir is required unless "
-                               "config.train.reader=synthetic")
-    check_slices(config, data_dir)
-    healthy = load_split(data_dir, "healthy", t.reader, shard=True)
-    # The n_shot subset is chosen over the whole private split (same on every
-    # process), then each process keeps its share of it.
-    tumor = load_split(data_dir, f"{t.center}_train", t.reader, shard=False)
-    keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+  healthy, tumor, keep = _pools(config, data_dir)
+  if keep is not None:  # each process keeps its share of the n_shot subset.
     keep = np.array_split(keep, jax.process_count())[jax.process_index()]
     tumor = {k: v[keep] for k, v in tumor.items()}
   if t.batch_size % jax.process_count():

@@ -386,8 +386,8 @@ def validate(config, data: TrainData | None = None) -> None:
 def stacks_seeds(mode: str, platform: str) -> bool:
   """Whether config.seg.stack_seeds=`mode` trains the seeds stacked on `platform`.
 
-  auto stacks on CPUs only: there the stacked program is 1.03-1.23x the
-  throughput and compiles once; on an H200 the vmapped (grouped)
+  auto stacks on CPUs only: there the stacked program compiles once (at
+  0.82-1.23x the throughput, measured); on an H200 the vmapped (grouped)
   convolutions ran at 0.34x one seed at a time (launch.benchmark_train
   --config.bench.model=seg, README).
   """
