@@ -1,0 +1,49 @@
+"""dfgm_jax/report.py: W/report.md from what the stages wrote."""
+
+import json
+import os
+
+from dfgm_jax import report
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def test_report_gathers_the_stages_files_with_links_relative_to_the_workdir(tmp_path):
+  w = str(tmp_path / "W")
+  _write(os.path.join(w, "slices", "manifest.json"), json.dumps({
+      "image_size": 64, "modalities": ["t2"],
+      "splits": {"CBICA_train": {"num_slices": 54, "num_cases": 7}}}))
+  _write(os.path.join(w, "g1", "metrics.jsonl"),
+         json.dumps({"step": 10, "loss": 0.5}) + "\n" + json.dumps({"step": 20, "loss": 0.25}) + "\n")
+  _write(os.path.join(w, "synthetic", "summary.json"), json.dumps({
+      "mode": "dfgm", "synthetic_total": 108, "centers": {"CBICA": {"synthetic": 108}},
+      "images_per_s": 2.6}))
+  _write(os.path.join(w, "baselines", "cutpaste", "set", "summary.json"), json.dumps({
+      "mode": "cutpaste", "synthetic_total": 108, "centers": {}, "images_per_s": 1e3}))
+  _write(os.path.join(w, "eval", "results.md"),
+         "# Downstream\n\n| run | Dice |\n\n## Figures\n\n![d](figures/dice_per_run.png)\n")
+  _write(os.path.join(w, "eval", "quality.json"), json.dumps({"sets": {"dfgm": {}}}))
+  path = report.write(w, quality_table=lambda q: f"| quality of {sorted(q['sets'])} |")
+  text = open(path).read()
+  assert path == os.path.join(w, "report.md")
+  assert "| CBICA_train | 54 | 7 |" in text
+  assert "| G1 (dfgm) | g1 | 20 | 0.2500 |" in text  # the last logged row.
+  assert "| dfgm (SHAREABLE) | synthetic | dfgm | 108 |" in text
+  assert "| cutpaste (private, evaluation only) | baselines/cutpaste/set |" in text
+  # results.md's sections nest under the report's; its links become W-relative.
+  assert "### Figures" in text and "](eval/figures/dice_per_run.png)" in text
+  assert "# Downstream" not in text
+  assert "| quality of ['dfgm'] |" in text
+  assert str(tmp_path) not in text
+
+
+def test_a_stage_that_did_not_run_is_said_not_invented(tmp_path):
+  text = report.build(str(tmp_path))
+  for line in ("No preprocessed slices", "No diffusion model was trained",
+               "No synthetic set was made", "The evaluation did not run",
+               "The quality table was not computed"):
+    assert line in text
