@@ -163,7 +163,6 @@ def make_clients(config, data_dir: str | None) -> list:
   train.sampler_seed + i: client 0 draws the batches central training on
   its center would. One process holds every client's data.
   """
-  from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
   t = config.train
   if "dp" in config and config.dp.enabled:
     raise errors.ConfigError("config.dp.enabled=True: the federated engine's "
@@ -175,15 +174,31 @@ def make_clients(config, data_dir: str | None) -> list:
                                "config.train.reader=synthetic")
     check_slices(config, data_dir)
     healthy = load_split(data_dir, "healthy", t.reader, shard=False)
-  clients = []
-  for i, center in enumerate(centers):
-    if t.reader == "synthetic":
-      healthy, tumor = synthetic_pools(config, i)
-    else:
-      tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False)
-    keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
-    tumor = {k: v[keep] for k, v in tumor.items()}
-    sampler = batches.MixedSampler(healthy, tumor, t.batch_size, t.p_healthy,
-                                   t.sampler_seed + i)
-    clients.append(federated.Client(center, sampler.batch, len(keep)))
-  return clients
+  return [make_client(config, data_dir, center, i,
+                      None if t.reader == "synthetic" else healthy)
+          for i, center in enumerate(centers)]
+
+
+def make_client(config, data_dir: str | None, center: str, client_index: int,
+                healthy: dict | None = None):
+  """One client: `center`'s n_shot tumor slices and the healthy set, sampler
+  seed train.sampler_seed + client_index (the RNG's client index).
+
+  make_clients builds every client in one process; a Flower ClientApp builds
+  only its own site's (launch/flower_app), with the same batches.
+  healthy: the healthy split when already loaded (else read here).
+  """
+  from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
+  t = config.train
+  if t.reader == "synthetic":
+    healthy, tumor = synthetic_pools(config, client_index)
+  else:
+    if healthy is None:
+      check_slices(config, data_dir)
+      healthy = load_split(data_dir, "healthy", t.reader, shard=False)
+    tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False)
+  keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+  tumor = {k: v[keep] for k, v in tumor.items()}
+  sampler = batches.MixedSampler(healthy, tumor, t.batch_size, t.p_healthy,
+                                 t.sampler_seed + client_index)
+  return federated.Client(center, sampler.batch, len(keep))

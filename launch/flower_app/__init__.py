@@ -1,0 +1,18 @@
+"""The Flower app (engine 2 of federated G1): hospitals on their own machines.
+
+`[tool.flwr.app]` in pyproject.toml names its two components:
+
+  server_app.app  ServerApp: FedAvg over the global parameters and EMA,
+                  weighted by the sites' private slice counts; a checkpoint
+                  per round in the server's workdir (export it with
+                  launch.export_model).
+  client_app.app  ClientApp: one site's round, federated.client_update on
+                  the site's own preprocessed slices (data_dir and center
+                  from the SuperNode's --node-config), the same program,
+                  RNG and batches as the in-job engine.
+
+settings.py holds what both read: the run config (the ml_collections config
+file and overrides), the site's node config and the arrays' wire format.
+Lives in launch/ because the ClientApp reads slices (data_pipeline); the
+library dfgm_jax/ imports neither. README: "Federated training with Flower".
+"""

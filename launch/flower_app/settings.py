@@ -1,0 +1,177 @@
+"""What the Flower ServerApp and ClientApp share: the run config, a site's
+node config and the wire format of the global model.
+
+Run config (`[tool.flwr.app.config]` in pyproject.toml; `flwr run . <fed>
+-c 'key=value'` overrides it; the same values reach the server and every
+site):
+  config     the ml_collections config file, relative to the app's root
+             (e.g. configs/demo.py) or absolute: the binaries' --config.
+  overrides  space-separated 'dotted.field=value' pairs, the binaries'
+             --config.dotted.field=value flags (e.g. 'fed.rounds=2
+             fed.centers=CBICA,TCIA'). config.fed.centers must name the
+             sites in order: the order is the RNG's client index.
+  workdir    the server's workdir (absolute): checkpoints/ (one per round,
+             the global params and EMA, as the in-job engine's),
+             metrics.jsonl, flower_run.json.
+  round-timeout  seconds the server waits for the sites' replies of a round.
+
+Node config (each SuperNode's --node-config; it stays at the site):
+  center     the site's private center, one of config.fed.centers.
+  data_dir   the site's preprocessing output (launch.preprocess --out_dir)
+             holding <center>_train and the public healthy split.
+  state_dir  where the site keeps its optimizer state between rounds: a
+             SuperNode starts a new ClientApp process for every message.
+  cache_dir  JAX's persistent compilation cache (default state_dir/xla_cache):
+             every round after the first loads the compiled program.
+
+Wire format: one ArrayRecord whose keys are 'params/<leaf>' and 'ema/<leaf>'
+(model_io.leaf_name, the export's names), float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+
+from dfgm_jax import errors
+from dfgm_jax import platform
+
+platform.apply_xla_flags()  # as the binaries: before the first computation.
+
+# The key of a reply's MetricRecord that FedAvg weights by (weighted_by_key):
+# the site's private example count n_k.
+COUNT_KEY = "num-examples"
+ARRAYS_KEY = "arrays"  # FedAvg's arrayrecord_key.
+SITE_KEY = "site"  # a reply's ConfigRecord: which center answered, which round.
+# The app's root (the repository, or the FAB a SuperLink/SuperNode unpacked):
+# relative config paths are taken from here.
+APP_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def load_config(run_config):
+  """The run's ml_collections config from the run config, checked.
+
+  Raises:
+    errors.ConfigError: unreadable file, unknown field, a value out of
+      range, fed.centers not named, or DP (not in the federated engines).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import config_checks  # pylint: disable=g-import-not-at-top
+  path = str(run_config.get("config", "configs/default.py"))
+  if not os.path.isabs(path.split(":", 1)[0]):
+    path = os.path.join(APP_ROOT, path)
+  overrides = shlex.split(str(run_config.get("overrides", "")))
+  bad = [o for o in overrides if "=" not in o]
+  if bad:
+    raise errors.ConfigError(f"run config overrides: {bad[0]!r} is not "
+                             "'dotted.field=value'")
+  # A private flag set parses the file and overrides exactly as the
+  # binaries' --config flags do (types, locked fields).
+  argv = ["flower_app", f"--config={path}"] + [f"--config.{o}" for o in overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    values(argv)
+    config = values.config
+    config.to_dict()  # a file that failed to load raises on first use.
+  except (flags.Error, OSError, KeyError, AttributeError, TypeError,
+          ValueError) as e:
+    if isinstance(e, (KeyError, AttributeError)):  # an unknown field.
+      why = f"the config has no field {str(e).strip(chr(34))}"
+    else:
+      why = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+    raise errors.ConfigError(f"run config config={run_config.get('config')!r} "
+                             f"overrides={run_config.get('overrides', '')!r}: "
+                             f"{why}") from None
+  config_checks.validate(config)
+  centers(config)
+  if "dp" in config and config.dp.enabled:
+    raise errors.ConfigError("config.dp.enabled=True: the federated engines' "
+                             "clients do not run DP-SGD yet; train without DP")
+  return config
+
+
+def centers(config) -> list[str]:
+  """config.fed.centers as a list; the Flower engine needs them named."""
+  named = [c.strip() for c in config.fed.centers.split(",") if c.strip()]
+  if not named:
+    raise errors.ConfigError(
+        "config.fed.centers='': the Flower engine needs its sites named in "
+        "order (the order is the RNG's client index), e.g. run config "
+        "overrides='fed.centers=CBICA,TCIA'")
+  if len(set(named)) != len(named):
+    raise errors.ConfigError(f"config.fed.centers={config.fed.centers}: a "
+                             "center appears twice")
+  return named
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """A SuperNode's own settings (its --node-config)."""
+
+  center: str
+  data_dir: str
+  state_dir: str
+  cache_dir: str
+
+
+def site(node_config) -> Site:
+  """The site's settings from its node config; names a missing key."""
+  def get(key, default=None):
+    value = node_config.get(key, default)
+    if value in (None, ""):
+      raise errors.ConfigError(
+          f"--node-config: {key} is missing; a SuperNode of this app needs "
+          "center=\"<center>\" data_dir=\"<slices>\" state_dir=\"<dir>\"")
+    return str(value)
+  state_dir = os.path.abspath(get("state_dir"))
+  return Site(center=get("center"), data_dir=os.path.abspath(get("data_dir")),
+              state_dir=state_dir,
+              cache_dir=os.path.abspath(get("cache_dir", os.path.join(
+                  state_dir, "xla_cache"))))
+
+
+def use_compilation_cache(cache_dir: str) -> None:
+  """JAX's persistent compilation cache in `cache_dir`, every program in it
+  (each round's process would otherwise compile the client program again)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# --- Wire format ---------------------------------------------------------------
+
+
+def to_record(params, ema):
+  """One ArrayRecord of the params and EMA: 'params/<leaf>', 'ema/<leaf>'."""
+  from flwr.app import Array, ArrayRecord  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  record = ArrayRecord()
+  for part, tree in (("params", params), ("ema", ema)):
+    for name, value in model_io.flatten(tree).items():
+      record[f"{part}/{name}"] = Array(value)
+  return record
+
+
+def from_record(record, template, source: str = "the ArrayRecord"):
+  """(params, ema) in the structure of `template` (the network's params).
+
+  Raises:
+    model_io.ModelError: names missing or unexpected, or a shape that does
+      not fit the network.
+  """
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  arrays = {"params": {}, "ema": {}}
+  for key in record.keys():
+    part, _, name = key.partition("/")
+    if part not in arrays:
+      raise model_io.ModelError(f"{source}: unexpected array {key!r}")
+    arrays[part][name] = record[key].numpy()
+  return (model_io.fill(template, arrays["params"], f"{source} params"),
+          model_io.fill(template, arrays["ema"], f"{source} ema"))

@@ -1,0 +1,270 @@
+"""The Flower app (federated engine 2, launch/flower_app): its wire format and
+the sites' optimizer state between rounds; a SuperLink and two SuperNodes on
+localhost (Flower's deployment engine) running two rounds on the phantom
+slices end with the in-job engine's parameters, EMA and optimizer states."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+from dfgm_jax import errors
+from dfgm_jax import model_io
+from dfgm_jax.diffusion import denoiser
+from dfgm_jax.train import federated
+from dfgm_jax.train import loop
+from launch import train_data
+from launch.flower_app import client_app
+from launch.flower_app import settings
+from tests.conftest import ROOT
+
+BIN = os.path.dirname(sys.executable)
+# The tiny config as test_federated runs it (no attention, batches of 4),
+# reading the phantom slices; two rounds of two local steps; the in-job
+# engine's sequential program (the one a site runs).
+RUN_CONFIG = {
+    "config": "configs/tiny.py",
+    "overrides": ("train.reader=grain train.batch_size=4 train.tensorboard=False "
+                  "model.overrides.attention_resolutions=() fed.rounds=2 "
+                  "fed.local_steps=2 fed.centers=CBICA,TCIA "
+                  "fed.engine=sequential train.checkpoints_to_keep=5"),
+}
+
+
+def _leaves_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+# --- The pieces: run config, wire format, the optimizer state on disk -------------
+
+
+def test_the_run_config_is_the_binaries_config_flags():
+  config = settings.load_config(RUN_CONFIG)
+  assert (config.fed.local_steps, config.train.batch_size) == (2, 4)
+  assert config.model.overrides.attention_resolutions == ()
+  for overrides, field in (("train.nope=1", "no field 'nope'"),
+                           ("fed.centers=", "config.fed.centers=''"),
+                           ("fed.centers=CBICA,CBICA", "appears twice"),
+                           ("fed.local_steps=0", "config.fed.local_steps=0")):
+    with pytest.raises(errors.ConfigError, match=field):
+      settings.load_config({"config": "configs/tiny.py", "overrides": overrides})
+  with pytest.raises(errors.ConfigError, match="center is missing"):
+    settings.site({"data_dir": "/x", "state_dir": "/y"})
+
+
+def test_the_wire_format_and_the_sites_optimizer_state(tmp_path):
+  config = settings.load_config(RUN_CONFIG)
+  _, _, params, ema = federated.init_global(config)
+  ema = jax.tree.map(lambda x: x + 1.0, ema)
+  record = settings.to_record(params, ema)
+  assert len(record) == 2 * len(jax.tree.leaves(params))
+  got_params, got_ema = settings.from_record(record, params)
+  _leaves_close(got_params, params, atol=0)
+  _leaves_close(got_ema, ema, atol=0)
+  del record[next(iter(record.keys()))]
+  with pytest.raises(model_io.ModelError, match="missing"):
+    settings.from_record(record, params)
+
+  opt = federated.init_opt_state(config, params)
+  opt = jax.tree.map(lambda x: x + 2, opt)
+  template = jax.eval_shape(lambda p: federated.init_opt_state(config, p), params)
+  for rounds in (1, 2, 3):
+    client_app.save_opt_state(str(tmp_path), rounds, opt)
+  # The last two rounds' files stay (a message delivered twice finds its input).
+  assert sorted(os.listdir(tmp_path)) == ["opt_state_2.npz", "opt_state_3.npz"]
+  _leaves_close(client_app.load_opt_state(str(tmp_path), 3, template), opt, atol=0)
+  with pytest.raises(errors.UserError, match="no optimizer state of round 1"):
+    client_app.load_opt_state(str(tmp_path), 1, template)
+
+
+# --- The deployment engine on localhost --------------------------------------------
+
+
+class _Processes:
+  """Processes started in their own sessions; stop() ends them and every
+  process they started (the SuperLink's and SuperNodes' app processes)."""
+
+  def __init__(self, log_dir):
+    self.log_dir = log_dir
+    self.started = []
+
+  def start(self, name, args, env):
+    log = open(os.path.join(self.log_dir, f"{name}.log"), "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=self.log_dir)
+    self.started.append((name, proc, log))
+    return proc
+
+  def logs(self):
+    text = []
+    for name, _, log in self.started:
+      log.flush()
+      with open(log.name) as f:
+        text.append(f"--- {name}\n{f.read()[-4000:]}")
+    return "\n".join(text)
+
+  def stop(self):
+    tree = []
+    for _, proc, _ in self.started:
+      try:
+        tree += [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(
+            recursive=True)
+      except psutil.NoSuchProcess:
+        pass
+    for p in tree:
+      try:
+        p.send_signal(signal.SIGTERM)
+      except psutil.NoSuchProcess:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+      try:
+        p.kill()
+      except psutil.NoSuchProcess:
+        pass
+    psutil.wait_procs(alive, timeout=5)
+    for _, proc, log in self.started:
+      proc.wait(timeout=5)
+      log.close()
+
+
+def _free_ports(n):
+  """n ports free now (bound together, so distinct; released for the servers)."""
+  sockets = [socket.socket() for _ in range(n)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+def _wait_for_port(port, proc, timeout=60):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) == 0:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f"nothing listens on port {port}")
+
+
+def _env(flwr_home, cache_dir):
+  env = dict(os.environ, FLWR_HOME=flwr_home, FLWR_TELEMETRY_ENABLED="0",
+             FLWR_DISABLE_UPDATE_CHECK="1",
+             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+             TF_CPP_MIN_LOG_LEVEL="3", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+             JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("PYTHONPATH", None)  # the apps run from the FAB the SuperLink sent.
+  os.makedirs(flwr_home, exist_ok=True)
+  return env
+
+
+def _flower_run(tmp_path, data_dir):
+  """Runs the app on a SuperLink and two SuperNodes; returns (server
+  workdir, the sites' state dirs, seconds of `flwr run`)."""
+  procs = _Processes(str(tmp_path))
+  cache = str(tmp_path / "xla_cache")
+  link_port, *node_ports = _free_ports(3)
+  workdir = str(tmp_path / "server")
+  states = {c: str(tmp_path / f"site_{c}") for c in ("CBICA", "TCIA")}
+  try:
+    link = procs.start("superlink", [
+        os.path.join(BIN, "flower-superlink"), "--insecure", "--host",
+        "127.0.0.1", "--port", str(link_port),
+        "--disable-runtime-dependency-installation"],
+        _env(str(tmp_path / "home_link"), cache))
+    _wait_for_port(link_port, link)
+    for (center, state), port in zip(states.items(), node_ports):
+      node_config = (f'center="{center}" data_dir="{data_dir}" '
+                     f'state_dir="{state}" cache_dir="{cache}"')
+      procs.start(f"supernode_{center}", [
+          os.path.join(BIN, "flower-supernode"), "--insecure", "--superlink",
+          f"127.0.0.1:{link_port}", "--port", str(port), "--node-config",
+          node_config], _env(str(tmp_path / f"home_{center}"), cache))
+    cli_home = str(tmp_path / "home_cli")
+    env = _env(cli_home, cache)
+    with open(os.path.join(cli_home, "config.toml"), "w") as f:
+      f.write(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+              f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    run_config = tmp_path / "run_config.toml"
+    run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
+        **RUN_CONFIG, "workdir": workdir, "round-timeout": 600}.items()))
+    start = time.perf_counter()
+    run = subprocess.run(
+        [os.path.join(BIN, "flwr"), "run", ROOT, "local-test", "--stream",
+         "--run-config", str(run_config)], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    # `flwr run` can exit 0 on a failed run: the workdir says whether it ran.
+    done = os.path.join(workdir, "flower_run.json")
+    assert run.returncode == 0 and os.path.exists(done), (
+        f"flwr run exit {run.returncode}\n{run.stdout[-4000:]}\n"
+        f"{run.stderr[-4000:]}\n{procs.logs()}")
+    return workdir, states, seconds
+  finally:
+    procs.stop()
+
+
+def test_two_supernodes_on_localhost_match_the_in_job_engine(
+    preprocessed_2020, tmp_path):
+  data_dir, manifest = preprocessed_2020
+  workdir, states, flower_s = _flower_run(tmp_path, data_dir)
+
+  config = settings.load_config(RUN_CONFIG)
+  start = time.perf_counter()
+  clients = train_data.make_clients(config, data_dir)
+  ref = federated.train(config, str(tmp_path / "in_job"), clients, progress=False)
+  in_job_s = time.perf_counter() - start
+  record = json.load(open(os.path.join(workdir, "flower_run.json")))
+  print(f"flwr run {flower_s:.1f}s, rounds {record['round_s']}; in-job "
+        f"{in_job_s:.1f}s, compile {ref['compile_s']:.1f}s, rounds {ref['round_s']}")
+  assert record["rounds"] == 2 and record["clients"] == ["CBICA", "TCIA"]
+
+  # The server's last checkpoint: the global params and EMA after round 2.
+  checkpointer = loop.make_checkpointer(workdir, config.train)
+  try:
+    step, state, meta = checkpointer.restore_latest(
+        {"params": ref["params"], "ema": ref["ema"]})
+  finally:
+    checkpointer.close()
+  assert step == 4 and meta["round"] == 2 and meta["engine"] == "flower"
+  counts = [manifest["splits"][f"{c}_train"]["num_slices"] for c in ("CBICA", "TCIA")]
+  assert meta["num_examples"] == [c.num_examples for c in clients] == counts
+  # FedAvg in Flower (numpy) and in the job (XLA) sum in float32.
+  _leaves_close(state["params"], ref["params"], atol=1e-5)
+  _leaves_close(state["ema"], ref["ema"], atol=1e-5)
+
+  # Each site kept its own AdamW state across the two processes of its rounds.
+  template = jax.eval_shape(lambda p: federated.init_opt_state(config, p),
+                            ref["params"])
+  for index, center in enumerate(("CBICA", "TCIA")):
+    [site_dir] = glob.glob(os.path.join(states[center], "run-*", center))
+    _leaves_close(client_app.load_opt_state(site_dir, 2, template),
+                  federated.unstack(ref["opt_state"], index), atol=1e-5)
+
+  # The per-round rows: the sites' losses are the in-job clients'.
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  ref_rows = [json.loads(l) for l in open(tmp_path / "in_job" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [2, 4]
+  for row, ref_row in zip(rows, ref_rows):
+    for key in ("loss", "CBICA/loss", "TCIA/loss", "CBICA/num_examples"):
+      assert row[key] == pytest.approx(ref_row[key], rel=1e-4), key
+
+  # launch.export_model / Denoiser.load read the server's workdir.
+  loaded = denoiser.Denoiser.load(workdir, config)
+  assert loaded.step == 4
+  _leaves_close(loaded.params, state["ema"], atol=0)
