@@ -3,6 +3,7 @@ the sites' optimizer state between rounds; a SuperLink and two SuperNodes on
 localhost (Flower's deployment engine) running two rounds on the phantom
 slices end with the in-job engine's parameters, EMA and optimizer states."""
 
+import contextlib
 import glob
 import json
 import os
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 import psutil
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from jax.experimental.compilation_cache import compilation_cache
 
 from dfgm_jax import errors
 from dfgm_jax import model_io
@@ -25,6 +28,7 @@ from dfgm_jax.train import federated
 from dfgm_jax.train import loop
 from launch import train_data
 from launch.flower_app import client_app
+from launch.flower_app import server_app
 from launch.flower_app import settings
 from tests.conftest import ROOT
 
@@ -86,6 +90,50 @@ def test_the_wire_format_and_the_sites_optimizer_state(tmp_path):
   _leaves_close(client_app.load_opt_state(str(tmp_path), 3, template), opt, atol=0)
   with pytest.raises(errors.UserError, match="no optimizer state of round 1"):
     client_app.load_opt_state(str(tmp_path), 1, template)
+
+
+class _Reply:
+  """What the strategy reads of a site's reply message."""
+
+  def __init__(self, center, count, value):
+    self.content = RecordDict({
+        settings.ARRAYS_KEY: ArrayRecord({
+            "params/w": Array(np.full(3, value, np.float32)),
+            "ema/w": Array(np.full(3, 10 * value, np.float32))}),
+        "metrics": MetricRecord({settings.COUNT_KEY: count, "loss": value}),
+        settings.SITE_KEY: ConfigRecord({"center": center, "train_s": 1.5})})
+
+  def has_error(self):
+    return False
+
+
+def test_the_server_weights_by_private_counts_and_needs_every_site():
+  rounds = []
+  strategy = server_app.SiteFedAvg(
+      centers=["CBICA", "TCIA"], min_train_nodes=2, min_available_nodes=2,
+      fraction_evaluate=0.0, on_round=lambda *args: rounds.append(args))
+  arrays, metrics = strategy.aggregate_train(
+      1, [_Reply("TCIA", 10, 5.0), _Reply("CBICA", 30, 1.0)])
+  # Params and EMA alike, n_k / sum n: as federated.aggregate.
+  want = federated.aggregate(
+      [{"params": {"w": np.full(3, 1.0, np.float32)},
+        "ema": {"w": np.full(3, 10.0, np.float32)}},
+       {"params": {"w": np.full(3, 5.0, np.float32)},
+        "ema": {"w": np.full(3, 50.0, np.float32)}}], counts=[30, 10])
+  np.testing.assert_allclose(arrays["params/w"].numpy(), want["params"]["w"],
+                             rtol=1e-7)
+  np.testing.assert_allclose(arrays["ema/w"].numpy(), want["ema"]["w"], rtol=1e-7)
+  assert metrics["loss"] == pytest.approx(0.75 * 1.0 + 0.25 * 5.0)
+  [(round_index, _, per_site, _)] = rounds
+  assert round_index == 1
+  assert per_site["CBICA"] == {settings.COUNT_KEY: 30.0, "loss": 1.0, "train_s": 1.5}
+  row = server_app._round_row(1, ["CBICA", "TCIA"], per_site, 2.0)  # pylint: disable=protected-access
+  assert row["CBICA/num_examples"] == 30 and row["loss"] == pytest.approx(3.0)
+  # A missing site, or one center twice, stops the run.
+  for replies in ([_Reply("CBICA", 30, 1.0)],
+                  [_Reply("CBICA", 30, 1.0), _Reply("CBICA", 10, 5.0)]):
+    with pytest.raises(errors.UserError, match="sites that answered"):
+      strategy.aggregate_train(2, replies)
 
 
 # --- The deployment engine on localhost --------------------------------------------
@@ -161,6 +209,21 @@ def _wait_for_port(port, proc, timeout=60):
   raise AssertionError(f"nothing listens on port {port}")
 
 
+@contextlib.contextmanager
+def _compilation_cache(cache_dir):
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    compilation_cache.reset_cache()
+
+
 def _env(flwr_home, cache_dir):
   env = dict(os.environ, FLWR_HOME=flwr_home, FLWR_TELEMETRY_ENABLED="0",
              FLWR_DISABLE_UPDATE_CHECK="1",
@@ -222,13 +285,17 @@ def _flower_run(tmp_path, data_dir):
 def test_two_supernodes_on_localhost_match_the_in_job_engine(
     preprocessed_2020, tmp_path):
   data_dir, manifest = preprocessed_2020
-  workdir, states, flower_s = _flower_run(tmp_path, data_dir)
-
+  # The in-job engine first, with the same config: its client program goes
+  # into the compilation cache the sites then read (the same program, so
+  # their first round loads it instead of compiling it twice at once).
   config = settings.load_config(RUN_CONFIG)
   start = time.perf_counter()
   clients = train_data.make_clients(config, data_dir)
-  ref = federated.train(config, str(tmp_path / "in_job"), clients, progress=False)
+  with _compilation_cache(str(tmp_path / "xla_cache")):
+    ref = federated.train(config, str(tmp_path / "in_job"), clients,
+                          progress=False)
   in_job_s = time.perf_counter() - start
+  workdir, states, flower_s = _flower_run(tmp_path, data_dir)
   record = json.load(open(os.path.join(workdir, "flower_run.json")))
   print(f"flwr run {flower_s:.1f}s, rounds {record['round_s']}; in-job "
         f"{in_job_s:.1f}s, compile {ref['compile_s']:.1f}s, rounds {ref['round_s']}")
