@@ -65,6 +65,14 @@ def test_the_run_config_is_the_binaries_config_flags():
       settings.load_config({"config": "configs/tiny.py", "overrides": overrides})
   with pytest.raises(errors.ConfigError, match="center is missing"):
     settings.site({"data_dir": "/x", "state_dir": "/y"})
+  # A site refuses a center the run does not name, or slices it lacks,
+  # before any work.
+  for center, data_dir, message in (("TCGA", "/nonexistent", "not one of"),
+                                    ("TCIA", "/nonexistent", "no such folder")):
+    site = settings.site({"center": center, "data_dir": data_dir,
+                          "state_dir": "/nonexistent"})
+    with pytest.raises(errors.UserError, match=message):
+      client_app.run_round(config, site, 1, None, round_index=0)
 
 
 def test_the_wire_format_and_the_sites_optimizer_state(tmp_path):

@@ -14,5 +14,5 @@
 settings.py holds what both read: the run config (the ml_collections config
 file and overrides), the site's node config and the arrays' wire format.
 Lives in launch/ because the ClientApp reads slices (data_pipeline); the
-library dfgm_jax/ imports neither. README: "Federated training with Flower".
+library dfgm_jax/ imports neither. README: "train G1 federated with Flower".
 """
