@@ -26,6 +26,9 @@ _BASELINES = flags.DEFINE_list("baselines", None, "Baseline sets to compare "
                                "(runs B_<mode>, D_<mode>); default "
                                "config.evaluation.baselines. Each is read from "
                                "WORKDIR/baselines/<mode>/set.")
+_LOCAL_DIR = flags.DEFINE_string("local_dir", None, "Center 2's local synthesis "
+                                 "with G2 (launch.synthesize_local's "
+                                 "WORKDIR/synthetic): adds run D_local.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo runs made with another config.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -40,7 +43,8 @@ def main(argv):
   from launch import pipeline  # pylint: disable=g-import-not-at-top
   real, synthetic = pipeline.evaluation_sets(
       _WORKDIR.value, flags.FLAGS.config, data_dir=_DATA_DIR.value,
-      synthetic_dir=_SYNTHETIC_DIR.value, modes=_BASELINES.value)
+      synthetic_dir=_SYNTHETIC_DIR.value, modes=_BASELINES.value,
+      local_dir=_LOCAL_DIR.value)
   result = runs.run(flags.FLAGS.config, _WORKDIR.value, real, synthetic,
                     overwrite=_OVERWRITE.value)
   if parallel.is_main():

@@ -185,12 +185,15 @@ def synthesize_baselines(run: Run) -> dict:
 
 
 def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
-                    synthetic_dir: str | None = None, modes=None) -> tuple[Any, dict]:
+                    synthetic_dir: str | None = None, modes=None,
+                    local_dir: str | None = None) -> tuple[Any, dict]:
   """The real slices and the synthetic sets (name -> SliceData, None when
   missing: its runs are skipped and listed) that the evaluation compares.
 
   Defaults: W/slices, W/synthetic (dfgm) and W/baselines/<mode>/set for each
-  mode of `modes` (default config.evaluation.baselines).
+  mode of `modes` (default config.evaluation.baselines); `local_dir`, center
+  2's local synthesis with G2 (launch.synthesize_local's W2/synthetic), adds
+  run D_local.
   """
   from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
@@ -198,6 +201,8 @@ def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
   dirs = {runs.DFGM: synthetic_dir or stage.layout(workdir)["shared"]}
   for mode in baselines(config) if modes is None else modes:
     dirs[mode] = stage.layout(workdir, mode)["shared"]
+  if local_dir:
+    dirs[runs.LOCAL] = local_dir
   synthetic = {}
   for name, path in dirs.items():
     data = slice_sets.SliceData(path)

@@ -293,6 +293,12 @@ def test_a_run_without_predictions_or_checkpoints_loses_its_overlay_only(
 def test_plan_adds_the_baseline_runs_and_config_checks_the_seg_section():
   ids = [r.id for r in runs.plan(["cutpaste"])[0]]
   assert ids == ["A", "B", "C", "D", "E", "B_cutpaste", "D_cutpaste"]
+  # Center 2's local synthesis with G2: center 2 real + the local set (its
+  # split named after center 1's tumors), tested on center 2, against C.
+  plan, gains = runs.plan([runs.LOCAL])
+  (local,) = [r for r in plan if r.id == "D_local"]
+  assert local.train == ((runs.REAL, 1), (runs.LOCAL, 0)) and local.test == 1
+  assert ("D_local", "C") in gains
   config = _config()
   config.seg.seeds = (0, 0)
   with pytest.raises(errors.ConfigError, match="config.seg.seeds"):

@@ -68,6 +68,10 @@ REAL = "real"
 DFGM = "dfgm"
 # Synthetic sets of the baselines (ALGORITHM.md 8): run ids B_<name>, D_<name>.
 BASELINES = ("cutpaste", "anomalydiffusion")
+# Center 2's local synthesis with the shared model G2 (launch.synthesize_local:
+# the published tumors of center 1 in center 2's own healthy slices; its split
+# is named after the tumors' center): run D_local, the fairness use of Fig. 1c.
+LOCAL = "local_g2"
 # The paper's private centers, in the paper's order (center 1, center 2).
 PAPER_CENTERS = ("CBICA", "TCIA")
 # The paper's mean Dice (its Table; CBICA for A/B, TCIA for C/D).
@@ -110,7 +114,8 @@ def plan(synthetic_names: Sequence[str] = ()) -> tuple[list[Run], list[tuple[str
 
   Args:
     synthetic_names: names of the synthetic sets given; each BASELINES name
-      adds its B and D runs (and their gains against A and C).
+      adds its B and D runs (and their gains against A and C), LOCAL adds
+      D_local (against C).
   """
   runs = [
       Run("A", ((REAL, 0),), 0, "center 1 real"),
@@ -127,6 +132,10 @@ def plan(synthetic_names: Sequence[str] = ()) -> tuple[list[Run], list[tuple[str
       runs.append(Run(f"D_{name}", ((REAL, 1), (name, 0)), 1,
                       f"center 2 real + center 1 synthetic ({name})"))
       gains += [(f"B_{name}", "A"), (f"D_{name}", "C")]
+  if LOCAL in synthetic_names:
+    runs.append(Run("D_local", ((REAL, 1), (LOCAL, 0)), 1,
+                    "center 2 real + center 2 local synthesis (G2, center 1's tumors)"))
+    gains.append(("D_local", "C"))
   return runs, gains
 
 
@@ -368,7 +377,7 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
     workdir: W; writes W/eval (see the module docstring).
     real: the real slice set (SliceData-like: manifest, split_size,
       load_split), with <center>_train and <center>_test splits.
-    synthetic: set name (DFGM, or a BASELINES name) -> SliceData-like with
+    synthetic: set name (DFGM, a BASELINES name, LOCAL) -> SliceData-like with
       <center>_synthetic splits, or None when that set does not exist.
     overwrite: redo runs recorded with another identity (else refused).
     progress: progress bars.
