@@ -161,12 +161,11 @@ def make_clients(config, data_dir: str | None) -> list:
   Client i draws from its center's <center>_train split (the n_shot subset,
   train.n_shot) and the public healthy split, with sampler seed
   train.sampler_seed + i: client 0 draws the batches central training on
-  its center would. One process holds every client's data.
+  its center would. One process holds every client's data. With
+  config.dp.enabled each client's sampler is the DP one over its center's
+  patients (make_client).
   """
   t = config.train
-  if "dp" in config and config.dp.enabled:
-    raise errors.ConfigError("config.dp.enabled=True: the federated engine's "
-                             "clients do not run DP-SGD yet; train without DP")
   centers = client_centers(config, data_dir)
   if t.reader != "synthetic":
     if not data_dir:
@@ -187,17 +186,33 @@ def make_client(config, data_dir: str | None, center: str, client_index: int,
   make_clients builds every client in one process; a Flower ClientApp builds
   only its own site's (launch/flower_app), with the same batches.
   healthy: the healthy split when already loaded (else read here).
+  With config.dp.enabled the client's sampler is dp.PoissonSampler over the
+  center's n_shot slices grouped by patient (case_id; the synthetic reader's
+  slices are one patient each), in this one process.
   """
   from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
   t = config.train
+  use_dp = "dp" in config and config.dp.enabled
   if t.reader == "synthetic":
     healthy, tumor = synthetic_pools(config, client_index)
   else:
     if healthy is None:
       check_slices(config, data_dir)
       healthy = load_split(data_dir, "healthy", t.reader, shard=False)
-    tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False)
+    fields = ("image", "mask", "case_id") if use_dp else ("image", "mask")
+    tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False,
+                       fields=fields)
   keep = batches.select_n_shot(len(tumor["image"]), t.n_shot, t.sampler_seed)
+  if use_dp:
+    from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
+    ids = None if "case_id" not in tumor else [tumor["case_id"][i] for i in keep]
+    tumor = {k: tumor[k][keep] for k in ("image", "mask")}
+    groups = dp.unit_groups(config.dp.unit, len(keep), ids)
+    sampler = dp.PoissonSampler(healthy, tumor, groups,
+                                dp.plan_sampling(config, len(groups)),
+                                t.sampler_seed + client_index)
+    return federated.Client(center, sampler.batch, len(keep),
+                            sampler.dp_sampling)
   tumor = {k: v[keep] for k, v in tumor.items()}
   sampler = batches.MixedSampler(healthy, tumor, t.batch_size, t.p_healthy,
                                  t.sampler_seed + client_index)

@@ -473,8 +473,12 @@ def accountant_for(config, sampling: Sampling) -> Accountant:
 
 
 def check_budget(config, accountant: Accountant, steps: int,
-                 multiple: int = 1) -> float:
+                 multiple: int = 1,
+                 steps_field: str = "config.train.num_steps") -> float:
   """Epsilon of `steps` steps; refuses them when they exceed dp.target_epsilon.
+
+  steps_field: the setting that makes the steps, named in the refusal (the
+  federated engine's: config.fed.rounds x config.fed.local_steps).
 
   Raises:
     errors.ConfigError: naming dp.target_epsilon, the steps, sigma, q, delta,
@@ -487,11 +491,11 @@ def check_budget(config, accountant: Accountant, steps: int,
     s = accountant.sampling
     raise errors.ConfigError(
         f"config.dp.target_epsilon={d.target_epsilon!r}: {steps} steps "
-        f"(config.train.num_steps) with config.dp.noise_multiplier="
+        f"({steps_field}) with config.dp.noise_multiplier="
         f"{d.noise_multiplier!r} and sampling rate q={s.sampling_probability:.4g} "
         f"({s.num_units} {s.unit}s) reach epsilon {eps:.3f} at config.dp.delta="
         f"{d.delta!r} ({d.accountant}); the budget allows at most {most} steps: "
-        "lower config.train.num_steps or the batch, raise "
+        f"lower {steps_field} or the batch, raise "
         "config.dp.noise_multiplier or config.dp.target_epsilon")
   return eps
 

@@ -24,6 +24,17 @@ from the data gradient: before every local step, theta_k -= lr_t * mu *
 beside Adam rather than through it). It leaves the shared update step
 untouched; with plain SGD it is FedProx's update exactly. mu = 0 is FedAvg
 bit for bit (the pull is then exactly zero).
+
+DP-SGD (config.dp.enabled): each client's batches come from its own DP
+sampler (dp.PoissonSampler over its center's patients) and its local steps
+are the central DP step (clipping per unit, Gaussian noise). Every client
+is accounted on its own: its epsilon after r rounds is that of r x tau
+steps at its own sampling rate, written per round as '<center>/dp_epsilon'
+(and the clients' largest as 'dp_epsilon'); a run whose fed.rounds x tau
+steps exceed dp.target_epsilon for any client is refused before it starts,
+naming the client. The clients' unit slots are padded to the largest, so
+their batches stack (the stacked engine) and every client's plan is the one
+its sampler draws with.
 """
 
 from __future__ import annotations
@@ -333,6 +344,75 @@ class Client:
   name: str
   batch_fn: Callable[[int], dict]
   num_examples: int
+  # With config.dp.enabled: the client's DP sampling plan (dp.Sampling).
+  # train() takes it from batch_fn.__self__ (batch_fn must be a
+  # dp.PoissonSampler's batch) after padding the clients' slots (dp_clients).
+  dp_sampling: Any = None
+
+
+# --- DP-SGD clients ----------------------------------------------------------------
+
+
+def _dp_sampler(client: Client):
+  sampler = getattr(client.batch_fn, "__self__", None)
+  if getattr(sampler, "dp_sampling", None) is None:
+    raise errors.ConfigError(
+        f"config.dp.enabled=True: client {client.name}'s batches must come from "
+        "a DP sampler (dfgm_jax.train.dp.make_sampler; "
+        "launch/train_data.make_clients builds them)")
+  return sampler
+
+
+def dp_clients(clients: Sequence[Client]) -> list[Client]:
+  """The clients with their DP plans, unit slots padded to the largest.
+
+  Every client's sampler then fills max_units = the clients' largest (its
+  truncation only rarer), so all clients' batches have one shape and stack;
+  each client's plan (dp_sampling) is the padded one its sampler draws with.
+  """
+  samplers = [_dp_sampler(c) for c in clients]
+  slots = max(s.dp_sampling.max_units for s in samplers)
+  out = []
+  for c, sampler in zip(clients, samplers):
+    if sampler.dp_sampling.max_units != slots:
+      sampler.dp_sampling = dataclasses.replace(sampler.dp_sampling,
+                                                max_units=slots)
+    out.append(dataclasses.replace(c, dp_sampling=sampler.dp_sampling))
+  return out
+
+
+def dp_accountants(config, clients: Sequence[Client]) -> list:
+  """One accountant per client (its own sampling rate); refuses the run when
+  fed.rounds x fed.local_steps steps exceed dp.target_epsilon for a client.
+
+  Raises:
+    errors.ConfigError: naming the client, its epsilon and the most steps.
+  """
+  from dfgm_jax.train import dp as dp_lib  # pylint: disable=g-import-not-at-top
+  fed = config.fed
+  steps = fed.rounds * fed.local_steps
+  accountants = []
+  for c in clients:
+    accountant = dp_lib.accountant_for(config, c.dp_sampling)
+    try:
+      eps = dp_lib.check_budget(
+          config, accountant, steps, multiple=fed.local_steps,
+          steps_field=(f"config.fed.rounds={fed.rounds} x "
+                       f"config.fed.local_steps={fed.local_steps}"))
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f"client {c.name}: {e}") from None
+    logging.info("DP client %s: %s; epsilon %.3f after %d steps (delta %g)",
+                 c.name, c.dp_sampling, eps, steps, config.dp.delta)
+    accountants.append(accountant)
+  return accountants
+
+
+def _dp_epsilons(row: dict, clients, accountants, step: int) -> None:
+  """Adds '<center>/dp_epsilon' after `step` steps and their max to `row`."""
+  eps = [a.epsilon(step) for a in accountants]
+  for c, e in zip(clients, eps):
+    row[f"{c.name}/dp_epsilon"] = e
+  row["dp_epsilon"] = max(eps)
 
 
 def _validate(config, clients: Sequence[Client]) -> None:
@@ -492,7 +572,8 @@ def train(config, workdir: str, clients: Sequence[Client], *,
   Args:
     config: the full config (fed, train, model, diffusion, mask, data).
     workdir: checkpoints/, metrics.jsonl (a row per round, step = rounds x
-      tau, with per-client columns '<center>/loss', ...), tensorboard/,
+      tau, with per-client columns '<center>/loss', ...; with DP
+      '<center>/dp_epsilon' and their max 'dp_epsilon'), tensorboard/,
       run.json.
     clients: the K clients in a fixed order (the order is the RNG's client
       index); launch.train_data.make_clients builds them.
@@ -516,6 +597,10 @@ def train(config, workdir: str, clients: Sequence[Client], *,
   _validate(config, clients)
   fed, t = config.fed, config.train
   tau = fed.local_steps
+  accountants = None
+  if diffusion.dp_enabled(config):
+    clients = dp_clients(clients)
+    accountants = dp_accountants(config, clients)
   config_json = resolved_config_json(config, clients)
   loop.claim_workdir(workdir, run_identity(config_json), identity_fn=run_identity,
                      what="a federated training run", overwrite=overwrite)
@@ -551,6 +636,8 @@ def train(config, workdir: str, clients: Sequence[Client], *,
         jax.block_until_ready(state)
         round_s.append(time.perf_counter() - start)
         last = _round_row(r, clients, client_metrics, round_s[-1])
+        if accountants is not None:
+          _dp_epsilons(last, clients, accountants, (r + 1) * tau)
         writer.write((r + 1) * tau, last)
         checkpointer.save((r + 1) * tau, state, {
             "config": config_json, "round": r + 1, "next_step": (r + 1) * tau,
