@@ -58,4 +58,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.fed.local_steps = 10
   # What the pipeline compares dfgm with (baseline sets, quality table).
   config.evaluation = segmentation.get_evaluation_config()
+  # Decentralized stages of run_pipeline (federated G1, G2, local
+  # synthesis): off; see configs/federated.py.
+  config.decentralized = federated.get_decentralized_config()
   return config

@@ -30,3 +30,23 @@ def get_fed_config() -> ml_collections.ConfigDict:
   # federated.compile_programs).
   c.engine = "auto"
   return c
+
+
+def get_decentralized_config() -> ml_collections.ConfigDict:
+  """The `decentralized` section: which decentralized stages run_pipeline runs.
+
+  All off by default: the demo's time budget (about 15 CPU minutes) holds
+  the central pipeline and the evaluation; turn them on for the whole DFGM
+  (ALGORITHM.md 6).
+  """
+  c = ml_collections.ConfigDict()
+  # Train G1 with the federated in-job engine over config.fed.centers
+  # (launch.train_federated) instead of centrally on config.train.center.
+  c.federated_g1 = False
+  # Train the shared model G2 on the public synthetic set and the healthy
+  # slices only, and export it with its model card (launch.train_g2).
+  c.g2 = False
+  # Center 2's local synthesis with G2 (launch.synthesize_local): '' (none),
+  # harmonise or generate; needs g2. Adds the evaluation's run D_local.
+  c.local_synthesis = ""
+  return c

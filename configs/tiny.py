@@ -79,4 +79,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.evaluation = segmentation.get_evaluation_config()
   config.evaluation.baselines = ("cutpaste",)
   config.evaluation.quality_max_slices = 64
+  # Decentralized stages of run_pipeline (federated G1, G2, local
+  # synthesis): off; see configs/federated.py.
+  config.decentralized = federated.get_decentralized_config()
   return config

@@ -325,11 +325,18 @@ _DP = {
     "accountant": _one_of(DP_ACCOUNTANTS),
 }
 
+# Which decentralized stages run_pipeline runs (configs/federated.py).
+_DECENTRALIZED = {
+    "federated_g1": _bool(),
+    "g2": _bool(),
+    "local_synthesis": _one_of(("", "harmonise", "generate")),
+}
+
 SECTIONS = {
     "data": _DATA, "model": _MODEL, "diffusion": _DIFFUSION, "mask": _MASK,
     "train": _TRAIN, "sampler": _SAMPLER, "synthesis": _SYNTHESIS,
     "phantom": _PHANTOM, "bench": _BENCH, "seg": _SEG,
-    "evaluation": _EVALUATION, "fed": _FED, "dp": _DP,
+    "evaluation": _EVALUATION, "fed": _FED, "decentralized": _DECENTRALIZED, "dp": _DP,
 }
 
 
@@ -395,6 +402,10 @@ def unet_config(config) -> "unet_config_lib.UNetConfig":
 
 def _check_across_sections(config) -> None:
   """Values that are fine alone but not together."""
+  dec = _get(config, "decentralized")
+  if dec is not _MISSING and _get(dec, "local_synthesis") and not _get(dec, "g2"):
+    _fail("decentralized.local_synthesis", dec["local_synthesis"],
+          "needs config.decentralized.g2=True (local synthesis runs G2's export)")
   if _get(config, "model") is not _MISSING and _get(config, "data") is not _MISSING:
     try:  # The network's own checks (e.g. image_size vs its levels).
       unet_config(config)

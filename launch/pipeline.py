@@ -15,11 +15,14 @@ Workdir W:
   W/synthetic/   the synthetic set, summary, manifest             SHAREABLE
   W/baselines/   per baseline mode: its set (set/, state/) and,   private
                  for anomalydiffusion, its own model (g1/, model/)
+  W/g2/          G2's training run (public data only)             private
+  W/g2_model/    G2's export with its model card                  SHAREABLE
+  W/local/       center 2's local synthesis with G2 (its own set) private
   W/eval/        segmentation runs, results, figures, quality      private
   W/report.md    the report of every stage (links private figures) private
 
-The next stages (federated G1, G2, local synthesis, privacy audit) are
-further entries of STAGES.
+config.decentralized turns on federated G1 (in place of central G1), G2
+and local synthesis (all off in the demo). The privacy audit is next.
 """
 
 from __future__ import annotations
@@ -102,10 +105,28 @@ def _export(config, train_dir: str, out: str, step: int) -> int:
   return step
 
 
+def _decentralized(config, field: str):
+  """config.decentralized.<field> (off when the config has no such section)."""
+  section = config.get("decentralized")
+  return section.get(field) if section is not None else None
+
+
 def train_g1(run: Run) -> dict:
-  """G1: the diffusion model on the private center's slices + public healthy."""
+  """G1: the diffusion model on the private center's slices + public healthy;
+  with config.decentralized.federated_g1, FedAvg over config.fed.centers
+  (the in-job engine; the export reads its global EMA alike)."""
   out = run.path("g1")
-  result = _train(run.config, run.path("slices"), out, run.overwrite, "G1")
+  if _decentralized(run.config, "federated_g1"):
+    from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
+    from launch import train_data  # pylint: disable=g-import-not-at-top
+    clients = train_data.make_clients(run.config, run.path("slices"))
+    result = federated.train(run.config, out, clients, overwrite=run.overwrite)
+    if result["preempted"]:
+      raise Stopped("federated G1 stopped by a preemption; rerun to resume")
+    logging.info("train G1 federated: %d rounds, step %d, clients %s", result["rounds"],
+                 result["step"], [c.name for c in clients])
+  else:
+    result = _train(run.config, run.path("slices"), out, run.overwrite, "G1")
   return {"G1 checkpoints": os.path.join(out, "checkpoints"),
           "G1 metrics": os.path.join(out, "metrics.jsonl"),
           "G1 step": result["step"], "G1 final loss": result["metrics"].get("loss")}
@@ -181,6 +202,43 @@ def synthesize_baselines(run: Run) -> dict:
   return out
 
 
+# --- The shared model G2 and local synthesis (ALGORITHM.md 6), opt-in -----------
+
+
+def train_g2(run: Run) -> dict:
+  """G2: fresh, on the public synthetic set and the healthy slices only; its
+  export (W/g2_model) carries the model card. The shareable model."""
+  if not _decentralized(run.config, "g2"):
+    return {}
+  from launch import public_data  # pylint: disable=g-import-not-at-top
+  privacy = run.path("privacy", "privacy.json")
+  result = public_data.train_and_export(
+      run.config, run.path("g2"), run.path("g2_model"), run.path("slices"),
+      [run.outputs["synthesize"]["synthetic set"]],
+      privacy_json=privacy if os.path.exists(privacy) else None,
+      overwrite=run.overwrite, progress=True)
+  if result["preempted"]:
+    raise Stopped("G2 training stopped by a preemption; rerun to resume")
+  return {"G2 export (SHAREABLE)": run.path("g2_model"), "G2 step": result["step"],
+          "G2 final loss": result["metrics"].get("loss")}
+
+
+def local_synthesis(run: Run) -> dict:
+  """Center 2's own synthetic set from G2's export alone (W/local/synthetic):
+  the published tumors of center 1 in the healthy slices, by G2."""
+  mode = _decentralized(run.config, "local_synthesis")
+  if not mode:
+    return {}
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import local  # pylint: disable=g-import-not-at-top
+  result = local.run(run.config, run.path("local"), slice_sets.SliceData(run.path("slices")),
+                     slice_sets.SliceData(run.outputs["synthesize"]["synthetic set"]),
+                     model_dir=run.outputs["train G2"]["G2 export (SHAREABLE)"], mode=mode,
+                     overwrite=run.overwrite)
+  return {"local synthetic set": result["paths"]["synthetic set"],
+          "local pairs": result["synthetic_total"]}
+
+
 # --- Evaluation and report ------------------------------------------------------
 
 
@@ -217,7 +275,8 @@ def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
 def evaluate(run: Run) -> dict:
   """Segmentation runs A-E, B_<mode>, D_<mode>: does the synthetic data help?"""
   from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
-  real, synthetic = evaluation_sets(run.workdir, run.config)
+  local_dir = run.outputs.get("local synthesis", {}).get("local synthetic set")
+  real, synthetic = evaluation_sets(run.workdir, run.config, local_dir=local_dir)
   result = runs.run(run.config, run.workdir, real, synthetic, overwrite=run.overwrite)
   if result["stopped"]:
     raise Stopped("evaluation stopped by a preemption; rerun to resume")
@@ -253,6 +312,8 @@ STAGES = (
     Stage("synthesize", synthesize),
     Stage("train baseline model", train_baseline_model),
     Stage("synthesize baselines", synthesize_baselines),
+    Stage("train G2", train_g2),
+    Stage("local synthesis", local_synthesis),
     Stage("evaluate", evaluate),
     Stage("synthesis quality", synthesis_quality),
     Stage("report", write_report),

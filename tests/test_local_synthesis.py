@@ -99,8 +99,9 @@ def _pairs(institute, workdir):
   salt = (workdir / "private" / "salt").read_text().strip()
   tumors = slice_sets.load_split(str(institute / "public_synthetic"), "CBICA_synthetic")
   healthy = slice_sets.load_split(str(institute / "own_slices"), "healthy")
-  tumor_of = {(pipeline.salted_hash(s, salt), i): x for s, i, x in zip(
-      tumors["source"], tumors["slice_index"], tumors["image"])}
+  # A public example's pseudonym and match rank stand for its case id.
+  tumor_of = {(pipeline.salted_hash(f"{s}/{r}", salt), i): x for s, r, i, x in zip(
+      tumors["source"], tumors["rank"], tumors["slice_index"], tumors["image"])}
   healthy_of = {pipeline.salted_hash(k, salt): h for k, h in zip(healthy["key"],
                                                                 healthy["image"])}
   out = []
@@ -120,8 +121,8 @@ def _check_counts(institute, workdir, result, mode):
   n = K * len(tumors["image"])
   assert result["synthetic_total"] == len(pairs) == n
   manifest = slice_sets.load_manifest(str(workdir / "synthetic"))
-  assert manifest["splits"] == {"CBICA_synthetic": {"num_slices": n,
-                                                    "num_cases": len(set(tumors["source"]))}}
+  cases = set(zip(tumors["source"], tumors["rank"]))
+  assert manifest["splits"] == {"CBICA_synthetic": {"num_slices": n, "num_cases": len(cases)}}
   assert result["mode"] == local.MODES[mode]
   return pairs
 

@@ -11,7 +11,8 @@ from launch import pipeline
 def test_stages_are_named_in_order():
   assert [s.name for s in pipeline.STAGES] == [
       "phantom", "preprocess", "train G1", "export G1", "synthesize",
-      "train baseline model", "synthesize baselines", "evaluate", "synthesis quality", "report"]
+      "train baseline model", "synthesize baselines", "train G2", "local synthesis",
+      "evaluate", "synthesis quality", "report"]
 
 
 @pytest.mark.slow
@@ -51,3 +52,34 @@ def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
   again = pipeline.run_stages(pipeline.Run(config, str(tmp_path), num_workers=1))
   assert again["synthesize"]["synthetic pairs"] == summary["synthetic_total"]
   assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@pytest.mark.slow
+def test_the_decentralized_stages_run_when_turned_on(tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  config.train.num_steps = 6
+  config.synthesis.backend = "pixels"
+  config.sampler.steps = 4
+  config.sampler.resamples = 1
+  config.sampler.batch_size = 4
+  config.evaluation.baselines = ()
+  config.decentralized.federated_g1 = True
+  config.decentralized.g2 = True
+  config.decentralized.local_synthesis = "harmonise"
+  out = pipeline.run_stages(pipeline.Run(config, str(tmp_path), num_workers=1))
+  # G1 is the federated global model: one metrics row per round, per client.
+  rows = [json.loads(l) for l in (tmp_path / "g1" / "metrics.jsonl").read_text().splitlines()]
+  assert len(rows) == config.fed.rounds and "CBICA/loss" in rows[-1] and "TCIA/loss" in rows[-1]
+  assert out["export G1"]["G1 export step"] == config.fed.rounds * config.fed.local_steps
+  # G2's export carries its card, saying no private slice was used.
+  card = json.loads((tmp_path / "g2_model" / "model_card.json").read_text())
+  assert card["private_data"]["used"] is False
+  assert str(tmp_path) not in (tmp_path / "g2_model" / "model_card.json").read_text()
+  # Center 2's local set is made by G2 and evaluated as run D_local (or listed).
+  local = json.loads((tmp_path / "local" / "synthetic" / "summary.json").read_text())
+  assert local["synthetic_total"] == out["local synthesis"]["local pairs"] > 0
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert "D_local" in results["runs"] or any(
+      s["id"] == "D_local" for s in results["skipped"])

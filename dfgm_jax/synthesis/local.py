@@ -162,8 +162,12 @@ class LocalSlices:
     center = split[:-len(TRAIN_SUFFIX)]
     arrays = dict(self.tumors.load_split(center + SYNTHETIC_SUFFIX, process_index,
                                          process_count))
-    # The public pseudonym of the tumor's case stands for its case id.
-    arrays["case_id"] = list(arrays["source"])
+    # The public pseudonym of the tumor's case, with the public example's
+    # match rank, stands for its case id: a published set holds k examples of
+    # each source tumor slice (one per matched healthy slice), and each is a
+    # tumor of its own here (else the new set's keys, source/slice/rank,
+    # would collide).
+    arrays["case_id"] = [f"{s}/{r}" for s, r in zip(arrays["source"], arrays["rank"])]
     return arrays
 
   def write_synthetic_set(self, out_dir: str, results: dict, **kwargs) -> dict:
