@@ -56,6 +56,7 @@ def _rdp_epsilon(q, steps, sigma=1.0, delta=1e-5):
   return lib.get_epsilon(delta)
 
 
+@pytest.mark.slow  # 45-70 s of compile; .ci/run runs it after the default suite.
 def test_a_dp_round_logs_each_clients_epsilon(tmp_path):
   config = _config()
   # A: 3 patients of 2 slices (q = 2/3, 3 slots); B: 5 patients (q = 2/5,

@@ -290,6 +290,7 @@ def _flower_run(tmp_path, data_dir):
     procs.stop()
 
 
+@pytest.mark.slow  # about 75 s; .ci/run runs it after the default suite.
 def test_two_supernodes_on_localhost_match_the_in_job_engine(
     preprocessed_2020, tmp_path):
   data_dir, manifest = preprocessed_2020
