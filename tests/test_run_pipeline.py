@@ -15,16 +15,22 @@ def test_stages_are_named_in_order():
       "evaluate", "synthesis quality", "report"]
 
 
-@pytest.mark.slow
-def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
+def _tiny(num_steps: int, sampler_steps: int):
+  """The tiny config on phantom slices, a few training and sampler steps."""
   from configs import tiny
   config = tiny.get_config()
   config.train.reader = "grain"
-  config.train.num_steps = 10
+  config.train.num_steps = num_steps
   config.synthesis.backend = "pixels"
-  config.sampler.steps = 5
+  config.sampler.steps = sampler_steps
   config.sampler.resamples = 1
   config.sampler.batch_size = 4
+  return config
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
+  config = _tiny(num_steps=10, sampler_steps=5)
   run = pipeline.Run(config, str(tmp_path), num_workers=1)
   out = pipeline.run_stages(run)
   assert list(out) == [s.name for s in pipeline.STAGES]
@@ -56,14 +62,7 @@ def test_pipeline_runs_every_stage_in_process_and_reuses_them(tmp_path):
 
 @pytest.mark.slow
 def test_the_decentralized_stages_run_when_turned_on(tmp_path):
-  from configs import tiny
-  config = tiny.get_config()
-  config.train.reader = "grain"
-  config.train.num_steps = 6
-  config.synthesis.backend = "pixels"
-  config.sampler.steps = 4
-  config.sampler.resamples = 1
-  config.sampler.batch_size = 4
+  config = _tiny(num_steps=6, sampler_steps=4)
   config.evaluation.baselines = ()
   config.decentralized.federated_g1 = True
   config.decentralized.g2 = True
