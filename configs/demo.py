@@ -1,7 +1,8 @@
 """The README's main job: phantom BraTS 2020 data, CPU minutes.
 
-The tiny CPU network on full-size phantom volumes (12 cases) and 64 x 64
-slices, trained for a few hundred steps, then a short blended DDIM synthesis.
+The tiny CPU network on full-size phantom volumes (24 cases) and 64 x 64
+slices, trained for a few hundred steps, then a short blended DDIM synthesis,
+the baselines, the segmentation runs and the report (about 15 CPU minutes).
 It stands on its own (tests/test_configs.py compares it with a frozen copy,
 tests/data/demo_config.json), so changing the test config never changes the
 demo's numbers.
