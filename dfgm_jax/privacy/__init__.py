@@ -1,0 +1,6 @@
+"""Privacy audit (issue 14): memorization metrics of synthetic sets.
+
+  distances     region-masked RMSE nearest neighbours, chunked on device.
+  memorization  DCR, NN ratio, Carlini's calibrated distance, source-ring
+                replication, with thresholds from held-out slices.
+"""
