@@ -92,6 +92,8 @@ def _train(config, slices_dir: str, out: str, overwrite: bool, name: str) -> dic
   from launch import train_data  # pylint: disable=g-import-not-at-top
   sampler = train_data.make_sampler(config, slices_dir)
   result = diffusion.train(config, out, sampler.batch, overwrite=overwrite)
+  if result["preempted"]:  # else the next stages would export a half-trained model.
+    raise Stopped(f"training {name} stopped by a preemption; rerun to resume")
   logging.info("train %s: step %d, last metrics %s (compile %.1fs)", name, result["step"],
                result["metrics"], result["compile_s"])
   return result
