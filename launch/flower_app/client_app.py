@@ -17,6 +17,29 @@ keeps across rounds lives on the site's disk: its AdamW state after round r
 in state_dir/run-<run id>/<center>/opt_state_<r>.npz (the previous round's
 file is kept too, so a message delivered twice finds its input), and the
 compiled program in JAX's persistent compilation cache (cache_dir).
+
+DP-SGD (config.dp.enabled): the site's local steps are the in-job engine's
+DP client update (federated.client_update on train_data.make_client's DP
+sampler: Poisson sampling of the site's own patients at its own rate q,
+per-patient clipping, Gaussian noise), with two differences a real
+deployment needs:
+- The randomness is the site's secret: config.seed is known to the server,
+  which could otherwise regenerate the noise (and the sampled patients, so
+  no amplification). The site's seed (node config dp_seed, else drawn once
+  at its first round and kept in state_dir/run-<id>/<center>/dp_seed.json)
+  replaces config.seed and train.sampler_seed at the site; keys and batches
+  stay pure functions of (seed, round, step), so rounds differ.
+- The site accounts what it released itself (dp_ledger.json beside the
+  optimizer state: rounds released, steps, epsilon): each round answers
+  once (a repeated round would release other weights with the same noise),
+  the whole run's fed.rounds x fed.local_steps steps must fit
+  dp.target_epsilon at the site's q (checked every round, before any
+  training), and its epsilon after the round goes back in the MetricRecord
+  as dp_epsilon (the server logs each site's and their max; FedAvg's
+  weighted mean of it is replaced by the max).
+The site's unit slots are its own plan's (the in-job engine pads every
+client to the largest, which changes no drawn unit, only truncation's rarer
+tail; the same epsilon with the rdp accountant).
 """
 
 from __future__ import annotations
@@ -25,6 +48,7 @@ import glob
 import io
 import os
 import re
+import secrets
 import time
 
 from absl import logging
@@ -99,12 +123,84 @@ def load_opt_state(directory: str, rounds_done: int, template):
   return jax.tree.unflatten(treedef, values)
 
 
+# --- DP-SGD at the site ---------------------------------------------------------
+
+DP_SEED_FILE = "dp_seed.json"
+DP_LEDGER_FILE = "dp_ledger.json"
+
+
+def dp_seed(site: settings.Site, directory: str) -> int:
+  """The site's secret seed: node config dp_seed, else the one it drew at
+  its first round (kept in `directory`, readable by the site only)."""
+  from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
+  if site.dp_seed is not None:
+    return site.dp_seed
+  path = os.path.join(directory, DP_SEED_FILE)
+  stored = stage_io.read_json(path)
+  if stored is not None:
+    return int(stored["seed"])
+  seed = secrets.randbits(31)
+  os.makedirs(directory, exist_ok=True)
+  stage_io.write_json(path, {"seed": seed})
+  os.chmod(path, 0o600)
+  return seed
+
+
+def site_config(config, seed: int):
+  """A copy of the run's config whose seeds are the site's secret one (the
+  client keys fold_in(fold_in(key(seed + 1), round), index) and the
+  sampler's seed + index)."""
+  config = config.copy_and_resolve_references()
+  config.seed = int(seed)
+  config.train.sampler_seed = int(seed)
+  return config
+
+
+def load_dp_ledger(directory: str) -> dict:
+  """What the site released in this run: rounds, steps, epsilon."""
+  from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
+  return stage_io.read_json(os.path.join(directory, DP_LEDGER_FILE)) or {
+      "rounds": 0, "steps": 0, "epsilon": 0.0}
+
+
+def dp_check_round(config, center: str, accountant, ledger: dict,
+                   round_index: int, ledger_path: str = DP_LEDGER_FILE) -> float:
+  """The site's epsilon after this round; refuses the round before training.
+
+  Raises:
+    errors.UserError: the round is not the one after the released ones (a
+      repeat would release other weights with the same noise).
+    errors.ConfigError: the run's steps (or this round's) exceed
+      dp.target_epsilon at the site's sampling rate, naming the site.
+  """
+  from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
+  fed = config.fed
+  tau = fed.local_steps
+  released = int(ledger["rounds"])
+  if round_index != released:
+    raise errors.UserError(
+        f"site {center}: asked for round {round_index + 1} but it released "
+        f"{released} round(s) of this run ({ledger_path}); a DP site answers "
+        "each round once and in order (a repeated round would release other "
+        "weights with the same noise)")
+  rounds = max(fed.rounds, round_index + 1)
+  try:
+    dp.check_budget(config, accountant, rounds * tau, multiple=tau,
+                    steps_field=(f"config.fed.rounds={rounds} x "
+                                 f"config.fed.local_steps={tau}"))
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"site {center} refuses round {round_index + 1}: "
+                             f"{e}") from None
+  return accountant.epsilon((round_index + 1) * tau)
+
+
 # --- The round --------------------------------------------------------------------
 
 
 def run_round(config, site: settings.Site, run_id: int, arrays,
               round_index: int) -> tuple:
-  """One round at this site: (update, client index, seconds by phase).
+  """One round at this site: (update, client index, seconds by phase,
+  privacy: {} or dp_epsilon, dp_steps, dp_q, dp_units_total).
 
   Args:
     config: the run's config (settings.load_config).
@@ -114,6 +210,9 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
     round_index: the round, from 0.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
   from launch import train_data  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
@@ -126,10 +225,20 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
   if config.train.reader != "synthetic" and not os.path.isdir(site.data_dir):
     raise errors.UserError(f"--node-config data_dir={site.data_dir}: no such "
                            "folder")
+  directory = _state_dir(site, run_id)
+  use_dp = diffusion.dp_enabled(config)
+  if use_dp:
+    config = site_config(config, dp_seed(site, directory))
   client = train_data.make_client(config, site.data_dir, site.center, index)
+  privacy = {}
+  if use_dp:
+    ledger_path = os.path.join(directory, DP_LEDGER_FILE)
+    ledger = load_dp_ledger(directory)
+    accountant = dp.accountant_for(config, client.dp_sampling)
+    epsilon = dp_check_round(config, site.center, accountant, ledger,
+                             round_index, ledger_path)
   graphdef, rest, params, _ = federated.init_global(config)
   params, ema = settings.from_record(arrays, params, "the server's arrays")
-  directory = _state_dir(site, run_id)
   if round_index == 0:
     opt_state = federated.init_opt_state(config, params)
   else:
@@ -144,7 +253,16 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
   jax.block_until_ready(update.params)
   trained = time.perf_counter()
   save_opt_state(directory, round_index + 1, update.opt_state)
-  return update, index, {"setup_s": ready - start, "train_s": trained - ready}
+  if use_dp:
+    # Recorded before the reply leaves: the site counts what it released.
+    steps = (round_index + 1) * config.fed.local_steps
+    privacy = {"dp_epsilon": float(epsilon), "dp_steps": steps,
+               "dp_q": client.dp_sampling.sampling_probability}
+    stage_io.write_json(ledger_path, {
+        "rounds": round_index + 1, "steps": steps, "epsilon": float(epsilon),
+        "delta": config.dp.delta, "accountant": config.dp.accountant,
+        "sampling": client.dp_sampling.to_dict()})
+  return update, index, {"setup_s": ready - start, "train_s": trained - ready}, privacy
 
 
 def _process_age() -> float | None:
@@ -156,6 +274,31 @@ def _process_age() -> float | None:
     return None
 
 
+# What of the client update's metrics a reply carries (FedAvg averages them
+# with the count's weights; the server also logs each site's).
+_METRICS = ("loss", "grad_norm", "dp_units", "dp_clipped_frac",
+            "dp_unit_grad_norm")
+
+
+def reply_content(site: settings.Site, index: int, round_index: int, update,
+                  seconds: dict, privacy: dict):
+  """The reply's RecordDict: the arrays, one MetricRecord (count, metrics,
+  dp_epsilon), the site's ConfigRecord (center, round, seconds, DP steps)."""
+  metrics = {settings.COUNT_KEY: update.num_examples,
+             **{k: float(update.metrics[k]) for k in _METRICS
+                if k in update.metrics}}
+  if privacy:
+    metrics[settings.EPSILON_KEY] = privacy["dp_epsilon"]
+  return RecordDict({
+      settings.ARRAYS_KEY: settings.to_record(update.params, update.ema),
+      "metrics": MetricRecord(metrics),
+      settings.SITE_KEY: ConfigRecord({
+          "center": site.center, "client-index": index,
+          "round": round_index + 1, **seconds,
+          **{k: v for k, v in privacy.items() if k != "dp_epsilon"}}),
+  })
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
   """FedAvg's train message -> this site's params, EMA and private count."""
@@ -164,20 +307,14 @@ def train(msg: Message, context: Context) -> Message:
   settings.use_compilation_cache(site.cache_dir)
   config = settings.load_config(context.run_config)
   round_index = int(msg.content["config"]["server-round"]) - 1
-  update, index, seconds = run_round(config, site, context.run_id,
-                                     msg.content[settings.ARRAYS_KEY], round_index)
+  update, index, seconds, privacy = run_round(
+      config, site, context.run_id, msg.content[settings.ARRAYS_KEY], round_index)
   logging.info("site %s round %d: %d private slices, loss %.4f, setup %.1fs, "
-               "train %.1fs", site.center, round_index + 1, update.num_examples,
-               update.metrics["loss"], seconds["setup_s"], seconds["train_s"])
+               "train %.1fs%s", site.center, round_index + 1,
+               update.num_examples, update.metrics["loss"], seconds["setup_s"],
+               seconds["train_s"],
+               f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else "")
   if started is not None:
     seconds["start_s"] = started
-  metrics = {settings.COUNT_KEY: update.num_examples,
-             **{k: float(update.metrics[k]) for k in ("loss", "grad_norm")
-                if k in update.metrics}}
-  return Message(content=RecordDict({
-      settings.ARRAYS_KEY: settings.to_record(update.params, update.ema),
-      "metrics": MetricRecord(metrics),
-      settings.SITE_KEY: ConfigRecord({
-          "center": site.center, "client-index": index,
-          "round": round_index + 1, **seconds}),
-  }), reply_to=msg)
+  return Message(content=reply_content(site, index, round_index, update,
+                                       seconds, privacy), reply_to=msg)

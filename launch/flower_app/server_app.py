@@ -17,7 +17,16 @@ Denoiser.load reads it; metrics.jsonl (a row per round: the sites' mean and
 per-center loss, grad_norm, num_examples, round_time_s); run.json (the
 run's identity); and flower_run.json when all rounds are done. A round that
 misses a site, or hears one center twice, stops the run (the sites'
-optimizer states and the weights assume all K every round).
+optimizer states and the weights assume all K every round); so does a site
+that fails, e.g. a DP site whose budget the run would exceed (its refusal
+is the error the server raises; the rounds before it keep their
+checkpoints).
+
+DP-SGD (config.dp.enabled) runs at the sites (client_app.py): each reports
+its own epsilon (its MetricRecord's settings.EPSILON_KEY); the metrics row
+has '<center>/dp_epsilon' (and the site's q and steps) per site and
+dp_epsilon = their max, as the in-job engine's; the aggregate MetricRecord
+FedAvg returns gets the max in place of its weighted mean.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ class SiteFedAvg(FedAvg):
     if failed:
       raise errors.UserError(
           f"round {server_round}: {len(failed)} site(s) failed: "
-          + "; ".join(m.error.reason[-500:] for m in failed))
+          + "; ".join(m.error.reason[:1500] for m in failed))
     sites = [m.content[settings.SITE_KEY] for m in replies]
     answered = [str(s["center"]) for s in sites]
     if sorted(answered) != sorted(self.centers):
@@ -73,12 +82,26 @@ class SiteFedAvg(FedAvg):
       [record] = m.content.metric_records.values()
       per_site[str(site["center"])] = {
           **{k: float(v) for k, v in record.items()},
-          # The site's seconds: process start and imports, loading data
-          # and weights, training.
-          **{k: float(site[k]) for k in ("start_s", "setup_s", "train_s") if k in site}}
+          # The site's seconds (process start and imports, loading data and
+          # weights, training) and, with DP, its steps and sampling rate.
+          **{k: float(site[k]) for k in _SITE_FIELDS if k in site}}
+    epsilons = {c: v[settings.EPSILON_KEY] for c, v in per_site.items()
+                if settings.EPSILON_KEY in v}
+    if epsilons:
+      # FedAvg averaged the sites' epsilons; the run's is the largest.
+      metrics[settings.EPSILON_KEY] = max(epsilons.values())
+      logging.info("round %d: DP epsilon per site %s, max %.4f", server_round,
+                   {c: round(e, 4) for c, e in epsilons.items()},
+                   max(epsilons.values()))
     self.on_round(server_round, arrays, per_site,
                   time.perf_counter() - self._round_start)
     return arrays, metrics
+
+
+# A site's ConfigRecord fields that go into the metrics row per site.
+_SITE_FIELDS = ("start_s", "setup_s", "train_s", "dp_steps", "dp_q")
+# Per site only (their mean over sites means nothing).
+_PER_SITE_ONLY = ("dp_steps", "dp_q")
 
 
 def _round_row(round_index: int, centers, per_site: dict, seconds: float) -> dict:
@@ -86,7 +109,10 @@ def _round_row(round_index: int, centers, per_site: dict, seconds: float) -> dic
   row = {"round": round_index, "round_time_s": seconds}
   names = [k for k in per_site[centers[0]] if k != settings.COUNT_KEY]
   for name in names:
-    row[name] = sum(per_site[c][name] for c in centers) / len(centers)
+    if name == settings.EPSILON_KEY:  # the run's epsilon: the largest.
+      row[name] = max(per_site[c][name] for c in centers)
+    elif name not in _PER_SITE_ONLY:
+      row[name] = sum(per_site[c][name] for c in centers) / len(centers)
   for c in centers:
     row.update({f"{c}/{n}": per_site[c][n] for n in names})
     row[f"{c}/num_examples"] = int(per_site[c][settings.COUNT_KEY])

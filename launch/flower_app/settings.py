@@ -23,6 +23,12 @@ Node config (each SuperNode's --node-config; it stays at the site):
              SuperNode starts a new ClientApp process for every message.
   cache_dir  JAX's persistent compilation cache (default state_dir/xla_cache):
              every round after the first loads the compiled program.
+  dp_seed    with config.dp.enabled, optional: the site's secret seed of its
+             DP randomness (Poisson sampling, noise, diffusion noise). Unset,
+             the site draws one at its first round and keeps it in its
+             state_dir; set it only to reproduce a run (whoever knows it can
+             subtract the noise). config.seed is known to the server, so a DP
+             site never uses it for its randomness.
 
 Wire format: one ArrayRecord whose keys are 'params/<leaf>' and 'ema/<leaf>'
 (model_io.leaf_name, the export's names), float32.
@@ -44,6 +50,9 @@ platform.apply_xla_flags()  # as the binaries: before the first computation.
 COUNT_KEY = "num-examples"
 ARRAYS_KEY = "arrays"  # FedAvg's arrayrecord_key.
 SITE_KEY = "site"  # a reply's ConfigRecord: which center answered, which round.
+# A DP site's epsilon after the round (its MetricRecord): FedAvg's weighted
+# mean of it means nothing; the server takes each site's and their max.
+EPSILON_KEY = "dp_epsilon"
 # The app's root (the repository, or the FAB a SuperLink/SuperNode unpacked):
 # relative config paths are taken from here.
 APP_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -55,7 +64,7 @@ def load_config(run_config):
 
   Raises:
     errors.ConfigError: unreadable file, unknown field, a value out of
-      range, fed.centers not named, or DP (not in the federated engines).
+      range, or fed.centers not named.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -89,9 +98,6 @@ def load_config(run_config):
                              f"{why}") from None
   config_checks.validate(config)
   centers(config)
-  if "dp" in config and config.dp.enabled:
-    raise errors.ConfigError("config.dp.enabled=True: the federated engines' "
-                             "clients do not run DP-SGD yet; train without DP")
   return config
 
 
@@ -117,6 +123,7 @@ class Site:
   data_dir: str
   state_dir: str
   cache_dir: str
+  dp_seed: int | None = None  # None: a secret seed drawn at the site.
 
 
 def site(node_config) -> Site:
@@ -129,10 +136,19 @@ def site(node_config) -> Site:
           "center=\"<center>\" data_dir=\"<slices>\" state_dir=\"<dir>\"")
     return str(value)
   state_dir = os.path.abspath(get("state_dir"))
+  dp_seed = node_config.get("dp_seed")
+  if dp_seed not in (None, ""):
+    try:
+      dp_seed = int(dp_seed)
+    except (TypeError, ValueError):
+      raise errors.ConfigError(f"--node-config dp_seed={dp_seed!r}: not an "
+                               "integer") from None
+  else:
+    dp_seed = None
   return Site(center=get("center"), data_dir=os.path.abspath(get("data_dir")),
               state_dir=state_dir,
               cache_dir=os.path.abspath(get("cache_dir", os.path.join(
-                  state_dir, "xla_cache"))))
+                  state_dir, "xla_cache"))), dp_seed=dp_seed)
 
 
 def use_compilation_cache(cache_dir: str) -> None:
