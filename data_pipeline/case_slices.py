@@ -43,13 +43,15 @@ def extract(case: brats.Case, cfg: dict) -> tuple[dict, dict]:
 
   Args:
     case: the case.
-    cfg: the `data` config section as a plain dict.
+    cfg: the `data` config section as a plain dict; an optional
+      `require_seg` (default True) is passed to volumes.load_case.
 
   Returns:
     (arrays, meta): arrays holds `<kind>_{image,label,brain,z}` for kind in
     tumor / healthy; meta is JSON-serialisable (ids, normalisation stats...).
   """
-  vols = volumes.load_case(case, cfg["modalities"], cfg["require_all_modalities"])
+  vols = volumes.load_case(case, cfg["modalities"], cfg["require_all_modalities"],
+                           cfg.get("require_seg", True))
   norm_images, stats = [], {}
   for modality in cfg["modalities"]:
     norm, s = volumes.normalise(vols.images[modality], vols.brain,

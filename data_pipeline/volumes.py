@@ -121,8 +121,8 @@ def canonical_labels(path: str, seg: np.ndarray, version: str) -> np.ndarray:
   return lut[seg.astype(np.int64)]
 
 
-def load_case(case: brats.Case, modalities, require_all_modalities=True
-              ) -> CaseVolumes:
+def load_case(case: brats.Case, modalities, require_all_modalities=True,
+              require_seg=True) -> CaseVolumes:
   """Loads and validates one case.
 
   Args:
@@ -131,20 +131,24 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True
     require_all_modalities: also require the other BraTS modality files to be
       present with matching geometry, readable to their end, finite and not
       all zero (their voxels are read and dropped).
+    require_seg: a case without a seg file is refused; when False it is a
+      healthy subject (labels all 0), and a seg file that is there is still
+      read and validated (an institute's own volumes, healthy_volumes.py).
 
   Raises:
     BratsDataError: naming the file and the problem.
   """
   wanted = tuple(modalities)
   checked = brats.MODALITIES if require_all_modalities else wanted
-  for modality in tuple(checked) + ("seg",):
+  with_seg = ("seg",) if require_seg or "seg" in case.files else ()
+  for modality in tuple(checked) + with_seg:
     if modality not in case.files:
       expected = brats.file_stem(case.version, case.case_id, modality)
       raise brats.BratsDataError(
           case.folder, f"missing {modality} file ({expected}.nii.gz or .nii)")
   headers = {}
   ref_modality = None
-  for modality in tuple(checked) + ("seg",):
+  for modality in tuple(checked) + with_seg:
     path = case.files[modality]
     headers[modality] = load_header(path)
     if ref_modality is None:
@@ -174,9 +178,12 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True
   for modality in checked:
     if modality not in wanted:
       check_voxels(case.files[modality], headers[modality])
-  seg_path = case.files["seg"]
-  labels = canonical_labels(seg_path, read_data(seg_path, headers["seg"]),
-                            case.version)
+  if with_seg:
+    seg_path = case.files["seg"]
+    labels = canonical_labels(seg_path, read_data(seg_path, headers["seg"]),
+                              case.version)
+  else:
+    labels = np.zeros(brain.shape, np.uint8)
   header = headers[wanted[0]]
   zooms = tuple(float(z) for z in header.header.get_zooms()[:3])
   return CaseVolumes(images=images, labels=labels, brain=brain, zooms=zooms,
