@@ -3,4 +3,6 @@
   distances     region-masked RMSE nearest neighbours, chunked on device.
   memorization  DCR, NN ratio, Carlini's calibrated distance, source-ring
                 replication, with thresholds from held-out slices.
+  scan          private identifiers in the files that would be shared.
+  audit         every check as one run(): privacy.json, privacy.md, summary.
 """

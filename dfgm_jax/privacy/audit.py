@@ -1,0 +1,721 @@
+"""The privacy audit as one run(): every check of ALGORITHM.md section 9 (issue 14).
+
+Inputs: candidates (a synthetic set, or any real split: the training split
+itself must come out 100 % flagged), the audited center's private training
+slices and its held-out test slices (the reference population every
+threshold is calibrated on), and, when they exist, G1's and G2's exports, a
+local synthesis set of G2 in generate mode, and what would be shared.
+
+Checks (privacy.json keys):
+  regions          per region full / ring / background / tumor: DCR against
+                   the held-out slices' DCR, NN ratio d1/d2, Carlini's
+                   calibrated distance (memorization.region_audit). The tumor
+                   interior is copied from the source slice by design: it is
+                   reported as such, never counted as a finding.
+  source           each candidate's own source slice (salted pseudonym of a
+                   synthetic set, or the case id of a real split): how many
+                   are nearest to it, and source-ring replication.
+  membership       loss-based membership inference against G1 and G2
+                   (privacy/membership.py) when their exports exist.
+  g2_samples       item 6: G2's generate-mode samples nearer S than the
+                   private slices (only when such a local set exists).
+  scan             raw case ids, patient ids, paths and the salt in the
+                   files that would be shared (privacy/scan.py).
+  verdicts         one line per check in plain words; `summary` the numbers
+                   and verdicts that can be shown outside the center.
+
+What it writes (out_dir, W/privacy by default; atomically, the record last):
+  privacy.json       PRIVATE: everything (per-candidate indices, scan hits
+                     with the matched text).
+  privacy.md         PRIVATE: the same for a reader, with what each number
+                     means and what is a warning sign.
+  summary.json       SHAREABLE: `summary` alone (numbers, the center's
+                     public name, verdicts; no id, no path, no index),
+                     itself scanned before it is written. G2's model card
+                     copies it (train/g2.py privacy_summary).
+  closest_pairs.png  PRIVATE: the closest candidate / training pairs.
+  record.json        the done-record: a rerun of the same identity reuses
+                     the audit, one of another identity is refused.
+
+The library never imports the data layer: slice sets come in as objects with
+`manifest` and `load_split` (data_pipeline.slice_sets.SliceData).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+from absl import logging
+
+from dfgm_jax import errors
+from dfgm_jax import stage_io
+from dfgm_jax.privacy import distances
+from dfgm_jax.privacy import memorization
+from dfgm_jax.privacy import scan as scan_lib
+
+PRIVACY_JSON = "privacy.json"
+PRIVACY_MD = "privacy.md"
+SUMMARY_JSON = "summary.json"
+FIGURE = "closest_pairs.png"
+RECORD = "record.json"
+FORMAT = "dfgm-jax-privacy-audit/1"
+# A check warns when more than this fraction of the candidates is past a
+# threshold calibrated to pass 1 % of held-out slices: 5x the expected rate,
+# room for small held-out sets whose 1st percentile is their minimum.
+ALERT_FRACTION = 0.05
+# Membership AUC band around chance (0.5) read as "no measurable membership
+# signal"; outside it, a warning (G1: expected with small data).
+AUC_BAND = 0.1
+AUDIT_REGIONS = ("full", "ring", "background", "tumor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The audit's parameters (part of its identity)."""
+
+  carlini_n: int = memorization.CARLINI_N
+  carlini_alpha: float = memorization.CARLINI_ALPHA
+  n_other: int = memorization.N_OTHER
+  seed: int = 0
+  chunk_q: int = 32
+  chunk_r: int = 64
+  membership: bool = True
+  figure_pairs: int = 8
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What one audit reads.
+
+  real: the preprocessed slices (<center>_train, <center>_test, manifest).
+  candidates, candidate_split: the set audited and its split.
+  center: the audited center (public name, e.g. CBICA).
+  salt: the center's salt (W/private/salt): maps a synthetic set's source
+    pseudonyms back to training slices; None: no source checks for it.
+  g1_dir, g2_dir: exports of G1 and G2 (None or missing: skipped).
+  local: G2's local synthesis set (skipped unless made in generate mode).
+  public: S, the published synthetic set the local set's tumors came from.
+  shared: name -> file or folder that would be shared (the scan's targets).
+  figures: folders whose PNG metadata is scanned (not their pixels).
+  private_paths: absolute paths that must not appear in shared files.
+  """
+
+  real: Any
+  candidates: Any
+  candidate_split: str
+  center: str
+  salt: str | None = None
+  g1_dir: str | None = None
+  g2_dir: str | None = None
+  local: Any | None = None
+  public: Any | None = None
+  shared: dict = dataclasses.field(default_factory=dict)
+  figures: tuple = ()
+  private_paths: tuple = ()
+
+
+class NoHeldOut(errors.UserError):
+  """The audited center has no held-out (or no training) slices to calibrate on."""
+
+
+# --- Loading -----------------------------------------------------------------
+
+
+def _split(data, split: str, what: str, error=errors.UserError) -> dict:
+  splits = data.manifest.get("splits", {})
+  if split not in splits:
+    raise error(f"{data.data_dir}: no split {split!r} for the {what}; "
+                f"splits: {sorted(splits)}")
+  if not splits[split].get("num_slices"):
+    raise error(f"{data.data_dir}: split {split!r} ({what}) is empty; the "
+                "audit needs it (more cases, or another --center)")
+  return data.load_split(split)
+
+
+def _has_manifest(path: str) -> bool:
+  return bool(path) and os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def workdir_inputs(config, workdir: str, slice_data, *, candidates: str | None = None,
+                   center: str | None = None, out_dir: str | None = None) -> Inputs:
+  """The audit's inputs from a pipeline workdir W (README's workdir layout).
+
+  Args:
+    config: the run's config (train.center: the default center).
+    workdir: W: slices/, synthetic/, private/salt, model/, g2_model/, local/.
+    slice_data: folder -> a slice set (data_pipeline.slice_sets.SliceData).
+    candidates: "DIR:SPLIT" to audit another set or a real split (e.g.
+      W/slices:CBICA_train); default W/synthetic's <center>_synthetic.
+    center: the audited center (default config.train.center).
+    out_dir: where the audit writes (its figure's metadata is scanned).
+  """
+  real_dir = os.path.join(workdir, "slices")
+  real = slice_data(real_dir)
+  center = center or config.train.center
+  shared_set = os.path.join(workdir, "synthetic")
+  if candidates:
+    cand_dir, sep, split = candidates.rpartition(":")
+    if not sep or not cand_dir or not split:
+      raise errors.UserError(f"--candidates={candidates}: expected DIR:SPLIT, e.g. "
+                             f"{shared_set}:{center}_synthetic")
+  else:
+    cand_dir, split = shared_set, f"{center}_synthetic"
+  cand = slice_data(cand_dir)
+  salt_path = os.path.join(workdir, "private", "salt")
+  salt = open(salt_path).read().strip() if os.path.exists(salt_path) else None
+  local_dir = os.path.join(workdir, "local", "synthetic")
+  shared = {"synthetic set": shared_set, "G2 export": os.path.join(workdir, "g2_model")}
+  # A synthetic set given as candidates would be shared too; a preprocessing
+  # output (fingerprint, cases) is private by definition: not scanned.
+  if os.path.abspath(cand_dir) != os.path.abspath(shared_set) and not (
+      "cases" in cand.manifest or "fingerprint" in cand.manifest):
+    shared["candidates"] = cand_dir
+  paths = [workdir, os.path.abspath(workdir), real_dir, os.path.abspath(real_dir)]
+  return Inputs(
+      real=real, candidates=cand, candidate_split=split, center=center, salt=salt,
+      g1_dir=os.path.join(workdir, "model"), g2_dir=os.path.join(workdir, "g2_model"),
+      local=slice_data(local_dir) if _has_manifest(local_dir) else None,
+      public=slice_data(shared_set) if _has_manifest(shared_set) else None,
+      shared=shared,
+      figures=tuple(d for d in (os.path.join(workdir, "private", "figures"),
+                                os.path.join(workdir, "eval", "figures"), out_dir) if d),
+      private_paths=tuple(p for p in paths if os.path.isabs(p)))
+
+
+def content_id(arrays: dict) -> str:
+  """sha256 (16 hex) of a split's images and masks: what the audit saw."""
+  h = hashlib.sha256()
+  for key in ("image", "mask"):
+    a = np.ascontiguousarray(arrays[key])
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def _model_id(model_dir: str | None) -> str | None:
+  """params_sha256 of an export, None when there is none."""
+  if not model_dir:
+    return None
+  path = os.path.join(model_dir, "model.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("params_sha256")
+
+
+def regions_of(masks, r_out: int, r_in: int) -> dict:
+  """The four audit regions of (N, H, W, 1) tumor masks, per image channel-free."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import masks as masks_lib  # pylint: disable=g-import-not-at-top
+  tumor = (np.asarray(masks) > 0.5).astype(np.float32)
+  ring = np.asarray(masks_lib.ring(jnp.asarray(tumor), r_out, r_in))
+  return distances.region_masks(tumor, ring)
+
+
+def _channels(mask: np.ndarray, images: np.ndarray) -> np.ndarray:
+  """A (N, H, W, 1) region mask over every channel of `images`."""
+  return np.broadcast_to(mask, images.shape)
+
+
+# --- Checks ------------------------------------------------------------------
+
+
+def source_index(cands: dict, train: dict, salt: str | None) -> tuple[np.ndarray, str]:
+  """Each candidate's source in the training split (-1: not found), and how.
+
+  A synthetic set names its source by the salted pseudonym of the case id
+  and the slice index; a real split by the case id itself.
+  """
+  n = len(cands["image"])
+  if "source" in cands:
+    if not salt:
+      return np.full(n, -1), "no salt: the pseudonyms cannot be matched"
+    from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
+    names = [pipeline.salted_hash(c, salt) for c in train["case_id"]]
+    by = "salted pseudonym and slice index"
+    keys = list(zip(cands["source"], cands["slice_index"]))
+  elif "case_id" in cands:
+    names, by = list(train["case_id"]), "case id and slice index"
+    keys = list(zip(cands["case_id"], cands["slice_index"]))
+  else:
+    return np.full(n, -1), "the candidates name no source"
+  table = {k: i for i, k in enumerate(zip(names, train["slice_index"]))}
+  return np.array([table.get(k, -1) for k in keys], np.int64), by
+
+
+def region_checks(cands, heldout, train, cand_regions, held_regions,
+                  s: Settings) -> dict:
+  """memorization.region_audit per region, on the images whose region is not empty."""
+  out = {}
+  for region in AUDIT_REGIONS:
+    cm, hm = cand_regions[region], held_regions[region]
+    cuse = np.flatnonzero(cm.reshape(len(cm), -1).sum(1) > 0)
+    huse = np.flatnonzero(hm.reshape(len(hm), -1).sum(1) > 0)
+    if cuse.size == 0 or huse.size == 0:
+      out[region] = {"skipped": "empty region in every candidate or held-out slice"}
+      continue
+    res = memorization.region_audit(
+        cands[cuse], heldout[huse], train, _channels(cm[cuse], cands[cuse]),
+        _channels(hm[huse], heldout[huse]), n=s.carlini_n, alpha=s.carlini_alpha,
+        chunk_q=s.chunk_q, chunk_r=s.chunk_r)
+    # Back to indices of the whole candidate set.
+    res["nn_ratio"]["flagged"] = [int(cuse[i]) for i in res["nn_ratio"]["flagged"]]
+    res["carlini"]["below"] = [int(cuse[i]) for i in res["carlini"]["below"]]
+    res["carlini"]["smallest"] = [[int(cuse[i]), v] for i, v in res["carlini"]["smallest"]]
+    res["candidates"] = [int(i) for i in cuse]
+    res["n_candidates"], res["n_heldout"] = int(cuse.size), int(huse.size)
+    out[region] = res
+  return out
+
+
+def source_checks(cands, train, cand_regions, regions: dict, src: np.ndarray,
+                  how: str, s: Settings) -> dict:
+  """Nearest-is-source fractions and source-ring replication."""
+  found = np.flatnonzero(src >= 0)
+  out = {"matched_by": how, "n_candidates": int(len(src)), "n_with_source": int(found.size)}
+  if found.size == 0:
+    out["skipped"] = f"no candidate's source found in the training split ({how})"
+    return out
+  for region, res in regions.items():
+    if "skipped" in res:
+      continue
+    nearest = dict(zip(res["candidates"], res["nearest_index"]))
+    hits = [i for i in found if i in nearest]
+    if hits:
+      out[f"nearest_is_source_{region}"] = float(
+          np.mean([nearest[i] == src[i] for i in hits]))
+  ring = cand_regions["ring"]
+  use = found[ring[found].reshape(found.size, -1).sum(1) > 0]
+  if use.size and len(train) >= 2:
+    out["ring"] = memorization.source_ring_replication(
+        cands[use], _channels(ring[use], cands[use]), train, src[use],
+        n_other=s.n_other, seed=s.seed, chunk_q=min(s.chunk_q, 16))
+    out["ring"]["replicated"] = [int(use[i]) for i in out["ring"]["replicated"]]
+  else:
+    out["ring"] = {"skipped": "no candidate with a ring and a source"}
+  return out
+
+
+def membership_checks(config, inputs: Inputs, train: dict, heldout: dict,
+                      s: Settings) -> dict:
+  """Loss-based membership inference against G1 and G2 (each when exported)."""
+  out = {}
+  models = {"G1": inputs.g1_dir, "G2": inputs.g2_dir}
+  if not s.membership:
+    return {m: {"skipped": "membership inference turned off"} for m in models}
+  try:
+    from dfgm_jax.privacy import membership  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {m: {"skipped": "privacy/membership.py is not available"} for m in models}
+  for name, model_dir in models.items():
+    if not _model_id(model_dir):
+      out[name] = {"skipped": f"no {name} export"}
+      continue
+    if name == "G1":
+      from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
+      model = denoiser.Denoiser.load(model_dir, config)
+    else:
+      from dfgm_jax.synthesis import local  # pylint: disable=g-import-not-at-top
+      model = local.load_shared_model(model_dir, config)
+    out[name] = _plain(membership.audit_model(model, train, heldout))
+  return out
+
+
+def g2_sample_check(inputs: Inputs, train: dict, r_out: int, r_in: int,
+                    s: Settings) -> dict:
+  """ALGORITHM.md 9.6: G2's generate-mode samples should sit nearer S than the
+  private training slices (nearest RMSE over the generated region D and the
+  full image)."""
+  local = inputs.local
+  if local is None:
+    return {"skipped": "no local synthesis set of G2"}
+  mode = _read_summary_mode(local.data_dir)
+  if mode != "anomalydiffusion":
+    return {"skipped": f"the local synthesis set was made in mode {mode} (harmonise); "
+                       "the test needs G2's generate mode"}
+  if inputs.public is None:
+    return {"skipped": "no public synthetic set S to compare with"}
+  samples = _all_synthetic(local)
+  public = _all_synthetic(inputs.public)
+  from dfgm_jax.synthesis import masks as masks_lib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dil = np.asarray(masks_lib.dilate(jnp.asarray((samples["mask"] > 0.5).astype(np.float32)),
+                                    r_out))
+  out = {"n_samples": int(len(samples["image"])), "n_private": int(len(train["image"])),
+         "n_public": int(len(public["image"]))}
+  kw = dict(k=1, chunk_q=s.chunk_q, chunk_r=s.chunk_r)
+  for region, m in (("generated", _channels(dil, samples["image"])), ("full", None)):
+    use = np.arange(len(samples["image"])) if m is None else np.flatnonzero(
+        m.reshape(len(m), -1).sum(1) > 0)
+    mm = None if m is None else m[use]
+    dp, _ = distances.nearest(samples["image"][use], train["image"], mm, **kw)
+    ds, _ = distances.nearest(samples["image"][use], public["image"], mm, **kw)
+    out[region] = {"private_median": float(np.median(dp)), "public_median": float(np.median(ds)),
+                   "fraction_closer_to_private": float(np.mean(dp[:, 0] < ds[:, 0]))}
+  return out
+
+
+def _read_summary_mode(data_dir: str) -> str | None:
+  s = stage_io.read_json(os.path.join(data_dir, "summary.json"))
+  return s.get("mode") if s else None
+
+
+def _all_synthetic(data) -> dict:
+  """Images and masks of every <center>_synthetic split of a set."""
+  parts = [data.load_split(name) for name, v in sorted(data.manifest["splits"].items())
+           if name.endswith("_synthetic") and v.get("num_slices")]
+  if not parts:
+    raise errors.UserError(f"{data.data_dir}: no <center>_synthetic split")
+  return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "mask")}
+
+
+def _plain(obj):
+  """JSON-able copy (numpy scalars and arrays to Python)."""
+  return json.loads(json.dumps(obj, default=lambda v: v.tolist() if hasattr(
+      v, "tolist") else str(v)))
+
+
+# --- Verdicts and summary ----------------------------------------------------
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f} %"
+
+
+def region_verdict(region: str, res: dict) -> tuple[str, str]:
+  """(status, one line) for one region: ok, warning, copies, by design, skipped."""
+  if "skipped" in res:
+    return "skipped", f"{region}: not measured ({res['skipped']})"
+  dcr, nn, car = res["dcr"], res["nn_ratio"], res["carlini"]
+  numbers = (f"DCR below the held-out 1st percentile: {_pct(dcr['fraction_below'])}, "
+             f"exact copies {_pct(dcr['fraction_zero'])}, NN ratio under 1:3 "
+             f"{_pct(nn['fraction_flagged'])}, Carlini below threshold "
+             f"{_pct(car['fraction_below'])}")
+  if region == "tumor":
+    return "by design", ("tumor: copied by design (DFGM publishes the source tumor "
+                         f"interior verbatim), so expected near its source: {numbers}")
+  if dcr["fraction_zero"] > 0:
+    return "copies", (f"{region}: COPIES, {_pct(dcr['fraction_zero'])} of the candidates "
+                      f"equal a training image in this region; {numbers}")
+  held_nn = nn.get("heldout_fraction_flagged", 0.0)
+  worst = max(dcr["fraction_below"], car["fraction_below"],
+              nn["fraction_flagged"] - held_nn)
+  if dcr["n_heldout"] < 100:  # the 1st percentile is about the minimum.
+    numbers += (f" (only {dcr['n_heldout']} held-out slices: the DCR and Carlini "
+                "thresholds are coarse, read the exact copies and NN ratio first)")
+  if worst > ALERT_FRACTION:
+    return "warning", (f"{region}: WARNING, more candidates sit close to a training "
+                       f"image than held-out slices do; {numbers}")
+  return "ok", (f"{region}: no sign of memorization (candidates are no closer to the "
+                f"training slices than unseen real slices are); {numbers}")
+
+
+def source_verdict(res: dict) -> tuple[str, str]:
+  ring = res.get("ring", {})
+  if "skipped" in res or "skipped" in ring:
+    return "skipped", f"source ring: not measured ({res.get('skipped') or ring['skipped']})"
+  numbers = (f"ring distance to own source over the median to {ring['n_other']} other "
+             f"tumor slices: median {ring['ratio_median']:.3f}, replicated (under 1:3) "
+             f"{_pct(ring['fraction_replicated'])}")
+  if ring["fraction_replicated"] > ALERT_FRACTION:
+    return "warning", f"source ring: WARNING, the ring copies its source slice's; {numbers}"
+  return "ok", f"source ring: not copied from the source slice; {numbers}"
+
+
+def membership_verdict(name: str, res: dict) -> tuple[str, str]:
+  if "skipped" in res:
+    return "skipped", f"membership {name}: not measured ({res['skipped']})"
+  auc, tpr = float(res["auc"]), float(res["tpr_at_1pct_fpr"])
+  numbers = f"AUC {auc:.3f}, TPR at 1 % FPR {_pct(tpr)}"
+  if abs(auc - 0.5) <= AUC_BAND:
+    return "ok", (f"membership {name}: its losses do not tell training slices from "
+                  f"held-out ones better than chance; {numbers}")
+  expected = (" (expected for G1 with small data; the synthetic set's checks above say "
+              "whether it shows)" if name == "G1" else
+              " (G2 never saw private slices: look for a leak into its public data)")
+  return "warning", (f"membership {name}: WARNING, its losses separate training slices "
+                     f"from held-out ones{expected}; {numbers}")
+
+
+def g2_sample_verdict(res: dict) -> tuple[str, str]:
+  if "skipped" in res:
+    return "skipped", f"G2 sample test: not run ({res['skipped']})"
+  g = res["generated"]
+  numbers = (f"median nearest RMSE over the generated region to S {g['public_median']:.4f}, "
+             f"to the private slices {g['private_median']:.4f}; closer to private "
+             f"{_pct(g['fraction_closer_to_private'])}")
+  if g["public_median"] <= g["private_median"]:
+    return "ok", f"G2 sample test: G2's samples sit closer to S than to private data; {numbers}"
+  return "warning", (f"G2 sample test: WARNING, G2's samples sit closer to the private "
+                     f"slices than to S; {numbers}")
+
+
+def scan_verdict(res: dict) -> tuple[str, str]:
+  n = len(res["hits"])
+  if n == 0:
+    return "ok", (f"shared files: clean, no case id, patient id, private path or salt in "
+                  f"{res['files_scanned']} files ({res['bytes_scanned']} bytes)")
+  files = len({h["file"] for h in res["hits"]})
+  return "leak", (f"shared files: LEAK, {n} hits of private identifiers in {files} files "
+                  "(listed in privacy.md); do not share them")
+
+
+def verdicts(report: dict) -> dict:
+  out = {}
+  for region, res in report["regions"].items():
+    out[f"region {region}"] = region_verdict(region, res)
+  out["source ring"] = source_verdict(report["source"])
+  for name, res in report["membership"].items():
+    out[f"membership {name}"] = membership_verdict(name, res)
+  out["G2 sample test"] = g2_sample_verdict(report["g2_samples"])
+  out["shared files"] = scan_verdict(report["scan"])
+  return {k: {"status": st, "text": text} for k, (st, text) in out.items()}
+
+
+def overall(v: dict) -> str:
+  statuses = {x["status"] for x in v.values()}
+  if "leak" in statuses or "copies" in statuses:
+    return "fail"
+  return "warning" if "warning" in statuses else "pass"
+
+
+def summary(report: dict) -> dict:
+  """The shareable part: numbers and verdicts, no ids, no paths, no indices."""
+  regions = {}
+  for region, res in report["regions"].items():
+    if "skipped" in res:
+      continue
+    regions[region] = {
+        "dcr_median": res["dcr"]["candidate_median"],
+        "dcr_heldout_median": res["dcr"]["heldout_median"],
+        "dcr_fraction_below": res["dcr"]["fraction_below"],
+        "fraction_exact_copies": res["dcr"]["fraction_zero"],
+        "nn_ratio_fraction_flagged": res["nn_ratio"]["fraction_flagged"],
+        "carlini_fraction_below": res["carlini"]["fraction_below"]}
+  ring = report["source"].get("ring", {})
+  member = {name: {"auc": res["auc"], "tpr_at_1pct_fpr": res["tpr_at_1pct_fpr"]}
+            for name, res in report["membership"].items() if "skipped" not in res}
+  g2 = report["g2_samples"]
+  return {
+      "format": FORMAT, "center": report["center"], "candidates": report["candidates"]["kind"],
+      "n_candidates": report["candidates"]["n"], "n_training": report["n_training"],
+      "n_heldout": report["n_heldout"], "overall": report["overall"],
+      "regions": regions,
+      "source_ring_replicated": ring.get("fraction_replicated"),
+      "source_ring_ratio_median": ring.get("ratio_median"),
+      "membership": member,
+      "g2_sample_test": g2.get("generated") if "skipped" not in g2 else None,
+      "shared_files_hits": len(report["scan"]["hits"]),
+      "verdicts": {k: v["status"] for k, v in report["verdicts"].items()},
+  }
+
+
+# --- Writing -----------------------------------------------------------------
+
+_MEANINGS = [
+    "How to read it (ALGORITHM.md 9; every threshold comes from the held-out test "
+    "slices of the same center, measured against the same training slices):",
+    "",
+    "- **DCR** (distance to closest record): RMSE to the nearest training image. "
+    "Warning sign: more than a few % of the candidates below the held-out slices' "
+    "1st percentile; an exact copy has DCR 0.",
+    "- **NN ratio** d1 over d2: much closer to one training image than to the next "
+    "(under 1:3, Gu et al. 2023) marks a copy. Real unseen slices almost never are.",
+    "- **Carlini's calibrated distance** d1 over (0.5 x mean of the 50 nearest): "
+    "threshold = held-out 1st percentile; a warning sign when clearly more than 1 % of "
+    "the candidates fall below it.",
+    "- **Regions**: full image, ring (generated by G1, trained on private rings), "
+    "background (public healthy slice), tumor (the private source interior, copied "
+    "verbatim by design: near 0, reported, not a finding).",
+    "- **Source ring**: ring distance to the candidate's own source slice over the "
+    "median to 50 other tumor slices; near 1 means not copied, under 1:3 replicated.",
+    "- **Membership** (loss-based): AUC 0.5 = the model's losses do not tell its "
+    "training slices from held-out ones; G1 is expected above 0.5 with little data, "
+    "G2 (public data only) near 0.5.",
+    "- **G2 sample test**: G2's own samples should be nearer the published set S than "
+    "the private slices.",
+    "- **Shared files**: every hit is a private identifier in a file meant to be "
+    "shared; any hit means: do not share that file.",
+]
+
+
+def markdown(report: dict) -> str:
+  """privacy.md: verdicts first, then numbers per check and the scan's hits."""
+  c = report["candidates"]
+  lines = [f"# Privacy audit: {report['center']}", "",
+           f"Candidates: {c['kind']} `{c['split']}` ({c['n']} slices) against "
+           f"{report['n_training']} training and {report['n_heldout']} held-out slices of "
+           f"{report['center']}. PRIVATE file (it lists hits of private identifiers); "
+           f"`{SUMMARY_JSON}` is the shareable summary.", "",
+           f"**Overall: {report['overall'].upper()}**", "", "## Verdicts", ""]
+  lines += [f"- **{v['status']}**: {v['text']}" for v in report["verdicts"].values()]
+  lines += ["", "## What the numbers mean", "", *_MEANINGS, "", "## Per region", "",
+            "| region | DCR median | held-out DCR median | DCR below held-out p1 | exact "
+            "copies | NN ratio flagged | held-out NN flagged | Carlini below | Carlini "
+            "threshold |", "|---|---|---|---|---|---|---|---|---|"]
+  for region, res in report["regions"].items():
+    if "skipped" in res:
+      lines.append(f"| {region} | skipped: {res['skipped']} |||||||")
+      continue
+    d, n, k = res["dcr"], res["nn_ratio"], res["carlini"]
+    lines.append(f"| {region} | {d['candidate_median']:.4f} | {d['heldout_median']:.4f} | "
+                 f"{_pct(d['fraction_below'])} | {_pct(d['fraction_zero'])} | "
+                 f"{_pct(n['fraction_flagged'])} | "
+                 f"{_pct(n.get('heldout_fraction_flagged', 0.0))} | "
+                 f"{_pct(k['fraction_below'])} | {k['threshold']:.4f} |")
+  src = report["source"]
+  lines += ["", "## Sources", "",
+            f"{src['n_with_source']} of {src['n_candidates']} candidates matched to their "
+            f"source slice by {src['matched_by']}."]
+  for key, value in src.items():
+    if key.startswith("nearest_is_source_"):
+      lines.append(f"- nearest training image is the source ({key[18:]}): {_pct(value)}")
+  full = report["regions"].get("full", {})
+  if "carlini" in full:
+    lines += ["", "16 smallest Carlini scores (full image; candidate index: score): " +
+              ", ".join(f"{i}: {v:.3f}" for i, v in full["carlini"]["smallest"])]
+  lines += ["", "## Membership inference", ""]
+  for name, res in report["membership"].items():
+    lines.append(f"- {name}: " + (f"skipped ({res['skipped']})" if "skipped" in res else
+                                  f"AUC {res['auc']:.3f}, TPR at 1 % FPR "
+                                  f"{res['tpr_at_1pct_fpr']:.3f}"))
+  lines += ["", "## Shared files", ""]
+  sc = report["scan"]
+  lines.append(f"{sc['files_scanned']} files scanned ({sc['bytes_scanned']} bytes), "
+               f"{len(sc['tokens'])} kinds of private identifier looked for "
+               f"({sc['n_tokens']} values).")
+  for h in sc["hits"]:
+    lines.append(f"- `{h['file']}` ({h['where']}): {h['kind']} `{h['matched']}`")
+  if report.get("figure"):
+    lines += ["", f"![closest pairs (PRIVATE: training slices)]({os.path.basename(report['figure'])})"]
+  return "\n".join(lines) + "\n"
+
+
+def figure(path: str, cands: np.ndarray, train: np.ndarray, res: dict, n: int,
+           title: str) -> str | None:
+  """The n closest candidate / training pairs (full image) with their distances."""
+  if "nearest_index" not in res or n < 1:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  d = np.asarray(res["nearest_distance"])
+  order = np.argsort(d, kind="stable")[:n]
+  fig, axes = plt.subplots(len(order), 3, figsize=(6, 2 * len(order)), squeeze=False)
+  for row, j in enumerate(order):
+    c, t = res["candidates"][j], res["nearest_index"][j]
+    a, b = cands[c][..., 0], train[t][..., 0]
+    for ax, img, name in ((axes[row, 0], a, f"candidate {c}"),
+                          (axes[row, 1], b, f"training {t}"),
+                          (axes[row, 2], np.abs(a - b), f"|diff| RMSE {d[j]:.4f}")):
+      ax.imshow(img, cmap="gray", vmin=0 if name.startswith("|") else -1, vmax=1)
+      ax.set_title(name, fontsize=8)
+      ax.axis("off")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
+  plt.close(fig)
+  stage_io.write_bytes(path, buf.getvalue())
+  return path
+
+
+# --- The run -----------------------------------------------------------------
+
+
+def _identity(config, inputs: Inputs, ids: dict, s: Settings) -> dict:
+  return {"center": inputs.center, "candidate_split": inputs.candidate_split,
+          "data": inputs.real.manifest.get("fingerprint"), **ids,
+          "g1": _model_id(inputs.g1_dir), "g2": _model_id(inputs.g2_dir),
+          "local": _read_summary_mode(inputs.local.data_dir) if inputs.local else None,
+          "mask": config.mask.to_dict(), "settings": dataclasses.asdict(s)}
+
+
+def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = None,
+        overwrite: bool = False, progress: Callable[[str], None] = logging.info) -> dict:
+  """Runs every check, writes out_dir/{privacy.json, privacy.md, summary.json,
+  closest_pairs.png} and the done-record; returns privacy.json's content plus
+  "paths" and "reused".
+
+  Raises:
+    errors.UserError: a missing or empty split, candidates of another size.
+    errors.RunMismatch: out_dir holds an audit of another identity.
+  """
+  from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
+  s = settings or Settings()
+  center = inputs.center
+  train = _split(inputs.real, f"{center}_train", "training slices", NoHeldOut)
+  heldout = _split(inputs.real, f"{center}_test", "held-out slices", NoHeldOut)
+  cands = _split(inputs.candidates, inputs.candidate_split, "candidates")
+  if cands["image"].shape[1:] != train["image"].shape[1:]:
+    raise errors.UserError(
+        f"{inputs.candidates.data_dir}: candidates of shape {cands['image'].shape[1:]}, "
+        f"the training slices are {train['image'].shape[1:]}")
+  ids = {"candidates": content_id(cands), "train": content_id(train),
+         "heldout": content_id(heldout)}
+  identity = _identity(config, inputs, ids, s)
+  paths = {k: os.path.join(out_dir, v) for k, v in (
+      ("privacy.json", PRIVACY_JSON), ("privacy.md", PRIVACY_MD),
+      ("summary.json (SHAREABLE)", SUMMARY_JSON))}
+  record_path = os.path.join(out_dir, RECORD)
+  record = stage_io.check_done(record_path, identity, what="a privacy audit",
+                               overwrite=overwrite)
+  if record is not None and all(os.path.exists(p) for p in paths.values()):
+    progress(f"privacy audit: {out_dir} is done for these inputs; reusing it")
+    if os.path.exists(os.path.join(out_dir, FIGURE)):
+      paths["figure (private)"] = os.path.join(out_dir, FIGURE)
+    return {**stage_io.read_json(paths["privacy.json"]), "paths": paths, "reused": True}
+  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(record_path):
+    os.remove(record_path)  # no longer describes what is there.
+
+  r_out, r_in = denoiser.radii(config)
+  c_regions = regions_of(cands["mask"], r_out, r_in)
+  h_regions = regions_of(heldout["mask"], r_out, r_in)
+  progress(f"privacy audit: {len(cands['image'])} candidates, {len(train['image'])} "
+           f"training, {len(heldout['image'])} held-out slices of {center}")
+  regions = region_checks(cands["image"], heldout["image"], train["image"], c_regions,
+                          h_regions, s)
+  src, how = source_index(cands, train, inputs.salt)
+  report = {
+      "format": FORMAT, "center": center,
+      "candidates": {"split": inputs.candidate_split, "n": int(len(cands["image"])),
+                     "kind": "synthetic set" if "source" in cands else "real split"},
+      "n_training": int(len(train["image"])), "n_heldout": int(len(heldout["image"])),
+      "settings": dataclasses.asdict(s), "radii": {"r_out": r_out, "r_in": r_in},
+      "regions": regions,
+      "source": source_checks(cands["image"], train["image"], c_regions, regions, src,
+                              how, s),
+  }
+  progress("privacy audit: membership inference")
+  report["membership"] = membership_checks(config, inputs, train, heldout, s)
+  report["g2_samples"] = g2_sample_check(inputs, train, r_out, r_in, s)
+  tokens = scan_lib.private_tokens(inputs.real.manifest, salt=inputs.salt,
+                                   paths=inputs.private_paths)
+  report["scan"] = scan_lib.scan(inputs.shared, tokens, figures=inputs.figures)
+  report["verdicts"] = verdicts(report)
+  report["overall"] = overall(report["verdicts"])
+  report["summary"] = summary(report)
+  leaks = scan_lib.scan_bytes(json.dumps(report["summary"]).encode(), tokens)
+  if leaks:  # never: the summary holds numbers and public names only.
+    raise errors.UserError(f"privacy audit: its own summary holds {leaks[0]['kind']}; "
+                           "not written")
+  report = _plain(report)
+  fig = figure(os.path.join(out_dir, FIGURE), cands["image"], train["image"],
+               regions.get("full", {}), s.figure_pairs,
+               f"{center} (PRIVATE: training slices): closest candidate-training pairs")
+  if fig:
+    report["figure"] = os.path.basename(fig)
+    paths["figure (private)"] = fig
+  stage_io.write_json(paths["privacy.json"], report)
+  stage_io.write_text(paths["privacy.md"], markdown(report))
+  stage_io.write_json(paths["summary.json (SHAREABLE)"], report["summary"])
+  stage_io.mark_done(record_path, identity, overall=report["overall"])
+  progress(f"privacy audit: overall {report['overall']}; {paths['privacy.md']}")
+  return {**report, "paths": paths, "reused": False}
