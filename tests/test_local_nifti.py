@@ -21,10 +21,12 @@ import pytest
 
 from data_pipeline import brats
 from data_pipeline import healthy_volumes
+from data_pipeline import input_pipeline
 from data_pipeline import slice_sets
 from dfgm_jax import errors
 from dfgm_jax import model_io
-from launch import synthesize_local
+from dfgm_jax.synthesis import pipeline
+from launch import healthy_nifti
 from tests.conftest import ROOT, write_nifti
 
 
@@ -276,7 +278,7 @@ def test_the_binary_slices_at_g2s_image_size_into_the_private_part(phantom_2020,
   config = tiny.get_config()
   config.data.formats = ("array_record",)
   export = _fake_export(tmp_path / "g2_model", 16)
-  out = synthesize_local.healthy_from_volumes(
+  out = healthy_nifti.healthy_from_volumes(
       config, export, str(tmp_path / "w2"), phantom_2020.data_dir, progress=False)
   assert out == str(tmp_path / "w2" / "private" / "healthy_slices")
   manifest = slice_sets.load_manifest(out)
@@ -286,8 +288,79 @@ def test_the_binary_slices_at_g2s_image_size_into_the_private_part(phantom_2020,
   flat = _flat(phantom_2020, tmp_path, with_seg=[],
                without_seg=phantom_2020.case_ids[:1])
   with pytest.raises(brats.BratsDataError, match="modalities"):
-    synthesize_local.healthy_from_volumes(config, multi, str(tmp_path / "w3"), str(flat))
+    healthy_nifti.healthy_from_volumes(config, multi, str(tmp_path / "w3"), str(flat))
+  # Case folders hold every modality: a T2 + FLAIR G2 gets two channels.
+  both = healthy_nifti.healthy_from_volumes(config, multi, str(tmp_path / "w5"),
+                                            phantom_2020.data_dir, progress=False)
+  assert slice_sets.load_split(both, "healthy")["image"].shape[1:] == (16, 16, 2)
   with pytest.raises(model_io.ModelError, match="not an exported model"):
-    synthesize_local.healthy_from_volumes(config, str(tmp_path), str(tmp_path / "w4"),
-                                          str(flat))
+    healthy_nifti.healthy_from_volumes(config, str(tmp_path), str(tmp_path / "w4"),
+                                       str(flat))
   assert not (tmp_path / "w4").exists()  # refused before anything was written.
+
+
+# --- The binary end to end ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_binary_synthesizes_from_volumes_and_shares_no_file_name(
+    phantom_2020, preprocessed_2020, tmp_path):
+  """launch.synthesize_local --healthy_nifti with a fresh-weights G2 export."""
+  from tests import test_g2
+  from tests import test_local_synthesis
+  data_dir, _ = preprocessed_2020
+  synthetic = test_g2.stand_in_synthetic_set(data_dir, str(tmp_path / "public"))
+  export = test_local_synthesis._g2_export(  # pylint: disable=protected-access
+      test_local_synthesis._config(), data_dir, synthetic,  # pylint: disable=protected-access
+      str(tmp_path / "g2_model"))
+  # The institute's volumes: T2 files renamed to identifiable names, no seg.
+  volumes = tmp_path / "Hospital_X_volumes"
+  volumes.mkdir()
+  names = []
+  for i, case_id in enumerate(phantom_2020.case_ids[:3]):
+    names.append(f"patient_Doe{i}")
+    shutil.copy(os.path.join(phantom_2020.data_dir, case_id, _stem(case_id, "t2") + ".nii.gz"),
+                volumes / f"{names[-1]}_t2.nii.gz")
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  flags = ["--config=configs/tiny.py", "--config.train.reader=grain",
+           "--config.synthesis.backend=pixels", "--config.sampler.steps=5",
+           "--config.sampler.resamples=1", "--config.sampler.batch_size=4",
+           "--config.synthesis.min_inside_brain=0", "--config.synthesis.figure_rows=0",
+           "--config.data.formats=('array_record',)", f"--model_dir={export}",
+           f"--tumors_dir={synthetic}", f"--workdir={tmp_path / 'w2'}", "--mode=generate"]
+
+  def synthesize(*extra):
+    return subprocess.run([sys.executable, "-m", "launch.synthesize_local", *flags, *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+  both = synthesize(f"--healthy_nifti={volumes}", f"--healthy_dir={data_dir}")
+  assert both.returncode != 0 and "healthy_dir" in both.stderr
+  done = synthesize(f"--healthy_nifti={volumes}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "local synthesis (generate) done" in done.stdout
+  own = tmp_path / "w2" / "private" / "healthy_slices"
+  healthy = slice_sets.load_split(str(own), "healthy")
+  assert {k.split("/")[0] for k in healthy["key"]} == set(names)
+  n = slice_sets.load_manifest(synthetic)["splits"]["CBICA_synthetic"]["num_slices"]
+  shared = tmp_path / "w2" / "synthetic"
+  # No path, folder or file name of the volumes in the shareable part: not in
+  # its text files (the shards are compressed: their examples are read) ...
+  needles = [str(volumes), volumes.name, "Doe", *names, *phantom_2020.case_ids[:3]]
+  texts = [p for p in shared.rglob("*") if p.is_file() and p.suffix in (".json", ".md",
+                                                                          ".txt")]
+  assert {"manifest.json", "summary.json"} <= {p.name for p in texts}
+  for path in texts:
+    for needle in needles:
+      assert needle not in path.read_text(), (needle, path)
+  # ... nor in any example's text fields: the healthy slice is a salted hash.
+  salt = (tmp_path / "w2" / "private" / "salt").read_text().strip()
+  hashed = {pipeline.salted_hash(k, salt) for k in healthy["key"]}
+  examples = list(input_pipeline.read_examples(str(shared), "CBICA_synthetic", "grain"))
+  assert len(examples) == test_local_synthesis.K * n
+  for e in examples:
+    assert e["healthy"] in hashed
+    for value in e.values():
+      if isinstance(value, str):
+        assert not any(needle in value for needle in needles), value
+  again = synthesize(f"--healthy_nifti={volumes}")
+  assert again.returncode == 0 and "reused" in again.stdout, again.stderr[-3000:]
