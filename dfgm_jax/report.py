@@ -3,8 +3,8 @@
 Each section is read from the files its stage wrote (never recomputed), with
 a short explanation of what the numbers mean: the data, the models, the
 synthetic sets, the downstream segmentation (Dice table, gains with their
-intervals, figures), the synthesis quality table. A section whose stage did
-not run says so instead of inventing numbers.
+intervals, figures), the synthesis quality table, the privacy audit. A
+section whose stage did not run says so instead of inventing numbers.
 
 The report is PRIVATE (it lives in the workdir beside the private stages and
 links figures of private test slices). Links are relative to W, so the
@@ -125,6 +125,33 @@ def _quality(workdir: str, table: Callable[[dict], str] | None) -> list[str]:
   return table(quality).splitlines()
 
 
+def _privacy(workdir: str) -> list[str]:
+  """The audit's verdicts and per-region numbers (W/privacy, issue 14)."""
+  audit = _read_json(os.path.join(workdir, "privacy", "privacy.json"))
+  if not audit or "summary" not in audit:
+    return ["The privacy audit did not run (or its center has no held-out slices)."]
+  s = audit["summary"]
+  lines = [f"Candidates: {s.get('candidates')} of {s.get('center')} ({s.get('n_candidates')} "
+           f"slices) against {s.get('n_training')} training and {s.get('n_heldout')} "
+           "held-out slices; every threshold is calibrated on the held-out slices (the "
+           "README's \"Privacy audit: how to read the numbers\"). The tumor interior is "
+           "copied by design.", "", f"**Overall: {s.get('overall', '?').upper()}**", ""]
+  lines += [f"- **{v.get('status')}**: {v.get('text')}"
+            for v in audit.get("verdicts", {}).values()]
+  lines += ["", "| region | DCR median | held-out DCR median | below held-out p1 | exact "
+            "copies | NN ratio flagged | Carlini below |", "|---|---|---|---|---|---|---|"]
+  for region, r in s.get("regions", {}).items():
+    lines.append(f"| {region} | {r['dcr_median']:.4f} | {r['dcr_heldout_median']:.4f} | "
+                 f"{r['dcr_fraction_below']:.1%} | {r['fraction_exact_copies']:.1%} | "
+                 f"{r['nn_ratio_fraction_flagged']:.1%} | {r['carlini_fraction_below']:.1%} |")
+  lines += ["", "Details: [privacy/privacy.md](privacy/privacy.md) (private); shareable "
+            "summary: `privacy/summary.json`."]
+  if audit.get("figure"):
+    lines += ["", f"![closest candidate-training pairs (private training slices)]"
+              f"(privacy/{audit['figure']})"]
+  return lines
+
+
 def build(workdir: str, *, title: str = "DFGM run report",
           quality_table: Callable[[dict], str] | None = None,
           extra: dict[str, list[str]] | None = None) -> str:
@@ -140,7 +167,8 @@ def build(workdir: str, *, title: str = "DFGM run report",
               ("Synthetic sets", _synthetic(workdir)),
               ("Does the synthetic data help? Downstream segmentation",
                _evaluation(workdir)),
-              ("Synthesis quality", _quality(workdir, quality_table))]
+              ("Synthesis quality", _quality(workdir, quality_table)),
+              ("Privacy audit", _privacy(workdir))]
   sections += list((extra or {}).items())
   out = [f"# {title}", "",
          f"Workdir `{os.path.basename(os.path.normpath(workdir))}`. Everything in it "

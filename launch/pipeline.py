@@ -19,10 +19,18 @@ Workdir W:
   W/g2_model/    G2's export with its model card                  SHAREABLE
   W/local/       center 2's local synthesis with G2 (its own set) private
   W/eval/        segmentation runs, results, figures, quality      private
+  W/privacy/     the privacy audit: privacy.json, privacy.md       private
+                 (hits of private ids, per-slice indices), the
+                 closest-pairs figure; summary.json only           SHAREABLE
+                 (numbers and verdicts, no id or path; G2's card
+                 copies it)
   W/report.md    the report of every stage (links private figures) private
 
 config.decentralized turns on federated G1 (in place of central G1), G2
-and local synthesis (all off in the demo). The privacy audit is next.
+and local synthesis (all off in the demo). The privacy audit runs after the
+evaluation and, when G2 is exported, puts its summary into G2's model card
+(the same weights, re-exported: G2 is trained before the audit that
+measures it).
 """
 
 from __future__ import annotations
@@ -299,6 +307,36 @@ def synthesis_quality(run: Run) -> dict:
   return {"quality": result["path"]}
 
 
+def privacy_audit(run: Run) -> dict:
+  """Memorization, membership and shared-file checks of train.center's set
+  (W/privacy); skipped, and said so, when the center has no held-out slices."""
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.privacy import audit  # pylint: disable=g-import-not-at-top
+  out = run.path("privacy")
+  try:
+    inputs = audit.workdir_inputs(run.config, run.workdir, slice_sets.SliceData,
+                                  out_dir=out)
+    result = audit.run(run.config, inputs, out, overwrite=run.overwrite)
+  except audit.NoHeldOut as e:
+    logging.warning("privacy audit skipped: %s", e)
+    return {"privacy audit": f"skipped: {e}"}
+  _card_follows_audit(run, result["paths"]["privacy.json"])
+  return {"privacy audit": result["overall"], "privacy report": result["paths"]["privacy.md"],
+          "privacy summary (SHAREABLE)": result["paths"]["summary.json (SHAREABLE)"]}
+
+
+def _card_follows_audit(run: Run, privacy_json: str) -> None:
+  """G2's card gets the audit's summary: G2 is exported again (same weights)
+  when its card does not hold this summary yet."""
+  if not _decentralized(run.config, "g2") or not os.path.isdir(run.path("g2_model")):
+    return
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.train import g2  # pylint: disable=g-import-not-at-top
+  card = model_io.read_card(run.path("g2_model")) or {}
+  if card.get("privacy_audit") != g2.privacy_summary(privacy_json):
+    g2.export(run.config, run.path("g2"), run.path("g2_model"), privacy_json=privacy_json)
+
+
 def write_report(run: Run) -> dict:
   """W/report.md: the tables and figures of every stage, one explanation each."""
   from dfgm_jax import report  # pylint: disable=g-import-not-at-top
@@ -318,6 +356,7 @@ STAGES = (
     Stage("local synthesis", local_synthesis),
     Stage("evaluate", evaluate),
     Stage("synthesis quality", synthesis_quality),
+    Stage("privacy audit", privacy_audit),
     Stage("report", write_report),
 )
 

@@ -12,7 +12,7 @@ def test_stages_are_named_in_order():
   assert [s.name for s in pipeline.STAGES] == [
       "phantom", "preprocess", "train G1", "export G1", "synthesize",
       "train baseline model", "synthesize baselines", "train G2", "local synthesis",
-      "evaluate", "synthesis quality", "report"]
+      "evaluate", "synthesis quality", "privacy audit", "report"]
 
 
 def _tiny(num_steps: int, sampler_steps: int):

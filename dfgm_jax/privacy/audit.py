@@ -64,7 +64,7 @@ PRIVACY_MD = "privacy.md"
 SUMMARY_JSON = "summary.json"
 FIGURE = "closest_pairs.png"
 RECORD = "record.json"
-FORMAT = "dfgm-jax-privacy-audit/1"
+FORMAT = "dfgm-jax-privacy-audit-1"
 # A check warns when more than this fraction of the candidates is past a
 # threshold calibrated to pass 1 % of held-out slices: 5x the expected rate,
 # room for small held-out sets whose 1st percentile is their minimum.
@@ -486,7 +486,8 @@ def overall(v: dict) -> str:
 
 
 def summary(report: dict) -> dict:
-  """The shareable part: numbers and verdicts, no ids, no paths, no indices."""
+  """The shareable part: numbers and verdicts, no ids, no paths, no indices,
+  no '/' (G2's card drops strings that look like paths)."""
   regions = {}
   for region, res in report["regions"].items():
     if "skipped" in res:
@@ -502,7 +503,7 @@ def summary(report: dict) -> dict:
   member = {name: {"auc": res["auc"], "tpr_at_1pct_fpr": res["tpr_at_1pct_fpr"]}
             for name, res in report["membership"].items() if "skipped" not in res}
   g2 = report["g2_samples"]
-  return {
+  out = {
       "format": FORMAT, "center": report["center"], "candidates": report["candidates"]["kind"],
       "n_candidates": report["candidates"]["n"], "n_training": report["n_training"],
       "n_heldout": report["n_heldout"], "overall": report["overall"],
@@ -514,6 +515,8 @@ def summary(report: dict) -> dict:
       "shared_files_hits": len(report["scan"]["hits"]),
       "verdicts": {k: v["status"] for k, v in report["verdicts"].items()},
   }
+  # What was not measured is left out (its verdict says "skipped").
+  return {k: v for k, v in out.items() if v is not None}
 
 
 # --- Writing -----------------------------------------------------------------

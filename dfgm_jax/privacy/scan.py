@@ -214,7 +214,13 @@ def scan_file(path: str, matcher: _Matcher, metadata_only: bool = False) -> list
   elif metadata_only:
     return []
   elif ".array_record" in os.path.basename(path):
-    parts = _array_records(path)
+    try:
+      parts = list(_array_records(path))
+    except Exception:  # pylint: disable=broad-except
+      parts = []  # not readable as array_record (altered, truncated).
+    # The raw bytes too: what was appended to a shard is in no record.
+    return _collect([*((w, off, t) for w, data in parts for off, t in matcher.find(data)),
+                     *_stream(path, matcher)])
   elif head.startswith(b"PK\x03\x04"):
     parts = _zip_members(path)
   elif head.startswith(b"\x1f\x8b"):

@@ -1,0 +1,182 @@
+"""The privacy audit end to end on phantom slices (dfgm_jax/privacy/audit.py, scan.py).
+
+One workdir W for the module: the shared phantom slices (W/slices) and a
+cut-paste synthetic set of TCIA (W/synthetic, made by the synthesis stage:
+real salted pseudonyms, private tumors pasted verbatim), since TCIA is the
+phantom's center with held-out slices. Membership is off here (it has its own
+tests); the binary's run is slow.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dfgm_jax import errors
+
+CENTER = "TCIA"
+REGIONS = ("full", "ring", "background")
+
+
+def _config():
+  from configs import tiny
+  config = tiny.get_config()
+  config.train.center = CENTER
+  config.synthesis.backend = "pixels"
+  config.synthesis.mode = "cutpaste"
+  return config
+
+
+@pytest.fixture(scope="module")
+def workdir(preprocessed_2020, tmp_path_factory):
+  from data_pipeline import slice_sets
+  from dfgm_jax.synthesis import stage
+  w = str(tmp_path_factory.mktemp("audit") / "W")
+  os.makedirs(os.path.join(w, "private"))
+  shutil.copytree(preprocessed_2020[0], os.path.join(w, "slices"))
+  result = stage.run(_config(), w, slice_sets.SliceData(os.path.join(w, "slices")),
+                     baseline=True)
+  shutil.copytree(result["paths"]["synthetic set"], os.path.join(w, "synthetic"))
+  return w
+
+
+def _audit(w, out, candidates=None, **settings):
+  from data_pipeline import slice_sets
+  from dfgm_jax.privacy import audit
+  inputs = audit.workdir_inputs(_config(), w, slice_sets.SliceData, candidates=candidates,
+                                out_dir=out)
+  return audit.run(_config(), inputs, out,
+                   settings=audit.Settings(membership=False, **settings))
+
+
+def test_training_split_as_candidates_is_all_copies(workdir, tmp_path):
+  out = _audit(workdir, str(tmp_path / "p"), f"{workdir}/slices:{CENTER}_train")
+  n = out["candidates"]["n"]
+  assert n == out["n_training"] > 0
+  for region in (*REGIONS, "tumor"):
+    r = out["regions"][region]
+    assert r["dcr"]["fraction_zero"] == 1.0 and r["dcr"]["fraction_below"] == 1.0
+    assert r["nn_ratio"]["fraction_flagged"] == 1.0
+    assert r["carlini"]["fraction_below"] == 1.0
+  src = out["source"]
+  assert src["n_with_source"] == n and src["matched_by"].startswith("case id")
+  assert all(src[f"nearest_is_source_{r}"] == 1.0 for r in REGIONS)
+  assert src["ring"]["fraction_replicated"] == 1.0
+  assert {out["verdicts"][f"region {r}"]["status"] for r in REGIONS} == {"copies"}
+  assert out["overall"] == "fail"
+
+
+def test_independent_slices_are_not_copies(workdir, tmp_path):
+  # Another center's patients: real slices no model saw. With the phantom's 5
+  # held-out slices the 1st-percentile thresholds are coarse (about their
+  # minimum), so this checks the copy rules, and DCR of the held-out's size.
+  out = _audit(workdir, str(tmp_path / "p"), f"{workdir}/slices:CBICA_train")
+  for region in REGIONS:
+    r = out["regions"][region]
+    assert r["dcr"]["fraction_zero"] == 0.0
+    assert r["nn_ratio"]["fraction_flagged"] == 0.0
+    assert 0.5 < r["dcr"]["candidate_median"] / r["dcr"]["heldout_median"] < 2.0
+    assert out["verdicts"][f"region {region}"]["status"] in ("ok", "warning")
+  assert out["source"]["n_with_source"] == 0
+  assert out["overall"] != "fail"
+
+
+def test_synthetic_set_outputs_reuse_and_refusal(workdir):
+  from dfgm_jax.privacy import audit
+  out_dir = os.path.join(workdir, "privacy")
+  out = _audit(workdir, out_dir)
+  assert not out["reused"] and out["candidates"]["kind"] == "synthetic set"
+  # The tumor is pasted verbatim at its place: copied by design, said so.
+  tumor = out["regions"]["tumor"]
+  assert tumor["dcr"]["fraction_zero"] == 1.0
+  assert out["verdicts"]["region tumor"]["status"] == "by design"
+  src = out["source"]
+  assert src["n_with_source"] == out["candidates"]["n"]  # through the salt.
+  assert src["nearest_is_source_tumor"] == 1.0
+  # The set's files hold no private identifier (the binary shards included).
+  scan = out["scan"]
+  assert scan["hits"] == [] and scan["targets"]["synthetic set"] == "scanned"
+  assert scan["files_scanned"] >= 6 and scan["tokens"]["case id"] >= 8
+  assert out["verdicts"]["shared files"]["status"] == "ok"
+
+  md = open(os.path.join(out_dir, audit.PRIVACY_MD)).read()
+  for line in ("**Overall:", "- **by design**: tumor: copied by design",
+               "- **ok**: shared files: clean", "- **skipped**: membership G1",
+               "- **skipped**: G2 sample test"):
+    assert line in md
+  saved = json.load(open(os.path.join(out_dir, audit.PRIVACY_JSON)))
+  assert saved == {k: v for k, v in out.items() if k not in ("paths", "reused")}
+  shared = open(os.path.join(out_dir, audit.SUMMARY_JSON)).read()
+  assert json.loads(shared) == saved["summary"]
+  manifest = json.load(open(os.path.join(workdir, "slices", "manifest.json")))
+  for case in manifest["cases"]:
+    assert case["case_id"] not in shared
+  assert workdir not in shared and "/" not in shared
+  assert os.path.exists(os.path.join(out_dir, audit.FIGURE))
+  # G2's card keeps the summary (train/g2.py privacy_summary).
+  from dfgm_jax.train import g2
+  assert g2.privacy_summary(os.path.join(out_dir, audit.PRIVACY_JSON)) == saved["summary"]
+
+  mtimes = {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in os.listdir(out_dir)}
+  again = _audit(workdir, out_dir)
+  assert again["reused"] and again["summary"] == saved["summary"]
+  assert {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in mtimes} == mtimes
+  with pytest.raises(errors.RunMismatch, match="settings.carlini_n"):
+    _audit(workdir, out_dir, carlini_n=10)
+  with pytest.raises(errors.RunMismatch, match="candidate_split"):
+    _audit(workdir, out_dir, f"{workdir}/slices:{CENTER}_train")
+
+
+def test_scan_catches_planted_ids_in_a_copied_set_and_png_metadata(workdir, tmp_path):
+  from PIL import Image, PngImagePlugin
+  from dfgm_jax.privacy import scan
+  manifest = json.load(open(os.path.join(workdir, "slices", "manifest.json")))
+  case_id = manifest["cases"][0]["case_id"]
+  copy = str(tmp_path / "shared_set")
+  shutil.copytree(os.path.join(workdir, "synthetic"), copy)
+  shard = next(os.path.join(d, f) for d, _, fs in os.walk(copy) for f in fs
+               if ".tfrecord-" in f)
+  with open(shard, "ab") as f:
+    f.write(b"\x00\x07" + case_id.encode() + b"\x00")
+  info = PngImagePlugin.PngInfo()
+  info.add_text("Title", f"slice of {case_id}", zip=True)  # compressed: zTXt.
+  png = os.path.join(copy, "preview.png")
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(png, pnginfo=info)
+  assert case_id.encode() not in open(png, "rb").read()
+  with open(os.path.join(copy, "notes.json"), "w") as f:
+    json.dump({"from": os.path.join(workdir, "slices")}, f)
+
+  tokens = scan.private_tokens(manifest, paths=[workdir])
+  out = scan.scan({"copy": copy}, tokens)
+  hits = {(h["file"], h["matched"]): h for h in out["hits"]}
+  rel = os.path.relpath(shard, str(tmp_path))
+  assert hits[(rel, case_id)]["kind"] == "case id"
+  assert hits[(rel, case_id)]["where"] == "raw bytes"
+  png_hit = hits[("shared_set/preview.png", case_id)]
+  assert png_hit["where"] == "PNG zTXt chunk 'Title'"
+  assert hits[("shared_set/notes.json", workdir)]["kind"] == "path"
+  assert len({h["file"] for h in out["hits"]}) == 3
+  # The center's public name, in every split name and example, is no hit.
+  assert not any(h["matched"] == CENTER for h in out["hits"])
+  clean = scan.scan({"set": os.path.join(workdir, "synthetic")}, tokens)
+  assert clean["hits"] == [] and clean["files_scanned"] == out["files_scanned"] - 2
+
+
+@pytest.mark.slow
+def test_binary_flags_the_training_split(workdir, tmp_path):
+  out = str(tmp_path / "p")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.privacy_audit", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--candidates={workdir}/slices:{CENTER}_train",
+       f"--center={CENTER}", f"--out={out}", "--nomembership"],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["overall"] == "fail"
+  assert all(summary["regions"][r]["fraction_exact_copies"] == 1.0 for r in REGIONS)
+  assert "[copies] full: COPIES, 100.0 %" in proc.stdout
