@@ -27,7 +27,7 @@ from dfgm_jax import errors
 from dfgm_jax import model_io
 from dfgm_jax.synthesis import pipeline
 from launch import healthy_nifti
-from tests.conftest import ROOT, write_nifti
+from tests.conftest import REAL_SAMPLE, ROOT, write_nifti
 
 
 @pytest.fixture
@@ -117,6 +117,23 @@ def test_a_volume_without_segmentation_gives_every_brain_slice(
   assert {k.split("/")[0] for k in shared} == set(ids)
   for key in shared:
     np.testing.assert_array_equal(mine[key][0], theirs[key][0])
+
+
+def test_the_real_case_folder_gives_tumor_free_slices(cfg, tmp_path):
+  """The real BraTS-space case (TCGA barcode folder, no name_mapping.csv)."""
+  own = tmp_path / "own"
+  own.mkdir()
+  os.symlink(REAL_SAMPLE, own / os.path.basename(REAL_SAMPLE))
+  manifest = healthy_volumes.run(str(own), str(tmp_path / "out"), cfg)
+  seg = nib.load(os.path.join(REAL_SAMPLE, "TCGA-DU-7294_seg.nii.gz")).get_fdata()
+  tumor_z = np.flatnonzero(seg.any(axis=(0, 1)))
+  got = [z for _, z in manifest["slices"]["healthy"]]
+  assert got and manifest["cases"][0]["segmentation"]
+  # Tumor-free and at least healthy_min_gap_mm (1 mm slices) from the tumor.
+  assert all(np.min(np.abs(tumor_z - z)) >= cfg["healthy_min_gap_mm"] for z in got)
+  images = slice_sets.load_split(str(tmp_path / "out"), "healthy")["image"]
+  assert images.shape[1:] == (cfg["image_size"],) * 2 + (1,)
+  assert images.min() == -1.0 and images.max() <= 1.0
 
 
 def _as_axes(src, dst, axcodes):
