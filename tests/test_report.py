@@ -47,3 +47,22 @@ def test_a_stage_that_did_not_run_is_said_not_invented(tmp_path):
                "No synthetic set was made", "The evaluation did not run",
                "The quality table was not computed"):
     assert line in text
+
+
+def test_the_privacy_section_shows_the_audit_verdicts_and_links_its_files(tmp_path):
+  w = str(tmp_path / "W")
+  assert "The privacy audit did not run" in report.build(w)
+  summary = {"center": "TCIA", "candidates": "synthetic set", "n_candidates": 20,
+             "n_training": 10, "n_heldout": 5, "overall": "warning",
+             "regions": {"ring": {"dcr_median": 0.2, "dcr_heldout_median": 0.25,
+                                  "dcr_fraction_below": 0.3, "fraction_exact_copies": 0.0,
+                                  "nn_ratio_fraction_flagged": 0.0,
+                                  "carlini_fraction_below": 0.1}}}
+  _write(os.path.join(w, "privacy", "privacy.json"), json.dumps({
+      "summary": summary, "figure": "closest_pairs.png",
+      "verdicts": {"region tumor": {"status": "by design", "text": "tumor: copied by design"}}}))
+  text = report.build(w)
+  assert "## Privacy audit" in text and "**Overall: WARNING**" in text
+  assert "- **by design**: tumor: copied by design" in text
+  assert "| ring | 0.2000 | 0.2500 | 30.0% | 0.0% | 0.0% | 10.0% |" in text
+  assert "](privacy/privacy.md)" in text and "](privacy/closest_pairs.png)" in text
