@@ -35,8 +35,7 @@ def _config():
 def workdir(preprocessed_2020, tmp_path_factory):
   from data_pipeline import slice_sets
   from dfgm_jax.synthesis import stage
-  w = str(tmp_path_factory.mktemp("audit") / "W")
-  os.makedirs(os.path.join(w, "private"))
+  w = str(tmp_path_factory.mktemp("audit") / "W")  # fresh: no W/private yet.
   shutil.copytree(preprocessed_2020[0], os.path.join(w, "slices"))
   result = stage.run(_config(), w, slice_sets.SliceData(os.path.join(w, "slices")),
                      baseline=True)

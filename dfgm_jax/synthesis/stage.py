@@ -86,6 +86,8 @@ def layout(workdir: str, baseline: str | None = None) -> dict:
 
 def _salt(paths: dict) -> str:
   """The center's salt, made once; kept out of the shareable folder."""
+  # A baseline run on a fresh workdir comes here before W/private exists.
+  os.makedirs(os.path.dirname(paths["salt"]), exist_ok=True)
   old = os.path.join(paths["shared"], ".salt")  # where earlier versions kept it.
   if os.path.exists(old):
     if not os.path.exists(paths["salt"]):
