@@ -11,7 +11,8 @@
                   from the SuperNode's --node-config), the same program,
                   RNG and batches as the in-job engine.
 
-settings.py holds what both read: the run config (the ml_collections config
+secure.py: SecAgg+ (run config secure-aggregation=true), Flower's legacy
+server workflow and secaggplus_mod. settings.py holds what both read: the run config (the ml_collections config
 file and overrides), the site's node config and the arrays' wire format.
 Lives in launch/ because the ClientApp reads slices (data_pipeline); the
 library dfgm_jax/ imports neither. README: "train G1 federated with Flower".

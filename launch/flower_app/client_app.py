@@ -56,9 +56,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dfgm_jax import errors
+from launch.flower_app import secure
 from launch.flower_app import settings
 
-app = ClientApp()
+# secure.secure_mod: SecAgg+'s messages through Flower's secaggplus_mod.
+app = ClientApp(mods=[secure.secure_mod])
 
 
 # --- The site's optimizer state between rounds ------------------------------------
@@ -238,6 +240,8 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
     epsilon = dp_check_round(config, site.center, accountant, ledger,
                              round_index, ledger_path)
   graphdef, rest, params, _ = federated.init_global(config)
+  if isinstance(arrays, list):  # SecAgg+'s legacy list, in the wire order.
+    arrays = settings.list_to_record(arrays, params)
   params, ema = settings.from_record(arrays, params, "the server's arrays")
   if round_index == 0:
     opt_state = federated.init_opt_state(config, params)
@@ -306,9 +310,14 @@ def train(msg: Message, context: Context) -> Message:
   site = settings.site(context.node_config)
   settings.use_compilation_cache(site.cache_dir)
   config = settings.load_config(context.run_config)
-  round_index = int(msg.content["config"]["server-round"]) - 1
+  legacy = secure.is_legacy_fit(msg.content)  # SecAgg+'s FitIns.
+  if legacy:
+    arrays, round_index = secure.legacy_fit(msg.content)
+  else:
+    arrays = msg.content[settings.ARRAYS_KEY]
+    round_index = int(msg.content["config"]["server-round"]) - 1
   update, index, seconds, privacy = run_round(
-      config, site, context.run_id, msg.content[settings.ARRAYS_KEY], round_index)
+      config, site, context.run_id, arrays, round_index)
   logging.info("site %s round %d: %d private slices, loss %.4f, setup %.1fs, "
                "train %.1fs%s", site.center, round_index + 1,
                update.num_examples, update.metrics["loss"], seconds["setup_s"],
@@ -316,5 +325,10 @@ def train(msg: Message, context: Context) -> Message:
                f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else "")
   if started is not None:
     seconds["start_s"] = started
-  return Message(content=reply_content(site, index, round_index, update,
-                                       seconds, privacy), reply_to=msg)
+  content = reply_content(site, index, round_index, update, seconds, privacy)
+  if legacy:
+    [metrics] = content.metric_records.values()
+    content = secure.legacy_reply(content[settings.ARRAYS_KEY],
+                                  update.num_examples, dict(metrics),
+                                  dict(content[settings.SITE_KEY]))
+  return Message(content=content, reply_to=msg)

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from dfgm_jax import errors
+from launch.flower_app import secure
 from launch.flower_app import settings
 
 app = ServerApp()
@@ -120,8 +121,12 @@ def _round_row(round_index: int, centers, per_site: dict, seconds: float) -> dic
 
 
 def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, secure_context=None,
+        max_weight: float = 1000.0) -> dict:
   """Runs config.fed.rounds rounds of FedAvg over the grid's sites.
+
+  secure_context: the ServerApp's Context to run SecAgg+ (secure.py) with;
+  None runs Flower's FedAvg on the sites' plain replies.
 
   Returns:
     dict: rounds, round_s (seconds of each round), metrics (last row),
@@ -176,14 +181,20 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
       logging.info("round %d of %d: %.1fs, loss %.4f", server_round,
                    config.fed.rounds, seconds, row.get("loss", float("nan")))
 
-    strategy = SiteFedAvg(centers=centers, on_round=on_round,
-                          min_train_nodes=len(centers),
-                          min_available_nodes=len(centers),
-                          fraction_evaluate=0.0)
-    strategy.start(grid=grid,
-                   initial_arrays=settings.to_record(params, ema),
-                   num_rounds=config.fed.rounds, timeout=timeout,
-                   train_config=ConfigRecord({}))
+    if secure_context is not None:
+      secure.run_rounds(grid, secure_context, centers=centers,
+                        initial_record=settings.to_record(params, ema),
+                        num_rounds=config.fed.rounds, timeout=timeout,
+                        on_round=on_round, max_weight=max_weight)
+    else:
+      strategy = SiteFedAvg(centers=centers, on_round=on_round,
+                            min_train_nodes=len(centers),
+                            min_available_nodes=len(centers),
+                            fraction_evaluate=0.0)
+      strategy.start(grid=grid,
+                     initial_arrays=settings.to_record(params, ema),
+                     num_rounds=config.fed.rounds, timeout=timeout,
+                     train_config=ConfigRecord({}))
   finally:
     loop.close_all(checkpointer, writer)
   if state["rounds"] != config.fed.rounds:
@@ -191,6 +202,7 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
                            f"{config.fed.rounds}")
   jax.block_until_ready(state["params"])
   stage_io.write_json(os.path.join(workdir, "flower_run.json"), {
+      "secure_aggregation": secure_context is not None,
       "rounds": state["rounds"], "step": state["rounds"] * tau,
       "clients": centers, "round_s": state["round_s"],
       "metrics": state["metrics"]})
@@ -210,9 +222,13 @@ def main(grid: Grid, context: Context) -> None:
   config = settings.load_config(run_config)
   settings.use_compilation_cache(str(run_config.get(
       "cache-dir", "") or os.path.join(workdir, "xla_cache")))
+  use_secure = bool(run_config.get("secure-aggregation", False))
   result = run(config, workdir, grid,
                timeout=float(run_config.get("round-timeout", 3600)),
-               overwrite=bool(run_config.get("overwrite", False)))
+               overwrite=bool(run_config.get("overwrite", False)),
+               secure_context=context if use_secure else None,
+               max_weight=float(run_config.get("secagg-max-weight",
+                                               secure.MAX_WEIGHT)))
   logging.info("Flower federated training done: %d rounds, %s s a round; "
                "checkpoints in %s", result["rounds"],
                [round(s, 1) for s in result["round_s"]], workdir)

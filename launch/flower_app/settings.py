@@ -40,6 +40,8 @@ import dataclasses
 import os
 import shlex
 
+import numpy as np
+
 from dfgm_jax import errors
 from dfgm_jax import platform
 
@@ -191,3 +193,17 @@ def from_record(record, template, source: str = "the ArrayRecord"):
     arrays[part][name] = record[key].numpy()
   return (model_io.fill(template, arrays["params"], f"{source} params"),
           model_io.fill(template, arrays["ema"], f"{source} ema"))
+
+
+def list_to_record(arrays, template):
+  """An ArrayRecord from arrays in to_record's order (SecAgg+'s legacy
+  messages carry a list)."""
+  from flwr.app import Array, ArrayRecord  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
+  names = list(model_io.flatten(template))
+  keys = [f"{part}/{n}" for part in ("params", "ema") for n in names]
+  if len(keys) != len(arrays):
+    raise model_io.ModelError(f"the server's arrays: {len(arrays)} arrays, the "
+                              f"network has {len(keys)}")
+  return ArrayRecord({k: Array(np.asarray(v, np.float32))
+                      for k, v in zip(keys, arrays)})
