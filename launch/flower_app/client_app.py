@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import re
 import secrets
@@ -143,8 +144,12 @@ def dp_seed(site: settings.Site, directory: str) -> int:
     return int(stored["seed"])
   seed = secrets.randbits(31)
   os.makedirs(directory, exist_ok=True)
-  stage_io.write_json(path, {"seed": seed})
-  os.chmod(path, 0o600)
+  # Owner-only from its first byte: written to a 0600 temporary, then renamed.
+  tmp = f"{path}.tmp{os.getpid()}"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+  with os.fdopen(fd, "w") as f:
+    json.dump({"seed": seed}, f)
+  os.replace(tmp, path)
   return seed
 
 
