@@ -67,13 +67,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.checkpoint_every = 100
   config.train.async_checkpoints = True
-  # Federated G1 (launch.train_federated): the two private centers as two
-  # clients, 3 rounds of 100 local steps (each client trains as long as the
-  # central run above).
+  # G1 is federated (decentralized.federated_g1 below): the two private
+  # centers as two clients, 3 rounds of 50 local steps, so that the clients
+  # together take as many steps as the central run above (300; the central
+  # settings stay for launch.train_diffusion and the anomalydiffusion model).
   config.fed = federated.get_fed_config()
   config.fed.centers = "CBICA,TCIA"
   config.fed.rounds = 3
-  config.fed.local_steps = 100
+  config.fed.local_steps = 50
   # Synthesis: a short blended DDIM run (the paper-scale default is 195 NFE).
   config.sampler.steps = 25
   config.sampler.resamples = 1
@@ -97,7 +98,17 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # on 48 slices per set.
   config.evaluation = segmentation.get_evaluation_config()
   config.evaluation.quality_max_slices = 48
-  # Decentralized stages of run_pipeline (federated G1, G2, local
-  # synthesis): off; see configs/federated.py.
+  # The decentralized stages of run_pipeline (configs/federated.py): G1
+  # federated over CBICA and TCIA (in place of the central run), the shared
+  # model G2 on the public synthetic set and the healthy slices, and TCIA's
+  # local synthesis with G2 (harmonise, one healthy slice per published
+  # tumor: as many images as run D adds), evaluated as run D_local.
   config.decentralized = federated.get_decentralized_config()
+  config.decentralized.federated_g1 = True
+  config.decentralized.g2 = True
+  config.decentralized.local_synthesis = "harmonise"
+  config.decentralized.local_k = 1
+  # G2 (launch.train_g2; any train field): 150 steps from fresh weights.
+  config.g2 = ml_collections.ConfigDict()
+  config.g2.num_steps = 150
   return config

@@ -49,4 +49,8 @@ def get_decentralized_config() -> ml_collections.ConfigDict:
   # Center 2's local synthesis with G2 (launch.synthesize_local): '' (none),
   # harmonise or generate; needs g2. Adds the evaluation's run D_local.
   c.local_synthesis = ""
+  # Healthy slices per public tumor in local synthesis (0 = synthesis.k):
+  # 1 gives as many local images as the published set holds, so that run
+  # D_local adds as many synthetic slices as run D.
+  c.local_k = 0
   return c

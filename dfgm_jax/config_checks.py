@@ -330,6 +330,7 @@ _DECENTRALIZED = {
     "federated_g1": _bool(),
     "g2": _bool(),
     "local_synthesis": _one_of(("", "harmonise", "generate")),
+    "local_k": _int_at_least(0),
 }
 
 SECTIONS = {

@@ -244,7 +244,7 @@ def local_synthesis(run: Run) -> dict:
   result = local.run(run.config, run.path("local"), slice_sets.SliceData(run.path("slices")),
                      slice_sets.SliceData(run.outputs["synthesize"]["synthetic set"]),
                      model_dir=run.outputs["train G2"]["G2 export (SHAREABLE)"], mode=mode,
-                     overwrite=run.overwrite)
+                     k=_decentralized(run.config, "local_k"), overwrite=run.overwrite)
   return {"local synthetic set": result["paths"]["synthetic set"],
           "local pairs": result["synthetic_total"]}
 

@@ -77,11 +77,11 @@ def institute(preprocessed_2020, tmp_path_factory):
   return root
 
 
-def _run(institute, mode, workdir):
+def _run(institute, mode, workdir, k=None):
   return local.run(_config(), str(workdir),
                    slice_sets.SliceData(str(institute / "own_slices")),
                    slice_sets.SliceData(str(institute / "public_synthetic")),
-                   model_dir=str(institute / "g2_model"), mode=mode)
+                   model_dir=str(institute / "g2_model"), mode=mode, k=k)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,8 @@ def harmonised(institute):
 
 @pytest.fixture(scope="module")
 def generated(institute):
-  return _run(institute, "generate", institute / "w_generate")
+  # k=1 (the pipeline's decentralized.local_k): one image per public tumor.
+  return _run(institute, "generate", institute / "w_generate", k=1)
 
 
 def _pairs(institute, workdir):
@@ -116,9 +117,9 @@ def _dilated(mask, r_out):
   return np.asarray(masks.dilate(jnp.asarray(mask[None]), r_out))[0]
 
 
-def _check_counts(institute, workdir, result, mode):
+def _check_counts(institute, workdir, result, mode, k=K):
   tumors, pairs = _pairs(institute, workdir)
-  n = K * len(tumors["image"])
+  n = k * len(tumors["image"])
   assert result["synthetic_total"] == len(pairs) == n
   manifest = slice_sets.load_manifest(str(workdir / "synthetic"))
   cases = set(zip(tumors["source"], tumors["rank"]))
@@ -144,7 +145,7 @@ def test_harmonise_keeps_the_tumor_and_the_background_exactly(institute, harmoni
 
 def test_generate_keeps_the_background_and_makes_the_tumor(institute, generated):
   workdir = institute / "w_generate"
-  pairs = _check_counts(institute, workdir, generated, "generate")
+  pairs = _check_counts(institute, workdir, generated, "generate", k=1)
   r_out = masks.radius_for_size(_config().mask.r_out_240, _config().data.image_size)
   for image, mask, tumor, healthy in pairs:
     outside = np.broadcast_to(_dilated(mask, r_out) == 0, image.shape)

@@ -177,18 +177,21 @@ class LocalSlices:
 # --- The run --------------------------------------------------------------------
 
 
-def local_config(config, mode: str, centers: list[str]):
-  """`config` with synthesis.mode for `mode` and the tumor set's centers."""
+def local_config(config, mode: str, centers: list[str], k: int | None = None):
+  """`config` with synthesis.mode for `mode`, the tumor set's centers and,
+  when given, k healthy slices per tumor."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.synthesis.mode = synthesis_mode(mode)
     config.synthesis.centers = ",".join(centers)
+    if k:
+      config.synthesis.k = int(k)
   return config
 
 
 def run(config, workdir: str, healthy, tumors, *, model_dir: str, mode: str = "harmonise",
-        centers: list[str] | None = None, overwrite: bool = False,
-        stop_after_batches: int | None = None) -> dict:
+        centers: list[str] | None = None, k: int | None = None,
+        overwrite: bool = False, stop_after_batches: int | None = None) -> dict:
   """The institute's own synthetic set in W2 = `workdir` (stage.run's result).
 
   Args:
@@ -200,6 +203,7 @@ def run(config, workdir: str, healthy, tumors, *, model_dir: str, mode: str = "h
     model_dir: G2's export.
     mode: harmonise | generate.
     centers: the tumor set's centers to use (default: all).
+    k: healthy slices per public tumor (default: config.synthesis.k).
     overwrite, stop_after_batches: as stage.run.
   """
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
@@ -210,7 +214,7 @@ def run(config, workdir: str, healthy, tumors, *, model_dir: str, mode: str = "h
   if missing:
     raise errors.ConfigError(f"--centers: {missing} have no <center>{SYNTHETIC_SUFFIX} "
                              f"split in {tumors.data_dir}; its centers: {known}")
-  return stage.run(local_config(config, mode, centers), workdir, data,
+  return stage.run(local_config(config, mode, centers, k), workdir, data,
                    model_dir=model_dir, overwrite=overwrite,
                    stop_after_batches=stop_after_batches, model_loader=load_shared_model)
 
