@@ -3,6 +3,7 @@
   distances     region-masked RMSE nearest neighbours, chunked on device.
   memorization  DCR, NN ratio, Carlini's calibrated distance, source-ring
                 replication, with thresholds from held-out slices.
+  membership    loss-based membership inference against a diffusion model.
   scan          private identifiers in the files that would be shared.
   audit         every check as one run(): privacy.json, privacy.md, summary.
 """

@@ -591,6 +591,16 @@ def markdown(report: dict) -> str:
     lines.append(f"- {name}: " + (f"skipped ({res['skipped']})" if "skipped" in res else
                                   f"AUC {res['auc']:.3f}, TPR at 1 % FPR "
                                   f"{res['tpr_at_1pct_fpr']:.3f}"))
+  measured = {n: r for n, r in report["membership"].items() if "skipped" not in r}
+  if "G1" in measured and "G2" in measured:
+    # Members and non-members are different patients: part of any AUC is
+    # which patients they are. G2 saw neither split, so its AUC on the same
+    # slices is that part alone.
+    lines += ["", f"Members (training slices) and non-members (held-out slices) are "
+              f"different patients, so an AUC can differ from 0.5 without any "
+              f"memorization. G2 saw neither split: its AUC is the reference, and G1's "
+              f"excess over it ({measured['G1']['auc'] - measured['G2']['auc']:+.3f}) is "
+              f"the membership signal of G1's training."]
   lines += ["", "## Shared files", ""]
   sc = report["scan"]
   lines.append(f"{sc['files_scanned']} files scanned ({sc['bytes_scanned']} bytes), "
