@@ -179,3 +179,30 @@ def test_binary_flags_the_training_split(workdir, tmp_path):
   assert summary["overall"] == "fail"
   assert all(summary["regions"][r]["fraction_exact_copies"] == 1.0 for r in REGIONS)
   assert "[copies] full: COPIES, 100.0 %" in proc.stdout
+
+
+def test_markdown_names_g2_the_reference_for_g1s_membership(workdir):
+  from dfgm_jax.privacy import audit
+  report = _audit(workdir, os.path.join(workdir, "privacy"))  # reused when made already.
+  measured = {"G1": {"auc": 0.71, "tpr_at_1pct_fpr": 0.1},
+              "G2": {"auc": 0.58, "tpr_at_1pct_fpr": 0.0}}
+  md = audit.markdown({**report, "membership": measured})
+  assert "- G1: AUC 0.710" in md and "- G2: AUC 0.580" in md
+  assert "G1's excess over it (+0.130)" in md
+  # With G2 not measured there is no reference to name.
+  md = audit.markdown({**report, "membership": {**measured, "G2": {"skipped": "no export"}}})
+  assert "excess" not in md and "- G2: skipped (no export)" in md
+
+
+def test_a_matched_background_warning_says_why():
+  from dfgm_jax.privacy import audit
+  close = {"dcr": {"fraction_below": 0.12, "fraction_zero": 0.0, "n_heldout": 16},
+           "nn_ratio": {"fraction_flagged": 0.0}, "carlini": {"fraction_below": 0.05}}
+  status, text = audit.region_verdict("background", close, synthetic=True)
+  assert status == "warning" and "matching chose" in text
+  # A real split has no matching to explain it; the ring was generated, not matched.
+  assert "matching" not in audit.region_verdict("background", close)[1]
+  assert "matching" not in audit.region_verdict("ring", close, synthetic=True)[1]
+  far = {**close, "dcr": {**close["dcr"], "fraction_below": 0.0},
+         "carlini": {"fraction_below": 0.0}}
+  assert audit.region_verdict("background", far, synthetic=True)[0] == "ok"
