@@ -1,8 +1,10 @@
 """The README's main job: phantom BraTS 2020 data, CPU minutes.
 
 The tiny CPU network on full-size phantom volumes (24 cases) and 64 x 64
-slices, trained for a few hundred steps, then a short blended DDIM synthesis,
-the baselines, the segmentation runs and the report (about 15 CPU minutes).
+slices: G1 trained federated over CBICA and TCIA for a few hundred steps, a
+short blended DDIM synthesis, the baselines, G2 and TCIA's local synthesis,
+the segmentation runs, the privacy audit and the report (about 19 minutes on
+a 2-core CPU).
 It stands on its own (tests/test_configs.py compares it with a frozen copy,
 tests/data/demo_config.json), so changing the test config never changes the
 demo's numbers.

@@ -35,9 +35,8 @@ def get_fed_config() -> ml_collections.ConfigDict:
 def get_decentralized_config() -> ml_collections.ConfigDict:
   """The `decentralized` section: which decentralized stages run_pipeline runs.
 
-  All off by default: the demo's time budget (about 15 CPU minutes) holds
-  the central pipeline and the evaluation; turn them on for the whole DFGM
-  (ALGORITHM.md 6).
+  All off here (default.py: the central pipeline); the demo turns all of
+  them on, for the whole DFGM (ALGORITHM.md 6).
   """
   c = ml_collections.ConfigDict()
   # Train G1 with the federated in-job engine over config.fed.centers

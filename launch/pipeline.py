@@ -27,7 +27,7 @@ Workdir W:
   W/report.md    the report of every stage (links private figures) private
 
 config.decentralized turns on federated G1 (in place of central G1), G2
-and local synthesis (all off in the demo). The privacy audit runs after the
+and local synthesis (all on in the demo, off in default.py). The privacy audit runs after the
 evaluation and, when G2 is exported, puts its summary into G2's model card
 (the same weights, re-exported: G2 is trained before the audit that
 measures it).
