@@ -59,22 +59,29 @@ def _data(workdir: str) -> list[str]:
 
 
 def _models(workdir: str) -> list[str]:
-  lines = ["Diffusion models: G1 (dfgm, trained to regenerate the boundary ring) and, "
-           "when the anomalydiffusion baseline is made, its own model trained the same "
-           "number of steps on the dilated tumor region (the fair baseline, "
-           "ALGORITHM.md 8). Loss: the last logged training loss.", "",
-           "| model | folder | step | last loss |", "|---|---|---|---|"]
+  lines = ["Diffusion models: G1 (dfgm, trained to regenerate the boundary ring; "
+           "federated when the run says so), when the anomalydiffusion baseline is made "
+           "its own model trained the same number of steps on the dilated tumor region "
+           "(the fair baseline, ALGORITHM.md 8), and the shared model G2 (fresh, trained "
+           "on the public synthetic set and the healthy slices only). Loss: the last "
+           "logged training loss.", "",
+           "| model | folder | training | step | last loss |", "|---|---|---|---|---|"]
   found = False
   for name, folder in (("G1 (dfgm)", "g1"),
                        ("anomalydiffusion", os.path.join("baselines", "anomalydiffusion",
-                                                         "g1"))):
+                                                         "g1")),
+                       ("G2 (shared; export g2_model/ SHAREABLE)", "g2")):
     m = _last_metrics(os.path.join(workdir, folder, "metrics.jsonl"))
-    if m:
-      found = True
-      loss = m.get("loss")
-      lines.append(f"| {name} | {folder} | {m.get('step', '?')} | "
-                   f"{loss:.4f} |" if isinstance(loss, (int, float)) else
-                   f"| {name} | {folder} | {m.get('step', '?')} | ? |")
+    if not m:
+      continue
+    found = True
+    centers = [k[:-len("/loss")] for k in m if k.endswith("/loss")]
+    how = (f"federated, {int(m['round'])} rounds over {', '.join(centers)}"
+           if "round" in m and centers else "public data only" if folder == "g2" else
+           "central")
+    loss = m.get("loss")
+    loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
+    lines.append(f"| {name} | {folder} | {how} | {m.get('step', '?')} | {loss} |")
   return lines if found else ["No diffusion model was trained."]
 
 
@@ -83,10 +90,14 @@ def _synthetic(workdir: str) -> list[str]:
   root = os.path.join(workdir, "baselines")
   for mode in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     sets.append((f"{mode} (private, evaluation only)", os.path.join("baselines", mode, "set")))
+  sets.append(("local synthesis with G2 (the institute's own)",
+               os.path.join("local", "synthetic")))
   lines = ["Each private tumor slice is pasted into its k closest public healthy "
            "slices; dfgm regenerates only the ring around the tumor, "
            "anomalydiffusion the tumor and the ring from the mask alone, cutpaste "
-           "nothing.", "", "| set | folder | mode | images | per center | images/s |",
+           "nothing. Local synthesis does the same with G2's export alone, the "
+           "published set's tumors and the institute's own healthy slices.", "",
+           "| set | folder | mode | images | per center | images/s |",
            "|---|---|---|---|---|---|"]
   found = False
   for name, folder in sets:
@@ -172,7 +183,8 @@ def build(workdir: str, *, title: str = "DFGM run report",
   sections += list((extra or {}).items())
   out = [f"# {title}", "",
          f"Workdir `{os.path.basename(os.path.normpath(workdir))}`. Everything in it "
-         "is private except `synthetic/` (see the README's workdir layout); this "
+         "is private except `synthetic/`, `g2_model/` and `privacy/summary.json` (see "
+         "the README's workdir layout); this "
          "report links private figures, so keep it inside the center.", ""]
   for name, lines in sections:
     out += [f"## {name}", "", *lines, ""]

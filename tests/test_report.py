@@ -31,7 +31,7 @@ def test_report_gathers_the_stages_files_with_links_relative_to_the_workdir(tmp_
   text = open(path).read()
   assert path == os.path.join(w, "report.md")
   assert "| CBICA_train | 54 | 7 |" in text
-  assert "| G1 (dfgm) | g1 | 20 | 0.2500 |" in text  # the last logged row.
+  assert "| G1 (dfgm) | g1 | central | 20 | 0.2500 |" in text  # the last logged row.
   assert "| dfgm (SHAREABLE) | synthetic | dfgm | 108 |" in text
   assert "| cutpaste (private, evaluation only) | baselines/cutpaste/set |" in text
   # results.md's sections nest under the report's; its links become W-relative.
@@ -66,3 +66,18 @@ def test_the_privacy_section_shows_the_audit_verdicts_and_links_its_files(tmp_pa
   assert "- **by design**: tumor: copied by design" in text
   assert "| ring | 0.2000 | 0.2500 | 30.0% | 0.0% | 0.0% | 10.0% |" in text
   assert "](privacy/privacy.md)" in text and "](privacy/closest_pairs.png)" in text
+
+
+def test_the_decentralized_stages_are_reported(tmp_path):
+  w = str(tmp_path / "W")
+  _write(os.path.join(w, "g1", "metrics.jsonl"), json.dumps(
+      {"step": 150, "round": 3.0, "loss": 0.08, "CBICA/loss": 0.085, "TCIA/loss": 0.076}))
+  _write(os.path.join(w, "g2", "metrics.jsonl"), json.dumps({"step": 150, "loss": 0.074}))
+  _write(os.path.join(w, "local", "synthetic", "summary.json"), json.dumps({
+      "mode": "dfgm", "synthetic_total": 108, "centers": {"CBICA": {"synthetic": 108}},
+      "images_per_s": 2.7}))
+  text = report.build(w)
+  assert "| G1 (dfgm) | g1 | federated, 3 rounds over CBICA, TCIA | 150 | 0.0800 |" in text
+  assert "| G2 (shared; export g2_model/ SHAREABLE) | g2 | public data only | 150 |" in text
+  assert "| local synthesis with G2 (the institute's own) | local/synthetic | dfgm | 108 |" in text
+  assert "except `synthetic/`, `g2_model/` and `privacy/summary.json`" in text
