@@ -1,7 +1,10 @@
 """The Flower app (federated engine 2, launch/flower_app): its wire format and
-the sites' optimizer state between rounds; a SuperLink and two SuperNodes on
-localhost (Flower's deployment engine) running two rounds on the phantom
-slices end with the in-job engine's parameters, EMA and optimizer states."""
+the sites' optimizer state between rounds; the server's resume decision and
+the sites' state keyed by the run key (not Flower's run id); a SuperLink and
+two SuperNodes on localhost (Flower's deployment engine) running two rounds
+on the phantom slices end with the in-job engine's parameters, EMA and
+optimizer states, also when the run is stopped after round 1 and resumed by
+a new `flwr run` on a restarted SuperLink and SuperNodes."""
 
 import contextlib
 import glob
@@ -19,6 +22,9 @@ import numpy as np
 import psutil
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat
+from flwr.supercore.task_identity import TaskIdentity
 from jax.experimental.compilation_cache import compilation_cache
 
 from dfgm_jax import errors
@@ -145,6 +151,179 @@ def test_the_server_weights_by_private_counts_and_needs_every_site():
       strategy.aggregate_train(2, replies)
 
 
+# --- Resume: the server's decision, the sites' state keyed by the run key ---------
+
+
+def _save_round(workdir, config, round_index, params, ema, engine="flower"):
+  """A server checkpoint after `round_index` rounds, as server_app.run saves."""
+  checkpointer = loop.make_checkpointer(workdir, config.train)
+  try:
+    meta = {"config": json.loads(config.to_json_best_effort()),
+            "round": round_index, "clients": ["CBICA", "TCIA"]}
+    if engine:
+      meta["engine"] = engine
+    checkpointer.save(round_index * config.fed.local_steps,
+                      {"params": params, "ema": ema}, meta, force=True)
+  finally:
+    checkpointer.close()
+
+
+def _resume_point(workdir, config, **kwargs):
+  checkpointer = loop.make_checkpointer(workdir, config.train)
+  try:
+    return server_app.resume_point(config, workdir, checkpointer, **kwargs)
+  finally:
+    checkpointer.close()
+
+
+def test_the_server_resumes_after_its_last_checkpoint(tmp_path):
+  config = settings.load_config(RUN_CONFIG)  # 2 rounds of 2 steps.
+  _, _, params, ema = federated.init_global(config)
+  workdir = str(tmp_path / "server")
+  fresh = _resume_point(workdir, config)
+  assert fresh.rounds_done == 0
+  _leaves_close(fresh.params, params, atol=0)
+  _leaves_close(fresh.ema, ema, atol=0)
+  # The run key: kept in the workdir for the run's next `flwr run`; another
+  # workdir (or an overwrite) gets another, so runs never share site state.
+  assert len(fresh.run_key) == 32
+  assert _resume_point(workdir, config).run_key == fresh.run_key
+  assert _resume_point(str(tmp_path / "other"), config).run_key != fresh.run_key
+  key_file = os.path.join(workdir, server_app.RUN_KEY_FILE)
+  with open(key_file) as f:
+    assert json.load(f)["run_key"] == fresh.run_key
+
+  # Stopped after round 1: round 2 starts from round 1's weights, same key.
+  one = (jax.tree.map(lambda x: x + 1.0, params), jax.tree.map(lambda x: x - 1.0, ema))
+  _save_round(workdir, config, 1, *one)
+  start = _resume_point(workdir, config)
+  assert (start.rounds_done, start.run_key) == (1, fresh.run_key)
+  _leaves_close(start.params, one[0], atol=0)
+  _leaves_close(start.ema, one[1], atol=0)
+  # overwrite=true (the claim has deleted the run's checkpoints): a new key,
+  # kept for the new run.
+  third = str(tmp_path / "third")
+  first_key = _resume_point(third, config).run_key
+  new_key = _resume_point(third, config, overwrite=True).run_key
+  assert new_key != first_key and _resume_point(third, config).run_key == new_key
+
+  # All rounds done: a rerun is a no-op that says so (no site contacted: no
+  # grid) and records the finished run.
+  _save_round(workdir, config, 2, *one)
+  result = server_app.run(config, workdir, grid=None)
+  assert (result["rounds"], result["finished"], result["round_s"]) == (2, True, [])
+  with open(os.path.join(workdir, server_app.DONE_FILE)) as f:
+    done = json.load(f)
+  assert (done["rounds"], done["resumed_after"]) == (2, 2)
+  # Another config in the workdir is refused (the claim), as before.
+  other = settings.load_config(dict(RUN_CONFIG, overrides=RUN_CONFIG["overrides"]
+                                    + " train.batch_size=2"))
+  with pytest.raises(errors.RunMismatch):
+    server_app.run(other, workdir, grid=None)
+
+  # Only the Flower engine's checkpoints resume (the in-job engine's hold the
+  # clients' optimizer states, which the sites lack), and only with the run
+  # key that finds the sites' states.
+  in_job = str(tmp_path / "in_job")
+  _save_round(in_job, config, 1, params, ema, engine=None)
+  with pytest.raises(errors.UserError, match="in-job engine"):
+    _resume_point(in_job, config)
+  os.remove(key_file)
+  with pytest.raises(errors.UserError, match="no flower_run_key.json"):
+    _resume_point(workdir, config)
+
+
+class _Grid:
+  """The two SuperNodes a strategy sends its messages to."""
+
+  def get_node_ids(self):
+    return [11, 12]
+
+
+def test_a_resumed_run_asks_the_sites_its_own_round_under_its_run_key(
+    tmp_path, monkeypatch):
+  # Messages are made inside a Flower run (a new id for every `flwr run`).
+  for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):
+    monkeypatch.setattr(TaskIdentity, name, value)
+  rounds = []
+  strategy = server_app.SiteFedAvg(
+      centers=["CBICA", "TCIA"], first_round=2, min_train_nodes=2,
+      min_available_nodes=2, fraction_evaluate=0.0,
+      on_round=lambda *args: rounds.append(args))
+  messages = list(strategy.configure_train(
+      1, ArrayRecord({"params/w": Array(np.zeros(3, np.float32))}),
+      ConfigRecord({settings.RUN_KEY: "0123abcd"}), _Grid()))
+  assert len(messages) == 2
+  for msg in messages:  # Flower's round 1 is the run's round 2.
+    assert int(msg.content["config"]["server-round"]) == 2
+    assert client_app.run_key(msg.content) == "0123abcd"
+  replies = [_Reply("CBICA", 30, 1.0), _Reply("TCIA", 10, 5.0)]
+  for reply in replies:
+    reply.content[settings.SITE_KEY]["round"] = 2
+  strategy.aggregate_train(1, replies)
+  assert [r[0] for r in rounds] == [2]
+  replies[1].content[settings.SITE_KEY]["round"] = 1
+  with pytest.raises(errors.UserError, match=r"sites \['TCIA'\] answered another"):
+    strategy.aggregate_train(1, replies)
+  # SecAgg+'s FitIns carries them too.
+  fitins = FitIns(ndarrays_to_parameters([np.ones(2, np.float32)]),
+                  {"server-round": 2, settings.RUN_KEY: "0123abcd"})
+  arrays, round_index, key = secure.legacy_fit(
+      recorddict_compat.fitins_to_recorddict(fitins, keep_input=True))
+  assert (round_index, key) == (1, "0123abcd")
+  np.testing.assert_array_equal(arrays[0], np.ones(2, np.float32))
+
+  # The site keeps its state under the run key, whatever Flower's run id.
+  site = settings.site({"center": "TCIA", "data_dir": "/unused",
+                        "state_dir": str(tmp_path / "site")})
+  assert client_app._state_dir(site, "0123abcd") == str(  # pylint: disable=protected-access
+      tmp_path / "site" / "run-0123abcd" / "TCIA")
+  for bad in ("../x", "a/b", "", "x" * 65):
+    with pytest.raises(errors.UserError, match="run key"):
+      client_app._state_dir(site, bad)  # pylint: disable=protected-access
+  with pytest.raises(errors.UserError, match="no run key"):
+    client_app.run_key(RecordDict({"config": ConfigRecord({"server-round": 2})}))
+  # Round 2 of a run the site has no state of under this key is refused
+  # before training, naming where it looked.
+  config = settings.load_config(dict(RUN_CONFIG, overrides=RUN_CONFIG["overrides"]
+                                     + " train.reader=synthetic"))
+  _, _, params, ema = federated.init_global(config)
+  opt = federated.init_opt_state(config, params)
+  client_app.save_opt_state(client_app._state_dir(site, "0123abcd"), 1, opt)  # pylint: disable=protected-access
+  with pytest.raises(errors.UserError, match="run-99ff/TCIA/opt_state_1.npz: no "
+                     "optimizer state of round 1"):
+    client_app.run_round(config, site, "99ff", settings.to_record(params, ema),
+                         round_index=1)
+
+
+class _Accountant:
+  def epsilon(self, steps):
+    return 0.25 * steps
+
+
+def test_a_dp_site_repeats_its_last_round_only_for_the_same_weights():
+  config = settings.load_config(RUN_CONFIG)  # 2 local steps a round.
+  weights = ArrayRecord({"params/w": Array(np.arange(3, dtype=np.float32)),
+                         "ema/w": Array(np.ones(3, np.float32))})
+  digest = client_app.arrays_digest(weights)
+  # SecAgg+'s list of the same weights has the same digest; others another.
+  assert client_app.arrays_digest([np.arange(3, dtype=np.float32),
+                                   np.ones(3, np.float32)]) == digest
+  other = client_app.arrays_digest([np.arange(3, dtype=np.float32),
+                                    np.full(3, 1.5, np.float32)])
+  assert other != digest
+  ledger = {"rounds": 1, "steps": 2, "epsilon": 0.5, "input_sha256": digest}
+  check = lambda r, d: client_app.dp_check_round(  # noqa: E731
+      config, "TCIA", _Accountant(), ledger, round_index=r, input_digest=d)
+  # Round 1 again from the same global weights (a server that restarted
+  # before its checkpoint): the same noise and answer, the same epsilon.
+  assert check(0, digest) == 0.5
+  assert check(1, other) == 1.0  # the next round, accounted on.
+  for round_index, d in ((0, other), (0, None), (2, digest)):
+    with pytest.raises(errors.UserError, match="released 1 round"):
+      check(round_index, d)
+
+
 # --- The deployment engine on localhost --------------------------------------------
 
 
@@ -156,10 +335,10 @@ class _Processes:
     self.log_dir = log_dir
     self.started = []
 
-  def start(self, name, args, env):
+  def start(self, name, args, env, cwd=None):
     log = open(os.path.join(self.log_dir, f"{name}.log"), "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=self.log_dir)
+                            start_new_session=True, cwd=cwd or self.log_dir)
     self.started.append((name, proc, log))
     return proc
 
@@ -245,11 +424,21 @@ def _env(flwr_home, cache_dir):
   return env
 
 
-def _flower_run(tmp_path, data_dir, **extra):
+def _flower_run(tmp_path, data_dir, *, stop_after_round=None, log_dir=None,
+                **extra):
   """Runs the app on a SuperLink and two SuperNodes; returns (server
   workdir, the sites' state dirs, seconds of `flwr run`). extra: more run
-  config."""
-  procs = _Processes(str(tmp_path))
+  config.
+
+  The workdir and state dirs are tmp_path's, the same on every call (a
+  second call continues the run of the first). stop_after_round: once the
+  server has checkpointed that round, stop the SuperLink (with the
+  ServerApp), the SuperNodes and `flwr run`, as a killed deployment, and
+  return without the run's end. log_dir: the processes' logs (tmp_path).
+  """
+  log_dir = str(log_dir or tmp_path)
+  os.makedirs(log_dir, exist_ok=True)
+  procs = _Processes(log_dir)
   cache = str(tmp_path / "xla_cache")
   link_port, *node_ports = _free_ports(3)
   workdir = str(tmp_path / "server")
@@ -277,11 +466,20 @@ def _flower_run(tmp_path, data_dir, **extra):
     run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
         **RUN_CONFIG, "workdir": workdir, "round-timeout": 600,
         **extra}.items()))
+    args = [os.path.join(BIN, "flwr"), "run", ROOT, "local-test", "--stream",
+            "--run-config", str(run_config)]
     start = time.perf_counter()
-    run = subprocess.run(
-        [os.path.join(BIN, "flwr"), "run", ROOT, "local-test", "--stream",
-         "--run-config", str(run_config)], env=env, cwd=ROOT,
-        capture_output=True, text=True, timeout=900)
+    if stop_after_round is not None:
+      step = stop_after_round * settings.load_config(RUN_CONFIG).fed.local_steps
+      cli = procs.start("flwr_run", args, env, cwd=ROOT)
+      checkpoint = os.path.join(workdir, "checkpoints", str(step))
+      while not os.path.isdir(checkpoint):  # orbax renames it when complete.
+        assert cli.poll() is None and time.perf_counter() - start < 900, (
+            f"no checkpoint {checkpoint}\n{procs.logs()}")
+        time.sleep(0.2)
+      return workdir, states, time.perf_counter() - start
+    run = subprocess.run(args, env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
     seconds = time.perf_counter() - start
     # `flwr run` can exit 0 on a failed run: the workdir says whether it ran.
     done = os.path.join(workdir, "flower_run.json")
@@ -293,47 +491,59 @@ def _flower_run(tmp_path, data_dir, **extra):
     procs.stop()
 
 
-@pytest.mark.slow  # about 75 s; .ci/run runs it after the default suite.
-def test_two_supernodes_on_localhost_match_the_in_job_engine(
-    preprocessed_2020, tmp_path):
-  data_dir, manifest = preprocessed_2020
-  # The in-job engine first, with the same config: its client program goes
-  # into the compilation cache the sites then read (the same program, so
-  # their first round loads it instead of compiling it twice at once).
-  config = settings.load_config(RUN_CONFIG)
+def _in_job_reference(config, data_dir, tmp_path):
+  """(clients, the in-job engine's run of `config`, seconds). Run first: its
+  client program goes into the compilation cache the sites then read (the
+  same program, so their first round loads it instead of compiling it
+  twice at once)."""
   start = time.perf_counter()
   clients = train_data.make_clients(config, data_dir)
   with _compilation_cache(str(tmp_path / "xla_cache")):
     ref = federated.train(config, str(tmp_path / "in_job"), clients,
                           progress=False)
-  in_job_s = time.perf_counter() - start
-  workdir, states, flower_s = _flower_run(tmp_path, data_dir)
-  record = json.load(open(os.path.join(workdir, "flower_run.json")))
-  print(f"flwr run {flower_s:.1f}s, rounds {record['round_s']}; in-job "
-        f"{in_job_s:.1f}s, compile {ref['compile_s']:.1f}s, rounds {ref['round_s']}")
-  assert record["rounds"] == 2 and record["clients"] == ["CBICA", "TCIA"]
+  return clients, ref, time.perf_counter() - start
 
-  # The server's last checkpoint: the global params and EMA after round 2.
+
+def _assert_matches_in_job(workdir, states, config, ref):
+  """The server's last checkpoint holds the in-job run's global params and
+  EMA, and each site's AdamW state is its in-job client's (within 1e-5:
+  FedAvg in Flower (numpy) and in the job (XLA) sum in float32); one state
+  folder per site. Returns the checkpoint's (step, state, meta)."""
   checkpointer = loop.make_checkpointer(workdir, config.train)
   try:
     step, state, meta = checkpointer.restore_latest(
         {"params": ref["params"], "ema": ref["ema"]})
   finally:
     checkpointer.close()
-  assert step == 4 and meta["round"] == 2 and meta["engine"] == "flower"
-  counts = [manifest["splits"][f"{c}_train"]["num_slices"] for c in ("CBICA", "TCIA")]
-  assert meta["num_examples"] == [c.num_examples for c in clients] == counts
-  # FedAvg in Flower (numpy) and in the job (XLA) sum in float32.
   _leaves_close(state["params"], ref["params"], atol=1e-5)
   _leaves_close(state["ema"], ref["ema"], atol=1e-5)
-
-  # Each site kept its own AdamW state across the two processes of its rounds.
   template = jax.eval_shape(lambda p: federated.init_opt_state(config, p),
                             ref["params"])
   for index, center in enumerate(("CBICA", "TCIA")):
     [site_dir] = glob.glob(os.path.join(states[center], "run-*", center))
-    _leaves_close(client_app.load_opt_state(site_dir, 2, template),
+    _leaves_close(client_app.load_opt_state(site_dir, config.fed.rounds, template),
                   federated.unstack(ref["opt_state"], index), atol=1e-5)
+  return step, state, meta
+
+
+@pytest.mark.slow  # about 75 s; .ci/run runs it after the default suite.
+def test_two_supernodes_on_localhost_match_the_in_job_engine(
+    preprocessed_2020, tmp_path):
+  data_dir, manifest = preprocessed_2020
+  config = settings.load_config(RUN_CONFIG)
+  clients, ref, in_job_s = _in_job_reference(config, data_dir, tmp_path)
+  workdir, states, flower_s = _flower_run(tmp_path, data_dir)
+  record = json.load(open(os.path.join(workdir, "flower_run.json")))
+  print(f"flwr run {flower_s:.1f}s, rounds {record['round_s']}; in-job "
+        f"{in_job_s:.1f}s, compile {ref['compile_s']:.1f}s, rounds {ref['round_s']}")
+  assert record["rounds"] == 2 and record["clients"] == ["CBICA", "TCIA"]
+
+  # The server's last checkpoint: the global params and EMA after round 2;
+  # each site kept its own AdamW state across the two processes of its rounds.
+  step, state, meta = _assert_matches_in_job(workdir, states, config, ref)
+  assert step == 4 and meta["round"] == 2 and meta["engine"] == "flower"
+  counts = [manifest["splits"][f"{c}_train"]["num_slices"] for c in ("CBICA", "TCIA")]
+  assert meta["num_examples"] == [c.num_examples for c in clients] == counts
 
   # The per-round rows: the sites' losses are the in-job clients'.
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -353,10 +563,7 @@ def test_two_supernodes_on_localhost_match_the_in_job_engine(
 def test_two_supernodes_with_secure_aggregation(preprocessed_2020, tmp_path):
   data_dir, _ = preprocessed_2020
   config = settings.load_config(RUN_CONFIG)
-  clients = train_data.make_clients(config, data_dir)
-  with _compilation_cache(str(tmp_path / "xla_cache")):
-    ref = federated.train(config, str(tmp_path / "in_job"), clients,
-                          progress=False)
+  clients, ref, _ = _in_job_reference(config, data_dir, tmp_path)
   counts = [c.num_examples for c in clients]
   max_weight = 100.0
   assert max(counts) <= max_weight
@@ -402,3 +609,45 @@ def test_two_supernodes_with_secure_aggregation(preprocessed_2020, tmp_path):
   assert [r["step"] for r in rows] == [2, 4]
   assert all(np.isfinite(r["CBICA/loss"]) and r["TCIA/num_examples"] == counts[1]
              for r in rows)
+
+
+@pytest.mark.slow  # two deployments: the stopped one about 60 s, the resumed 60 s.
+def test_two_supernodes_resume_a_stopped_run(preprocessed_2020, tmp_path):
+  data_dir, _ = preprocessed_2020
+  config = settings.load_config(RUN_CONFIG)  # 2 rounds.
+  _, ref, _ = _in_job_reference(config, data_dir, tmp_path)
+  # The deployment is stopped (SuperLink with the ServerApp, SuperNodes,
+  # `flwr run`) once the server has checkpointed round 1.
+  workdir, states, stopped_s = _flower_run(tmp_path, data_dir,
+                                           stop_after_round=1,
+                                           log_dir=tmp_path / "stopped")
+  checkpointer = loop.make_checkpointer(workdir, config.train)
+  try:
+    assert checkpointer.all_steps() == [2]
+  finally:
+    checkpointer.close()
+  assert not os.path.exists(os.path.join(workdir, "flower_run.json"))
+  with open(os.path.join(workdir, server_app.RUN_KEY_FILE)) as f:
+    key = json.load(f)["run_key"]
+  for center, state in states.items():
+    assert [d for d in os.listdir(state) if d.startswith("run-")] == [f"run-{key}"]
+    assert "opt_state_1.npz" in os.listdir(os.path.join(state, f"run-{key}", center))
+
+  # A new SuperLink, new SuperNodes (same state dirs) and a new `flwr run`
+  # (another Flower run id) with the same run config: only round 2 runs.
+  workdir, states, resumed_s = _flower_run(tmp_path, data_dir,
+                                           log_dir=tmp_path / "resumed")
+  with open(os.path.join(workdir, "flower_run.json")) as f:
+    record = json.load(f)
+  print(f"stopped after round 1 in {stopped_s:.1f}s; resumed flwr run "
+        f"{resumed_s:.1f}s, rounds {record['round_s']}")
+  assert (record["rounds"], record["resumed_after"]) == (2, 1)
+  assert len(record["round_s"]) == 1
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [2, 4]
+  # Both sites continued under the same run key: the final global params,
+  # EMA and both AdamW states are the in-job engine's 2-round run's.
+  for state in states.values():
+    assert [d for d in os.listdir(state) if d.startswith("run-")] == [f"run-{key}"]
+  step, state, meta = _assert_matches_in_job(workdir, states, config, ref)
+  assert step == 4 and meta["round"] == 2

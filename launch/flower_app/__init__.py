@@ -5,11 +5,14 @@
   server_app.app  ServerApp: FedAvg over the global parameters and EMA,
                   weighted by the sites' private slice counts; a checkpoint
                   per round in the server's workdir (export it with
-                  launch.export_model).
+                  launch.export_model); a new `flwr run` with the same
+                  config and workdir resumes after the last one.
   client_app.app  ClientApp: one site's round, federated.client_update on
                   the site's own preprocessed slices (data_dir and center
                   from the SuperNode's --node-config), the same program,
-                  RNG and batches as the in-job engine.
+                  RNG and batches as the in-job engine; its state between
+                  rounds keyed by the server's run key (stable across the
+                  `flwr run`s of one run), not Flower's run id.
 
 secure.py: SecAgg+ (run config secure-aggregation=true), Flower's legacy
 server workflow and secaggplus_mod. settings.py holds what both read: the run config (the ml_collections config

@@ -14,9 +14,15 @@ round (FedAvg ignores it; the ServerApp checks that every center answered).
 
 A SuperNode starts a new ClientApp process per message, so what a client
 keeps across rounds lives on the site's disk: its AdamW state after round r
-in state_dir/run-<run id>/<center>/opt_state_<r>.npz (the previous round's
-file is kept too, so a message delivered twice finds its input), and the
-compiled program in JAX's persistent compilation cache (cache_dir).
+in state_dir/run-<run key>/<center>/opt_state_<r>.npz (the previous round's
+file is kept too, so a message delivered twice, or a round the server asks
+again after a restart, finds its input), and the compiled program in JAX's
+persistent compilation cache (cache_dir). The run key comes in every train
+message's ConfigRecord (settings.RUN_KEY, server_app.run_key), not Flower's
+run id: a stopped run resumed by a new `flwr run` (another run id) asks
+round r+1 of the same key, and the site continues from its own state after
+round r (and, with DP, its seed and ledger). A key the site cannot use as
+one folder name is refused.
 
 DP-SGD (config.dp.enabled): the site's local steps are the in-job engine's
 DP client update (federated.client_update on train_data.make_client's DP
@@ -26,12 +32,17 @@ deployment needs:
 - The randomness is the site's secret: config.seed is known to the server,
   which could otherwise regenerate the noise (and the sampled patients, so
   no amplification). The site's seed (node config dp_seed, else drawn once
-  at its first round and kept in state_dir/run-<id>/<center>/dp_seed.json)
+  at its first round and kept in state_dir/run-<key>/<center>/dp_seed.json)
   replaces config.seed and train.sampler_seed at the site; keys and batches
   stay pure functions of (seed, round, step), so rounds differ.
 - The site accounts what it released itself (dp_ledger.json beside the
-  optimizer state: rounds released, steps, epsilon): each round answers
-  once (a repeated round would release other weights with the same noise),
+  optimizer state: rounds released, steps, epsilon, and a digest of the
+  global weights its last round trained from): each round answers once and
+  in order (other weights with the same noise would leak it), except that
+  the last released round is answered again for the same global weights
+  (a server that restarted before its checkpoint asks it again): the same
+  seed, optimizer state and weights give the same noise and the same
+  answer, so epsilon does not grow;
   the whole run's fed.rounds x fed.local_steps steps must fit
   dp.target_epsilon at the site's q (checked every round, before any
   training), and its epsilon after the round goes back in the MetricRecord
@@ -45,6 +56,7 @@ tail; the same epsilon with the rdp accountant).
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -67,8 +79,27 @@ app = ClientApp(mods=[secure.secure_mod])
 # --- The site's optimizer state between rounds ------------------------------------
 
 
-def _state_dir(site: settings.Site, run_id: int) -> str:
-  return os.path.join(site.state_dir, f"run-{run_id}", site.center)
+def _state_dir(site: settings.Site, run_key) -> str:
+  """state_dir/run-<run key>/<center>; the key is the server's, so it must
+  be one plain folder name (letters, digits, '-', '_')."""
+  run_key = str(run_key)
+  if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key):
+    raise errors.UserError(
+        f"site {site.center}: the server's run key {run_key[:80]!r} is not a "
+        "plain name of at most 64 letters, digits, '-' or '_'")
+  return os.path.join(site.state_dir, f"run-{run_key}", site.center)
+
+
+def run_key(content) -> str:
+  """The run key of a train message's ConfigRecord (settings.RUN_KEY)."""
+  config = content.config_records.get("config")
+  key = None if config is None else config.get(settings.RUN_KEY)
+  if key in (None, ""):
+    raise errors.UserError(
+        "the server's train message has no run key (config "
+        f"{settings.RUN_KEY!r}): the ServerApp must be this app's, at the "
+        "same commit as the site")
+  return str(key)
 
 
 def _state_path(directory: str, rounds_done: int) -> str:
@@ -170,13 +201,36 @@ def load_dp_ledger(directory: str) -> dict:
       "rounds": 0, "steps": 0, "epsilon": 0.0}
 
 
+def arrays_digest(arrays) -> str | None:
+  """sha256 of the global weights a round trains from (an ArrayRecord, or
+  SecAgg+'s list in the same order): names left out, so both forms of the
+  same weights agree. None for None."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if arrays is None:
+    return None
+  values = (arrays if isinstance(arrays, list)
+            else [arrays[k].numpy() for k in arrays.keys()])
+  digest = hashlib.sha256()
+  for value in values:
+    value = np.ascontiguousarray(value)
+    digest.update(f"{value.dtype.str}{value.shape};".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
 def dp_check_round(config, center: str, accountant, ledger: dict,
-                   round_index: int, ledger_path: str = DP_LEDGER_FILE) -> float:
+                   round_index: int, ledger_path: str = DP_LEDGER_FILE,
+                   input_digest: str | None = None) -> float:
   """The site's epsilon after this round; refuses the round before training.
 
+  The round must be the one after the released ones, or the last released
+  one again with the same global weights (input_digest equal to the
+  ledger's): the same seed, state and weights give the same noise and the
+  same answer, nothing new is released.
+
   Raises:
-    errors.UserError: the round is not the one after the released ones (a
-      repeat would release other weights with the same noise).
+    errors.UserError: another round (a repeat with other weights would
+      release them with the same noise; a skipped round has no state).
     errors.ConfigError: the run's steps (or this round's) exceed
       dp.target_epsilon at the site's sampling rate, naming the site.
   """
@@ -184,12 +238,14 @@ def dp_check_round(config, center: str, accountant, ledger: dict,
   fed = config.fed
   tau = fed.local_steps
   released = int(ledger["rounds"])
-  if round_index != released:
+  repeat = (round_index == released - 1 and input_digest is not None
+            and input_digest == ledger.get("input_sha256"))
+  if round_index != released and not repeat:
     raise errors.UserError(
         f"site {center}: asked for round {round_index + 1} but it released "
         f"{released} round(s) of this run ({ledger_path}); a DP site answers "
-        "each round once and in order (a repeated round would release other "
-        "weights with the same noise)")
+        "each round once and in order, repeating its last only for the same "
+        "global weights (other weights with the same noise would leak it)")
   rounds = max(fed.rounds, round_index + 1)
   try:
     dp.check_budget(config, accountant, rounds * tau, multiple=tau,
@@ -204,7 +260,7 @@ def dp_check_round(config, center: str, accountant, ledger: dict,
 # --- The round --------------------------------------------------------------------
 
 
-def run_round(config, site: settings.Site, run_id: int, arrays,
+def run_round(config, site: settings.Site, run_key, arrays,
               round_index: int) -> tuple:
   """One round at this site: (update, client index, seconds by phase,
   privacy: {} or dp_epsilon, dp_steps, dp_q, dp_units_total).
@@ -212,7 +268,8 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
   Args:
     config: the run's config (settings.load_config).
     site: the site's node config.
-    run_id: the Flower run (keys the optimizer state).
+    run_key: the run's key (the server's settings.RUN_KEY; keys the site's
+      state, the same across the `flwr run`s of a resumed run).
     arrays: the global params and EMA (an ArrayRecord).
     round_index: the round, from 0.
   """
@@ -232,7 +289,7 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
   if config.train.reader != "synthetic" and not os.path.isdir(site.data_dir):
     raise errors.UserError(f"--node-config data_dir={site.data_dir}: no such "
                            "folder")
-  directory = _state_dir(site, run_id)
+  directory = _state_dir(site, run_key)
   use_dp = diffusion.dp_enabled(config)
   if use_dp:
     config = site_config(config, dp_seed(site, directory))
@@ -242,8 +299,9 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
     ledger_path = os.path.join(directory, DP_LEDGER_FILE)
     ledger = load_dp_ledger(directory)
     accountant = dp.accountant_for(config, client.dp_sampling)
+    input_digest = arrays_digest(arrays)
     epsilon = dp_check_round(config, site.center, accountant, ledger,
-                             round_index, ledger_path)
+                             round_index, ledger_path, input_digest)
   graphdef, rest, params, _ = federated.init_global(config)
   if isinstance(arrays, list):  # SecAgg+'s legacy list, in the wire order.
     arrays = settings.list_to_record(arrays, params)
@@ -270,7 +328,8 @@ def run_round(config, site: settings.Site, run_id: int, arrays,
     stage_io.write_json(ledger_path, {
         "rounds": round_index + 1, "steps": steps, "epsilon": float(epsilon),
         "delta": config.dp.delta, "accountant": config.dp.accountant,
-        "sampling": client.dp_sampling.to_dict()})
+        "sampling": client.dp_sampling.to_dict(),
+        "input_sha256": input_digest})
   return update, index, {"setup_s": ready - start, "train_s": trained - ready}, privacy
 
 
@@ -317,12 +376,16 @@ def train(msg: Message, context: Context) -> Message:
   config = settings.load_config(context.run_config)
   legacy = secure.is_legacy_fit(msg.content)  # SecAgg+'s FitIns.
   if legacy:
-    arrays, round_index = secure.legacy_fit(msg.content)
+    arrays, round_index, key = secure.legacy_fit(msg.content)
+    if key in (None, ""):
+      raise errors.UserError("the server's FitIns has no run key: the "
+                             "ServerApp must be this app's, at the same commit")
   else:
     arrays = msg.content[settings.ARRAYS_KEY]
     round_index = int(msg.content["config"]["server-round"]) - 1
+    key = run_key(msg.content)
   update, index, seconds, privacy = run_round(
-      config, site, context.run_id, arrays, round_index)
+      config, site, key, arrays, round_index)
   logging.info("site %s round %d: %d private slices, loss %.4f, setup %.1fs, "
                "train %.1fs%s", site.center, round_index + 1,
                update.num_examples, update.metrics["loss"], seconds["setup_s"],

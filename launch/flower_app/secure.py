@@ -70,13 +70,14 @@ def is_legacy_fit(content) -> bool:
   return "fitins.config" in content.config_records
 
 
-def legacy_fit(content) -> tuple[list, int]:
-  """(arrays in wire order, round index from 0) of a legacy FitIns."""
+def legacy_fit(content) -> tuple[list, int, str | None]:
+  """(arrays in wire order, round index from 0, run key) of a legacy FitIns."""
   from flwr.common import parameters_to_ndarrays  # pylint: disable=g-import-not-at-top
   from flwr.compat.common import recorddict_compat as compat  # pylint: disable=g-import-not-at-top
   fitins = compat.recorddict_to_fitins(content, keep_input=True)
   return (parameters_to_ndarrays(fitins.parameters),
-          int(fitins.config["server-round"]) - 1)
+          int(fitins.config["server-round"]) - 1,
+          fitins.config.get(settings.RUN_KEY))
 
 
 def legacy_reply(record, num_examples: int, metrics: dict, site: dict):
@@ -111,8 +112,10 @@ def _strategy_class():
     """The legacy FedAvg whose aggregate is SecAgg+'s: every result carries
     the unmasked weighted average; checks every center answered."""
 
-    def __init__(self, *, centers, keys, on_round, max_weight, **kwargs):
+    def __init__(self, *, centers, keys, on_round, max_weight, offset=0,
+                 **kwargs):
       super().__init__(**kwargs)
+      self.offset = offset  # the run's round = the workflow's + offset.
       self.max_weight = max_weight
       self.centers = list(centers)
       self.keys = list(keys)
@@ -126,6 +129,7 @@ def _strategy_class():
     def aggregate_fit(self, server_round, results, failures):
       from flwr.app import Array, ArrayRecord  # pylint: disable=g-import-not-at-top
       from flwr.common import parameters_to_ndarrays  # pylint: disable=g-import-not-at-top
+      server_round += self.offset
       if failures:
         raise errors.UserError(
             f"round {server_round}: {len(failures)} site(s) failed: "
@@ -178,23 +182,28 @@ def _workflow_class():
 
 
 def run_rounds(grid, context, *, centers, initial_record, num_rounds: int,
-               timeout: float, on_round, max_weight: float = MAX_WEIGHT) -> None:
-  """config.fed.rounds rounds of FedAvg with SecAgg+ over the grid's sites."""
+               timeout: float, on_round, max_weight: float = MAX_WEIGHT,
+               first_round: int = 1, run_key: str = "") -> None:
+  """Rounds first_round .. num_rounds of FedAvg with SecAgg+ over the
+  grid's sites (a resumed run starts after its last checkpoint); each
+  FitIns carries the run's round and the run key (settings.RUN_KEY)."""
   from flwr.common import ndarrays_to_parameters  # pylint: disable=g-import-not-at-top
   from flwr.server import LegacyContext, ServerConfig  # pylint: disable=g-import-not-at-top
   from flwr.server.workflow import DefaultWorkflow  # pylint: disable=g-import-not-at-top
   keys = list(initial_record.keys())
   k = len(centers)
+  offset = first_round - 1
   strategy = _strategy_class()(
       centers=centers, keys=keys, on_round=on_round, max_weight=max_weight,
-      fraction_fit=1.0,
+      offset=offset, fraction_fit=1.0,
       fraction_evaluate=0.0, min_fit_clients=k, min_evaluate_clients=0,
       min_available_clients=k, accept_failures=False,
-      on_fit_config_fn=lambda r: {"server-round": r},
+      on_fit_config_fn=lambda r: {"server-round": r + offset,
+                                  settings.RUN_KEY: run_key},
       initial_parameters=ndarrays_to_parameters(
           [initial_record[key].numpy() for key in keys]))
-  legacy = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds,
-                                                      round_timeout=timeout),
+  legacy = LegacyContext(context, config=ServerConfig(
+      num_rounds=num_rounds - offset, round_timeout=timeout),
                          strategy=strategy)
   workflow = DefaultWorkflow(fit_workflow=_workflow_class()(
       # Shares to every site, all needed (floats: proportions of the sites;
@@ -202,6 +211,6 @@ def run_rounds(grid, context, *, centers, initial_record, num_rounds: int,
       num_shares=1.0, reconstruction_threshold=1.0, max_weight=max_weight,
       clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
       timeout=timeout))
-  logging.info("secure aggregation (SecAgg+) over %d sites, %d rounds", k,
-               num_rounds)
+  logging.info("secure aggregation (SecAgg+) over %d sites, rounds %d to %d", k,
+               first_round, num_rounds)
   workflow(grid, legacy)

@@ -15,12 +15,29 @@ writes: a checkpoint per round (checkpoints/<rounds x tau>: `state`
 launch.export_model --model_dir=WORKDIR exports the global EMA and
 Denoiser.load reads it; metrics.jsonl (a row per round: the sites' mean and
 per-center loss, grad_norm, num_examples, round_time_s); run.json (the
-run's identity); and flower_run.json when all rounds are done. A round that
-misses a site, or hears one center twice, stops the run (the sites'
-optimizer states and the weights assume all K every round); so does a site
-that fails, e.g. a DP site whose budget the run would exceed (its refusal
-is the error the server raises; the rounds before it keep their
-checkpoints).
+run's identity); flower_run_key.json (the run key, below); and
+flower_run.json when all rounds are done. A round that misses a site, or
+hears one center twice, stops the run (the sites' optimizer states and the
+weights assume all K every round); so does a site that fails, e.g. a DP
+site whose budget the run would exceed (its refusal is the error the
+server raises; the rounds before it keep their checkpoints).
+
+Resume: a new `flwr run` with the same config and workdir (a killed
+ServerApp, a restarted SuperLink, a site that crashed mid-round) continues
+the run. The workdir is claimed with federated.run_identity (another config
+is refused; fed.rounds may change, so a finished run can also be
+extended); the newest checkpoint's round r and global params/EMA are the
+start, and rounds r+1 .. fed.rounds run with Flower's rounds renumbered
+(SiteFedAvg.first_round: the sites get 'server-round' r+1, ...). A run
+whose checkpoints already hold fed.rounds rounds is a no-op that says so
+(no site is contacted). Only the Flower engine's own checkpoints resume
+(the in-job engine's hold optimizer states the sites lack). The sites'
+state (AdamW, with DP the secret seed and the ledger) is keyed not by
+Flower's run id, which every `flwr run` changes, but by the run key that
+every round's ConfigRecord carries (settings.RUN_KEY): sha256 of the run
+identity and a nonce drawn when the workdir is first claimed (or
+overwritten), kept in flower_run_key.json; so two runs of one config in two
+workdirs never share site state, and a resumed run finds its own.
 
 DP-SGD (config.dp.enabled) runs at the sites (client_app.py): each reports
 its own epsilon (its MetricRecord's settings.EPSILON_KEY); the metrics row
@@ -31,9 +48,13 @@ FedAvg returns gets the max in place of its weighted mean.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import secrets
 import time
+from logging import INFO
 
 from absl import logging
 from flwr.app import ConfigRecord, Context
@@ -46,24 +67,33 @@ from launch.flower_app import settings
 
 app = ServerApp()
 
+RUN_KEY_FILE = "flower_run_key.json"
+DONE_FILE = "flower_run.json"
+
 
 class SiteFedAvg(FedAvg):
   """Flower's FedAvg (weighted by settings.COUNT_KEY) that checks every
   center answered each round and records the round: a checkpoint, a
   metrics row."""
 
-  def __init__(self, *, centers, on_round, **kwargs):
+  def __init__(self, *, centers, on_round, first_round: int = 1, **kwargs):
+    """first_round: the run's round that Flower's round 1 is (a resumed run
+    starts after its last checkpoint); the sites and on_round see the run's
+    rounds."""
     super().__init__(weighted_by_key=settings.COUNT_KEY,
                      arrayrecord_key=settings.ARRAYS_KEY, **kwargs)
     self.centers = list(centers)
     self.on_round = on_round
+    self.offset = first_round - 1
     self._round_start = time.perf_counter()
 
   def configure_train(self, server_round, arrays, config, grid):
     self._round_start = time.perf_counter()
-    return super().configure_train(server_round, arrays, config, grid)
+    return super().configure_train(server_round + self.offset, arrays, config,
+                                   grid)
 
   def aggregate_train(self, server_round, replies):
+    server_round += self.offset  # the run's round (configure_train's).
     replies = list(replies)
     failed = [m for m in replies if m.has_error()]
     if failed:
@@ -77,6 +107,11 @@ class SiteFedAvg(FedAvg):
           f"round {server_round}: the sites that answered are {answered}, the "
           f"run's centers {self.centers}: each center must run exactly one "
           "SuperNode (--node-config center=...) and train every round")
+    stale = [str(s["center"]) for s in sites
+             if "round" in s and int(s["round"]) != server_round]
+    if stale:
+      raise errors.UserError(f"round {server_round}: sites {stale} answered "
+                             "another round")
     arrays, metrics = super().aggregate_train(server_round, replies)
     per_site = {}
     for site, m in zip(sites, replies):
@@ -120,23 +155,117 @@ def _round_row(round_index: int, centers, per_site: dict, seconds: float) -> dic
   return row
 
 
+# --- Resume ---------------------------------------------------------------------
+
+
+def run_key(workdir: str, identity: dict, *, fresh: bool = False) -> str:
+  """The key the sites keep this run's state under (settings.RUN_KEY).
+
+  sha256 of the run identity and a nonce drawn when the workdir is first
+  claimed, kept in WORKDIR/flower_run_key.json: the same across `flwr run`s
+  of one run (Flower's run id is not), new for another workdir, for a run
+  that replaces an identity without checkpoints, or with `fresh`
+  (overwrite).
+  """
+  from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256(json.dumps(stage_io.normalise(identity),
+                                     sort_keys=True).encode()).hexdigest()
+  path = os.path.join(workdir, RUN_KEY_FILE)
+  stored = None if fresh else stage_io.read_json(path)
+  if stored is not None and stored.get("identity_sha256") == digest:
+    return str(stored["run_key"])
+  nonce = secrets.token_hex(16)
+  key = hashlib.sha256(f"{digest}:{nonce}".encode()).hexdigest()[:32]
+  stage_io.write_json(path, {"identity_sha256": digest, "nonce": nonce,
+                             "run_key": key})
+  return key
+
+
+@dataclasses.dataclass
+class Start:
+  """Where a `flwr run` starts: after `rounds_done` rounds, from these
+  global params and EMA, the sites' state under `run_key`."""
+
+  rounds_done: int
+  params: object
+  ema: object
+  run_key: str
+
+
+def resume_point(config, workdir: str, checkpointer, *, overwrite: bool = False) -> Start:
+  """The run's start: its newest checkpoint's round and weights, else round
+  0 and the in-job engine's initial weights (federated.init_global).
+
+  Raises:
+    errors.UserError: the newest checkpoint is the in-job engine's, or the
+      workdir has checkpoints but no run key (the sites' states of a Flower
+      engine that keyed them by Flower's run id cannot be found).
+  """
+  from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
+  _, _, params, ema = federated.init_global(config)
+  config_json = json.loads(config.to_json_best_effort())
+  identity = federated.run_identity(config_json)
+  step, meta = checkpointer.latest_meta()
+  if step is None:
+    return Start(0, params, ema, run_key(workdir, identity, fresh=overwrite))
+  where = f"{checkpointer.directory}/{step}"
+  if meta.get("engine") != "flower":
+    raise errors.UserError(
+        f"{where}: a checkpoint of the in-job engine (launch.train_federated); "
+        "the Flower engine resumes only its own (the sites hold their optimizer "
+        "states): use another workdir or resume it with launch.train_federated")
+  if not os.path.exists(os.path.join(workdir, RUN_KEY_FILE)):
+    raise errors.UserError(
+        f"{workdir}: holds Flower checkpoints (step {step}) but no "
+        f"{RUN_KEY_FILE}, so the sites' optimizer states cannot be found: set "
+        "the run config's overwrite=true or use another workdir")
+  step, state, meta = checkpointer.restore_latest(
+      {"params": params, "ema": ema}, quarantine=True)
+  return Start(int(meta["round"]), state["params"], state["ema"],
+               run_key(workdir, identity))
+
+
+def _say(message: str) -> None:
+  """A line in Flower's log (what `flwr run --stream` shows)."""
+  from flwr.common import log  # pylint: disable=g-import-not-at-top
+  log(INFO, "%s", message)
+
+
+def _last_row(workdir: str) -> dict:
+  """metrics.jsonl's last row ({} without one)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  for line in reversed(open(path).read().splitlines()):
+    try:
+      return json.loads(line)
+    except ValueError:  # a torn last line (killed mid-write).
+      continue
+  return {}
+
+
 def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
         overwrite: bool = False, secure_context=None,
         max_weight: float = 1000.0) -> dict:
-  """Runs config.fed.rounds rounds of FedAvg over the grid's sites.
+  """Runs (or resumes) config.fed.rounds rounds of FedAvg over the grid's sites.
+
+  A workdir with checkpoints of this run resumes after the newest (see the
+  module docstring); one that holds them all returns at once (finished:
+  True) without contacting a site.
 
   secure_context: the ServerApp's Context to run SecAgg+ (secure.py) with;
   None runs Flower's FedAvg on the sites' plain replies.
 
   Returns:
-    dict: rounds, round_s (seconds of each round), metrics (last row),
-    params, ema (the final global ones).
+    dict: rounds (done in all), resumed_after (rounds done before this
+    call), finished (nothing was left to run), round_s (seconds of each
+    round run here), metrics (last row), params, ema (the final global
+    ones), run_key.
 
   Raises:
     errors.RunMismatch: the workdir holds another run.
-    errors.UserError: the workdir holds checkpoints of this run (the Flower
-      engine does not resume: the sites' optimizer states belong to that
-      Flower run), or a round missed a site.
+    errors.UserError: the workdir holds the in-job engine's checkpoints, or
+      a round missed a site.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
@@ -151,19 +280,30 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
                      what="a federated training run", overwrite=overwrite,
                      remedy="Set the run config's overwrite=true to delete "
                      "it, or use another workdir.")
-  _, _, params, ema = federated.init_global(config)
-  template = params
+  done_path = os.path.join(workdir, DONE_FILE)
   checkpointer = loop.make_checkpointer(workdir, config.train)
   writer = None
-  state = {"rounds": 0, "round_s": [], "metrics": {}, "params": params, "ema": ema}
   try:
-    if checkpointer.latest_step() is not None:
-      raise errors.UserError(
-          f"{workdir}: holds checkpoints of this run (step "
-          f"{checkpointer.latest_step()}); the Flower engine does not resume "
-          "(the sites' optimizer states belong to that Flower run): set the "
-          "run config's overwrite=true or use another workdir")
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.train.tensorboard)
+    start = resume_point(config, workdir, checkpointer, overwrite=overwrite)
+    template = start.params
+    state = {"rounds": start.rounds_done, "resumed_after": start.rounds_done,
+             "finished": start.rounds_done >= config.fed.rounds,
+             "round_s": [], "metrics": _last_row(workdir),
+             "params": start.params, "ema": start.ema, "run_key": start.run_key}
+    if state["finished"]:
+      _say(f"{workdir}: the run already holds {start.rounds_done} rounds "
+           f"(config.fed.rounds={config.fed.rounds}); nothing to do")
+      if not os.path.exists(done_path):  # killed after its last checkpoint.
+        stage_io.write_json(done_path, _done_record(state, tau, centers,
+                                                    secure_context is not None))
+      return state
+    if start.rounds_done:
+      _say(f"resuming {workdir} after round {start.rounds_done} of "
+           f"{config.fed.rounds}")
+    if os.path.exists(done_path):  # an extended run is not done until it ends.
+      os.remove(done_path)
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.train.tensorboard,
+                                       resume_step=start.rounds_done * tau)
 
     def on_round(server_round, arrays, per_site, seconds):
       new_params, new_ema = settings.from_record(
@@ -181,32 +321,40 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
       logging.info("round %d of %d: %.1fs, loss %.4f", server_round,
                    config.fed.rounds, seconds, row.get("loss", float("nan")))
 
+    initial = settings.to_record(start.params, start.ema)
     if secure_context is not None:
       secure.run_rounds(grid, secure_context, centers=centers,
-                        initial_record=settings.to_record(params, ema),
-                        num_rounds=config.fed.rounds, timeout=timeout,
+                        initial_record=initial, num_rounds=config.fed.rounds,
+                        first_round=start.rounds_done + 1,
+                        run_key=start.run_key, timeout=timeout,
                         on_round=on_round, max_weight=max_weight)
     else:
       strategy = SiteFedAvg(centers=centers, on_round=on_round,
+                            first_round=start.rounds_done + 1,
                             min_train_nodes=len(centers),
                             min_available_nodes=len(centers),
                             fraction_evaluate=0.0)
-      strategy.start(grid=grid,
-                     initial_arrays=settings.to_record(params, ema),
-                     num_rounds=config.fed.rounds, timeout=timeout,
-                     train_config=ConfigRecord({}))
+      strategy.start(grid=grid, initial_arrays=initial,
+                     num_rounds=config.fed.rounds - start.rounds_done,
+                     timeout=timeout,
+                     train_config=ConfigRecord({settings.RUN_KEY: start.run_key}))
   finally:
     loop.close_all(checkpointer, writer)
   if state["rounds"] != config.fed.rounds:
     raise errors.UserError(f"the run ended after round {state['rounds']} of "
                            f"{config.fed.rounds}")
   jax.block_until_ready(state["params"])
-  stage_io.write_json(os.path.join(workdir, "flower_run.json"), {
-      "secure_aggregation": secure_context is not None,
-      "rounds": state["rounds"], "step": state["rounds"] * tau,
-      "clients": centers, "round_s": state["round_s"],
-      "metrics": state["metrics"]})
+  stage_io.write_json(done_path, _done_record(state, tau, centers,
+                                              secure_context is not None))
   return state
+
+
+def _done_record(state: dict, tau: int, centers, secure_aggregation: bool) -> dict:
+  """flower_run.json: the run's rounds, and what this `flwr run` did."""
+  return {"secure_aggregation": secure_aggregation,
+          "rounds": state["rounds"], "step": state["rounds"] * tau,
+          "resumed_after": state["resumed_after"], "clients": centers,
+          "round_s": state["round_s"], "metrics": state["metrics"]}
 
 
 @app.main()
@@ -229,6 +377,7 @@ def main(grid: Grid, context: Context) -> None:
                secure_context=context if use_secure else None,
                max_weight=float(run_config.get("secagg-max-weight",
                                                secure.MAX_WEIGHT)))
-  logging.info("Flower federated training done: %d rounds, %s s a round; "
-               "checkpoints in %s", result["rounds"],
+  logging.info("Flower federated training done: %d rounds (%d run now, after "
+               "%d), %s s a round; checkpoints in %s", result["rounds"],
+               len(result["round_s"]), result["resumed_after"],
                [round(s, 1) for s in result["round_s"]], workdir)

@@ -19,8 +19,10 @@ Node config (each SuperNode's --node-config; it stays at the site):
   center     the site's private center, one of config.fed.centers.
   data_dir   the site's preprocessing output (launch.preprocess --out_dir)
              holding <center>_train and the public healthy split.
-  state_dir  where the site keeps its optimizer state between rounds: a
-             SuperNode starts a new ClientApp process for every message.
+  state_dir  where the site keeps its optimizer state between rounds (and,
+             with DP, its seed and ledger), in run-<run key>/<center>/: a
+             SuperNode starts a new ClientApp process for every message, and
+             a resumed run (a new `flwr run`) finds it under the same key.
   cache_dir  JAX's persistent compilation cache (default state_dir/xla_cache):
              every round after the first loads the compiled program.
   dp_seed    with config.dp.enabled, optional: the site's secret seed of its
@@ -29,6 +31,11 @@ Node config (each SuperNode's --node-config; it stays at the site):
              state_dir; set it only to reproduce a run (whoever knows it can
              subtract the noise). config.seed is known to the server, so a DP
              site never uses it for its randomness.
+
+Each train message's ConfigRecord carries 'server-round' (the run's round,
+from 1; a resumed run's first is the one after its last checkpoint) and
+RUN_KEY: the run key (server_app.run_key), stable across the `flwr run`s of
+one run, unlike Flower's run id.
 
 Wire format: one ArrayRecord whose keys are 'params/<leaf>' and 'ema/<leaf>'
 (model_io.leaf_name, the export's names), float32.
@@ -52,6 +59,9 @@ platform.apply_xla_flags()  # as the binaries: before the first computation.
 COUNT_KEY = "num-examples"
 ARRAYS_KEY = "arrays"  # FedAvg's arrayrecord_key.
 SITE_KEY = "site"  # a reply's ConfigRecord: which center answered, which round.
+# A train message's ConfigRecord: the key the site keeps the run's state
+# under (server_app.run_key).
+RUN_KEY = "run-key"
 # A DP site's epsilon after the round (its MetricRecord): FedAvg's weighted
 # mean of it means nothing; the server takes each site's and their max.
 EPSILON_KEY = "dp_epsilon"
