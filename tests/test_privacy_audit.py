@@ -206,3 +206,29 @@ def test_a_matched_background_warning_says_why():
   far = {**close, "dcr": {**close["dcr"], "fraction_below": 0.0},
          "carlini": {"fraction_below": 0.0}}
   assert audit.region_verdict("background", far, synthetic=True)[0] == "ok"
+
+
+def test_g2_sample_test_runs_on_a_generate_mode_set_only(workdir, tmp_path):
+  import dataclasses
+  from data_pipeline import slice_sets
+  from dfgm_jax.privacy import audit
+  inputs = audit.workdir_inputs(_config(), workdir, slice_sets.SliceData)
+  train = slice_sets.load_split(os.path.join(workdir, "slices"), f"{CENTER}_train")
+  public = slice_sets.SliceData(os.path.join(workdir, "synthetic"))
+  # A stand-in for G2's generate-mode samples: S itself, re-labelled.
+  local_dir = str(tmp_path / "local")
+  shutil.copytree(os.path.join(workdir, "synthetic"), local_dir)
+  summary = json.load(open(os.path.join(local_dir, "summary.json")))
+  for mode, expect in (("cutpaste", "skipped"), ("anomalydiffusion", "ok")):
+    with open(os.path.join(local_dir, "summary.json"), "w") as f:
+      json.dump({**summary, "mode": mode}, f)
+    res = audit.g2_sample_check(
+        dataclasses.replace(inputs, local=slice_sets.SliceData(local_dir), public=public),
+        train, 2, 0, audit.Settings())
+    assert audit.g2_sample_verdict(res)[0] == expect
+  # Every sample is in S: distance 0 to S, never closer to the private slices.
+  g = res["generated"]
+  assert g["public_median"] == 0.0 and g["fraction_closer_to_private"] == 0.0
+  assert g["private_median"] > 0.0 and res["n_samples"] == res["n_public"]
+  assert audit.g2_sample_verdict(
+      {"generated": {**g, "public_median": 1.0}})[0] == "warning"
