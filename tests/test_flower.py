@@ -9,6 +9,7 @@ a new `flwr run` on a restarted SuperLink and SuperNodes."""
 import contextlib
 import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -176,7 +177,7 @@ def _resume_point(workdir, config, **kwargs):
     checkpointer.close()
 
 
-def test_the_server_resumes_after_its_last_checkpoint(tmp_path):
+def test_the_server_resumes_after_its_last_checkpoint(tmp_path, caplog):
   config = settings.load_config(RUN_CONFIG)  # 2 rounds of 2 steps.
   _, _, params, ema = federated.init_global(config)
   workdir = str(tmp_path / "server")
@@ -210,8 +211,10 @@ def test_the_server_resumes_after_its_last_checkpoint(tmp_path):
   # All rounds done: a rerun is a no-op that says so (no site contacted: no
   # grid) and records the finished run.
   _save_round(workdir, config, 2, *one)
+  caplog.set_level(logging.INFO, logger="flwr")  # what `flwr run` streams.
   result = server_app.run(config, workdir, grid=None)
   assert (result["rounds"], result["finished"], result["round_s"]) == (2, True, [])
+  assert "already holds 2 rounds (config.fed.rounds=2); nothing to do" in caplog.text
   with open(os.path.join(workdir, server_app.DONE_FILE)) as f:
     done = json.load(f)
   assert (done["rounds"], done["resumed_after"]) == (2, 2)
@@ -481,6 +484,8 @@ def _flower_run(tmp_path, data_dir, *, stop_after_round=None, log_dir=None,
     run = subprocess.run(args, env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=900)
     seconds = time.perf_counter() - start
+    with open(os.path.join(log_dir, "flwr_run.log"), "w") as f:
+      f.write(run.stdout + run.stderr)
     # `flwr run` can exit 0 on a failed run: the workdir says whether it ran.
     done = os.path.join(workdir, "flower_run.json")
     assert run.returncode == 0 and os.path.exists(done), (
@@ -643,6 +648,8 @@ def test_two_supernodes_resume_a_stopped_run(preprocessed_2020, tmp_path):
         f"{resumed_s:.1f}s, rounds {record['round_s']}")
   assert (record["rounds"], record["resumed_after"]) == (2, 1)
   assert len(record["round_s"]) == 1
+  with open(tmp_path / "resumed" / "flwr_run.log") as f:
+    assert "after round 1 of 2" in f.read()
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [2, 4]
   # Both sites continued under the same run key: the final global params,
