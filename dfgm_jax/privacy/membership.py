@@ -210,20 +210,12 @@ def _scores_1d(name: str, values) -> np.ndarray:
 
 def roc_auc(member_scores, nonmember_scores) -> float:
   """P(member score < non-member score) + 1/2 P(equal): Mann-Whitney by ranks."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   m = _scores_1d("member", member_scores)
   h = _scores_1d("non-member", nonmember_scores)
-  both = np.concatenate([m, h])
-  # Midranks of the negated scores: a lower score ranks as a more likely member.
-  order = np.argsort(-both, kind="stable")
-  sorted_vals = -both[order]
-  ranks = np.empty(both.size, np.float64)
-  start = 0
-  while start < both.size:
-    end = start
-    while end + 1 < both.size and sorted_vals[end + 1] == sorted_vals[start]:
-      end += 1
-    ranks[order[start:end + 1]] = 0.5 * (start + end) + 1.0
-    start = end + 1
+  # Midranks (ties share their mean rank) of the negated scores: a lower
+  # score ranks as a more likely member.
+  ranks = stats.rankdata(-np.concatenate([m, h]), method="average")
   u = ranks[:m.size].sum() - m.size * (m.size + 1) / 2.0
   return float(u / (m.size * h.size))
 
