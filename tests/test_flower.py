@@ -109,15 +109,18 @@ def test_the_wire_format_and_the_sites_optimizer_state(tmp_path):
 
 
 class _Reply:
-  """What the strategy reads of a site's reply message."""
+  """What the strategy reads of a site's reply message; `metrics` and `site`
+  add entries to its MetricRecord and site ConfigRecord (a DP site's)."""
 
-  def __init__(self, center, count, value):
+  def __init__(self, center, count, value, metrics=None, site=None):
     self.content = RecordDict({
         settings.ARRAYS_KEY: ArrayRecord({
             "params/w": Array(np.full(3, value, np.float32)),
             "ema/w": Array(np.full(3, 10 * value, np.float32))}),
-        "metrics": MetricRecord({settings.COUNT_KEY: count, "loss": value}),
-        settings.SITE_KEY: ConfigRecord({"center": center, "train_s": 1.5})})
+        "metrics": MetricRecord({settings.COUNT_KEY: count, "loss": value,
+                                 **(metrics or {})}),
+        settings.SITE_KEY: ConfigRecord({"center": center, "train_s": 1.5,
+                                         **(site or {})})})
 
   def has_error(self):
     return False

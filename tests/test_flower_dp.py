@@ -12,7 +12,6 @@ from dp_accounting import rdp
 import jax
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dfgm_jax import errors
 from dfgm_jax import stage_io
@@ -24,6 +23,7 @@ from launch.flower_app import server_app
 from launch.flower_app import settings
 from tests.test_flower import _compilation_cache
 from tests.test_flower import _leaves_close
+from tests.test_flower import _Reply
 
 # The tiny config as test_federated_dp runs it (a one-level network on 16 x
 # 16, batches of 4: 2 public, 2 private expected), synthetic slices (each
@@ -112,21 +112,10 @@ def test_a_dp_site_refuses_a_run_over_its_budget_before_training(tmp_path):
   assert eps == pytest.approx(_rdp_epsilon(2 / 64, 2), rel=1e-12)
 
 
-class _Reply:
+def _dp_reply(center, count, value, epsilon):
   """A DP site's reply as the strategy reads it."""
-
-  def __init__(self, center, count, value, epsilon):
-    self.content = RecordDict({
-        settings.ARRAYS_KEY: ArrayRecord({
-            "params/w": Array(np.full(3, value, np.float32)),
-            "ema/w": Array(np.full(3, value, np.float32))}),
-        "metrics": MetricRecord({settings.COUNT_KEY: count, "loss": value,
-                                 settings.EPSILON_KEY: epsilon}),
-        settings.SITE_KEY: ConfigRecord({"center": center, "dp_steps": 4,
-                                         "dp_q": 0.1})})
-
-  def has_error(self):
-    return False
+  return _Reply(center, count, value, metrics={settings.EPSILON_KEY: epsilon},
+                site={"dp_steps": 4, "dp_q": 0.1})
 
 
 def test_the_server_logs_each_sites_epsilon_and_their_max():
@@ -137,7 +126,7 @@ def test_the_server_logs_each_sites_epsilon_and_their_max():
   # A holds 3/4 of the examples but spends less: the weighted mean (1.75)
   # would understate B's 4.0.
   _, metrics = strategy.aggregate_train(
-      1, [_Reply("A", 30, 1.0, 1.0), _Reply("B", 10, 5.0, 4.0)])
+      1, [_dp_reply("A", 30, 1.0, 1.0), _dp_reply("B", 10, 5.0, 4.0)])
   assert metrics[settings.EPSILON_KEY] == 4.0
   assert metrics["loss"] == pytest.approx(2.0)  # the others stay weighted.
   [(_, _, per_site, _)] = rounds
@@ -161,7 +150,7 @@ def test_a_sites_refusal_stops_the_run_with_its_message():
       return True
 
   with pytest.raises(errors.UserError, match="round 3: 1 site.*site B refuses"):
-    strategy.aggregate_train(3, [_Reply("A", 30, 1.0, 1.0), Failed()])
+    strategy.aggregate_train(3, [_dp_reply("A", 30, 1.0, 1.0), Failed()])
 
 
 # --- Slow: the site's DP rounds equal the in-job engine's ---------------------------
