@@ -300,9 +300,8 @@ def synthesis_quality(run: Run) -> dict:
   from dfgm_jax.eval import quality_report  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
   real, synthetic = evaluation_sets(run.workdir, run.config)
-  salt_path = stage.layout(run.workdir)["salt"]
-  salt = open(salt_path).read().strip() if os.path.exists(salt_path) else None
-  result = quality_report.run(run.config, run.workdir, real, synthetic, salt=salt,
+  result = quality_report.run(run.config, run.workdir, real, synthetic,
+                              salt=stage.read_salt(run.workdir),
                               overwrite=run.overwrite)
   return {"quality": result["path"]}
 

@@ -170,8 +170,8 @@ def workdir_inputs(config, workdir: str, slice_data, *, candidates: str | None =
   else:
     cand_dir, split = shared_set, f"{center}_synthetic"
   cand = slice_data(cand_dir)
-  salt_path = os.path.join(workdir, "private", "salt")
-  salt = open(salt_path).read().strip() if os.path.exists(salt_path) else None
+  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
+  salt = stage.read_salt(workdir)
   local_dir = os.path.join(workdir, "local", "synthetic")
   shared = {"synthetic set": shared_set, "G2 export": os.path.join(workdir, "g2_model")}
   # A synthetic set given as candidates would be shared too; a preprocessing

@@ -84,6 +84,15 @@ def layout(workdir: str, baseline: str | None = None) -> dict:
           "staging": os.path.join(state, "staging")}
 
 
+def read_salt(workdir: str) -> str | None:
+  """The center's salt of W (W/private/salt), None before synthesis made one."""
+  path = layout(workdir)["salt"]
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().strip()
+
+
 def _salt(paths: dict) -> str:
   """The center's salt, made once; kept out of the shareable folder."""
   # A baseline run on a fresh workdir comes here before W/private exists.
