@@ -32,18 +32,28 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.tumor_slices_per_volume = 5
   # Whole-tumor area a tumor slice needs.
   c.min_tumor_area_mm2 = 100.0
-  # Healthy (public) slices: stride grid, no tumor, >= healthy_min_gap_mm from
-  # every tumor slice, brain area >= healthy_min_brain_frac of the slice area,
-  # <= healthy_slices_per_volume per volume (0 = no cap), from training
-  # patients only, then a seeded (healthy_seed) subsample to healthy_max.
+  # Healthy slices: stride grid, no tumor, >= healthy_min_gap_mm from every
+  # tumor slice, brain area >= healthy_min_brain_frac of the slice area,
+  # <= healthy_slices_per_volume per volume (0 = no cap), never from test
+  # patients, then a seeded (healthy_seed) subsample to healthy_max. The
+  # `healthy` split (the memory bank, G2's healthy data, DP's unclipped pool)
+  # takes public-origin slices only (volumes of non-private centers); with
+  # fewer than healthy_max it holds those there are (logged, manifest
+  # `healthy`). Each private center's training patients' healthy slices go to
+  # its own private <center>_healthy split (that center's local synthesis).
   c.healthy_slices_per_volume = 5
+  # Grid of the healthy slices in mm (0 = slice_stride_mm): a finer grid
+  # gives more public backgrounds from few public volumes.
+  c.healthy_stride_mm = 0.0
   c.healthy_min_gap_mm = 3.0
   c.healthy_min_brain_frac = 0.15
   c.healthy_max = 825
   c.healthy_seed = 0
-  # Prefer volumes of non-private centers (2013, TMC, new-2020) and fill from
-  # private training patients only when they do not reach healthy_max.
-  c.healthy_prefer_public = True
+  # Research switch for all-private data: fill the `healthy` split up to
+  # healthy_max from private centers' training patients after the public
+  # volumes. A synthetic set made on such slices is not shareable (written to
+  # W/private/synthetic), G2 refuses it and DP-SGD refuses to train on it.
+  c.healthy_include_private = False
   # Normalisation: clip brain voxels to these percentiles, scale to [-1, 1].
   c.norm_percentiles = (0.5, 99.5)
   # Output grid size in pixels (square slices).

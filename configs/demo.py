@@ -45,8 +45,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data = data.get_data_config()
   # The 2020 phantom has both of the paper's private centers.
   config.data.centers = "CBICA,TCIA"
-  # Healthy slices kept (825 at paper scale).
+  # Healthy slices kept (825 at paper scale). Only the 6 volumes of the
+  # phantom's non-private centers (2013, TMC, new-2020) give public
+  # backgrounds: 27 on the 5 mm grid, 66 on a 2 mm healthy grid with up to 15
+  # per volume (the tumor slices keep the 5 mm grid).
   config.data.healthy_max = 200
+  config.data.healthy_stride_mm = 2.0
+  config.data.healthy_slices_per_volume = 15
   # 64 x 64 slices: small enough for CPU minutes.
   config.data.image_size = 64
   # Up to 8 tumor slices per case (5 mm apart) and a quarter of each

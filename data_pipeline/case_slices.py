@@ -67,8 +67,12 @@ def extract(case: brats.Case, cfg: dict) -> tuple[dict, dict]:
   tumor_z = slices.select_tumor_slices(
       tumor_area, stride, cfg["tumor_slices_per_volume"],
       cfg["min_tumor_area_mm2"] / pixel_mm2)
+  # Healthy slices on their own grid when healthy_stride_mm is set (0: the
+  # tumor slices' grid).
+  healthy_stride = (slices.stride_in_slices(cfg["healthy_stride_mm"], zz)
+                    if cfg.get("healthy_stride_mm") else stride)
   healthy_z = slices.select_healthy_slices(
-      tumor_area, brain_area, stride,
+      tumor_area, brain_area, healthy_stride,
       slices.stride_in_slices(cfg["healthy_min_gap_mm"], zz),
       cfg["healthy_min_brain_frac"] * slice_pixels,
       cfg["healthy_slices_per_volume"])

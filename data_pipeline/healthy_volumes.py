@@ -52,6 +52,7 @@ from data_pipeline import builder
 from data_pipeline import case_slices
 from data_pipeline import preprocess
 from data_pipeline import slice_sets
+from dfgm_jax import provenance
 from dfgm_jax import stage_io
 
 HEALTHY = "healthy"
@@ -61,7 +62,7 @@ REORIENTED = "reoriented"  # folder of reoriented copies inside the staging.
 # Config fields that only make the private splits of preprocessing: they do
 # not change a healthy split, so they are not part of its identity.
 NOT_USED = ("centers", "test_fraction", "split_seed", "merge_site_numbers",
-            "healthy_prefer_public", "tumor_slices_per_volume",
+            "healthy_include_private", "tumor_slices_per_volume",
             "min_tumor_area_mm2", "require_all_modalities")
 SEG = "seg"
 
@@ -355,8 +356,12 @@ def run(nifti_dir: str, out_dir: str, cfg: dict, *, overwrite: bool = False,
       "image_size": cfg["image_size"], "channels": channels,
       "modalities": cfg["modalities"], "formats": formats,
       "centers": {CENTER: {"num_cases": len(cases), "private": False}},
+      # The institute's own scans: private, whatever the split is called
+      # (a local synthesis set made on them is the institute's alone).
       "splits": {HEALTHY: {"num_slices": len(entries),
-                           "num_cases": len({e[0] for e in entries})}},
+                           "num_cases": len({e[0] for e in entries}),
+                           "origins": {provenance.PUBLIC: 0,
+                                       provenance.PRIVATE: len(entries)}}},
       "cases": [{"case_id": c.case_id, "split": "public",
                  "segmentation": SEG in c.files,
                  "num_healthy_slices": metas[c.case_id]["num_healthy_slices"],
@@ -364,6 +369,7 @@ def run(nifti_dir: str, out_dir: str, cfg: dict, *, overwrite: bool = False,
                 for c in cases if c.case_id in metas],
       "skipped": skipped,
       "slices": {HEALTHY: [[e[0], zs[e[0]]["healthy"][e[3]]] for e in entries]},
+      "slice_origins": {HEALTHY: [provenance.PRIVATE] * len(entries)},
       "config": cfg,
       "identity": stage_io.normalise(ident),
   }

@@ -36,13 +36,15 @@ from data_pipeline import case_slices
 from data_pipeline import slice_sets
 from data_pipeline import slices
 from dfgm_jax import errors
+from dfgm_jax import provenance
 from dfgm_jax import stage_io
 
 MANIFEST = slice_sets.MANIFEST
 STAGING = ".staging"
 BUILD = slice_sets.BUILD
 # Bump when the slice contents change for the same config and input.
-PIPELINE_VERSION = 1
+# 2: the healthy split holds public-origin slices only; origins recorded.
+PIPELINE_VERSION = 2
 PRIVATE_CENTERS_AUTO = ("CBICA", "TCIA")
 SPATIAL = ("resize", "pad")
 ON_ERROR = ("raise", "skip")
@@ -110,7 +112,7 @@ def check_config(cfg: dict) -> None:
   for field in ("slice_stride_mm", "healthy_min_gap_mm"):
     if not _is_number(cfg.get(field)) or cfg[field] <= 0:
       raise _bad(field, cfg.get(field), "must be a positive length in mm")
-  for field in ("min_tumor_area_mm2",):
+  for field in ("min_tumor_area_mm2", "healthy_stride_mm"):
     if not _is_number(cfg.get(field)) or cfg[field] < 0:
       raise _bad(field, cfg.get(field), "must be an area >= 0 in mm^2")
   if not _is_number(cfg.get("healthy_min_brain_frac")) or not (
@@ -241,7 +243,7 @@ def _run_cases(cases, cfg, staging_dir, num_workers, progress,
 
 
 def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
-  """Patient splits per center and the healthy set.
+  """Patient splits per center and the healthy sets.
 
   Args:
     metas: case_id -> staged meta (center, ...), successful cases only.
@@ -252,7 +254,11 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
   Returns:
     (plan, case_split): plan maps split name -> [(case_id, center, kind,
     index)] (sorted by case, then z); case_split maps case_id -> 'train',
-    'test' or 'public'.
+    'test' or 'public'. Splits: <center>_train / <center>_test; `healthy`,
+    public-origin slices only unless cfg['healthy_include_private'] (then
+    filled up to healthy_max from private training patients); and each
+    private center's own <center>_healthy (its training patients' healthy
+    slices, private). A slice's origin is its case's split (`origin_of`).
   """
   plan, case_split = {}, {}
   by_center = {}
@@ -274,29 +280,72 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
       plan[split_name(center, part)] = entries
 
   # Healthy slices: never from test patients (BRATS_FORMAT.md 5).
-  public, private = [], []
+  public, private_by_center = [], {}
   for case_id in sorted(metas):
     split = case_split[case_id]
     if split == "test":
       continue
-    pool = public if split == "public" else private
-    pool += [(case_id, metas[case_id]["center"], "healthy", i)
+    center = metas[case_id]["center"]
+    pool = public if split == "public" else private_by_center.setdefault(center, [])
+    pool += [(case_id, center, "healthy", i)
              for i in range(len(arrays_z[case_id]["healthy"]))]
-  rng = np.random.default_rng(cfg["healthy_seed"])
   cap = cfg["healthy_max"]
 
-  def sample(pool, n):
+  def sample(rng, pool, n):
     if n >= len(pool):
       return list(pool)
     return [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
 
-  if cfg["healthy_prefer_public"]:
-    healthy = sample(public, cap)
-    healthy += sample(private, cap - len(healthy))
-  else:
-    healthy = sample(public + private, cap)
-  plan["healthy"] = sorted(healthy, key=lambda e: (e[0], e[3]))
+  def by_case(entries):
+    return sorted(entries, key=lambda e: (e[0], e[3]))
+
+  rng = np.random.default_rng(cfg["healthy_seed"])
+  healthy = sample(rng, public, cap)
+  if cfg.get("healthy_include_private", False):
+    private = by_case(e for pool in private_by_center.values() for e in pool)
+    healthy += sample(rng, private, cap - len(healthy))
+  plan["healthy"] = by_case(healthy)
+  for center, pool in sorted(private_by_center.items()):
+    # Its own stream, so that the public selection above does not depend on it.
+    own = np.random.default_rng([cfg["healthy_seed"], *center.encode()])
+    plan[split_name(center, "healthy")] = by_case(sample(own, pool, cap))
   return plan, case_split
+
+
+def origin_of(case_split: str) -> str:
+  """A slice's origin from its case's split: a private center's patient or not."""
+  return provenance.PUBLIC if case_split == "public" else provenance.PRIVATE
+
+
+def healthy_report(plan: dict, case_split: dict, arrays_z: dict, cfg: dict) -> dict:
+  """The manifest's `healthy`: what the public bank holds against what was asked.
+
+  Logs a warning when fewer public-origin slices exist than healthy_max: the
+  split holds those there are, never filled up silently from private patients.
+  """
+  entries = plan["healthy"]
+  volumes = [c for c, split in case_split.items() if split == "public"]
+  available = sum(len(arrays_z[c]["healthy"]) for c in volumes)
+  counts = {o: sum(1 for e in entries if origin_of(case_split[e[0]]) == o)
+            for o in provenance.ORIGINS}
+  report = {"asked": cfg["healthy_max"], "num_slices": len(entries), **counts,
+            "public_available": available, "public_volumes": len(volumes),
+            "include_private": bool(cfg.get("healthy_include_private", False))}
+  if counts[provenance.PRIVATE]:
+    logging.warning("healthy split: %d of %d slices are private patients' (%s=True); "
+                    "synthetic sets made on it are not shareable",
+                    counts[provenance.PRIVATE], len(entries),
+                    provenance.RESEARCH_SWITCH)
+  elif not entries:
+    logging.warning("healthy split: EMPTY, no volume of a non-private center has "
+                    "healthy slices; add public volumes, leave a center public "
+                    "(config.data.centers), or set %s=True (research: synthetic sets "
+                    "made on it are not shareable)", provenance.RESEARCH_SWITCH)
+  elif len(entries) < cfg["healthy_max"]:
+    logging.warning("healthy split: only %d public-origin slices (from %d public "
+                    "volumes) for healthy_max=%d; going on with them", len(entries),
+                    len(volumes), cfg["healthy_max"])
+  return report
 
 
 def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
@@ -403,9 +452,13 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
                   for c, n in centers_found.items()},
       "splits": {
           name: {"num_slices": len(entries),
-                 "num_cases": len({e[0] for e in entries})}
+                 "num_cases": len({e[0] for e in entries}),
+                 "origins": {o: sum(1 for e in entries
+                                    if origin_of(case_split[e[0]]) == o)
+                             for o in provenance.ORIGINS}}
           for name, entries in plan.items()
       },
+      "healthy": healthy_report(plan, case_split, zs, cfg),
       "cases": [
           {"case_id": cid, "center": m["center"], "split": case_split[cid],
            "grade": m["grade"], "num_tumor_slices": m["num_tumor_slices"],
@@ -415,6 +468,10 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       "skipped": [{"path": s["path"], "reason": s["reason"]} for s in skipped],
       "slices": {name: [[e[0], zs[e[0]][e[2]][e[3]]] for e in entries]
                  for name, entries in plan.items()},
+      # Per slice, aligned with `slices`: public (a non-private center's
+      # volume) or private (a private center's training or test patient).
+      "slice_origins": {name: [origin_of(case_split[e[0]]) for e in entries]
+                        for name, entries in plan.items()},
       "config": cfg,
       # Every required file (all four modalities with require_all_modalities,
       # and seg) was read to its end and checked finite and not all zero.

@@ -27,7 +27,8 @@ def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020,
   assert {c["case_id"]: c["center"] for c in manifest["cases"]} == centers
   assert manifest["skipped"] == []
   assert set(manifest["splits"]) == {"CBICA_train", "CBICA_test", "TCIA_train",
-                                     "TCIA_test", "healthy"}
+                                     "TCIA_test", "healthy", "CBICA_healthy",
+                                     "TCIA_healthy"}
   split_of = _splits_of(manifest)
   for center in ("CBICA", "TCIA"):
     ids = [c for c, k in centers.items() if k == center]
@@ -42,7 +43,8 @@ def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020,
     if centers[cid] not in ("CBICA", "TCIA"):
       assert split_of[cid] == "public"
   healthy_cases = {cid for cid, _ in manifest["slices"]["healthy"]}
-  assert healthy_cases and all(split_of[c] != "test" for c in healthy_cases)
+  # The shareable bank's split: public-center volumes only.
+  assert healthy_cases and all(split_of[c] == "public" for c in healthy_cases)
   for name, split in manifest["splits"].items():
     assert split["num_slices"] == len(manifest["slices"][name])
   for file_format, rel in manifest["formats"].items():
@@ -147,8 +149,14 @@ def test_other_versions(tmp_path, tiny_data_cfg, version):
                             progress=False)
   center = f"BraTS{version}"
   assert manifest["version"] == version
-  assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy"}
+  assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy",
+                                     f"{center}_healthy"}
   assert manifest["splits"][f"{center}_test"]["num_cases"] == 1
+  # One private center and no public volume: no public background, said so;
+  # its training patients' healthy slices are its own private split.
+  assert manifest["splits"]["healthy"]["num_slices"] == 0
+  assert manifest["healthy"]["public_volumes"] == 0
+  assert manifest["splits"][f"{center}_healthy"]["origins"]["public"] == 0
   labels = set()
   for ex in input_pipeline.read_examples(str(tmp_path / "out"), f"{center}_train"):
     labels |= set(np.unique(ex["label"]).tolist())
@@ -256,8 +264,8 @@ def test_padding_to_a_larger_grid(tmp_path, phantom_2020, tiny_data_cfg):
   assert np.all(ex["brain"][:16] == 0)
 
 
-def test_healthy_cap_prefers_public_cases(preprocessed_2020, phantom_2020,
-                                          tiny_data_cfg, tmp_path):
+def test_healthy_cap_subsamples_public_cases(preprocessed_2020, phantom_2020,
+                                            tiny_data_cfg, tmp_path):
   out = str(tmp_path / "out")
   manifest = preprocess.run(phantom_2020.data_dir, out,
                             dict(tiny_data_cfg, healthy_max=3, **AR_ONLY),
