@@ -49,12 +49,26 @@ def _data(workdir: str) -> list[str]:
     return ["No preprocessed slices (the preprocess stage did not run)."]
   lines = [f"{manifest.get('image_size', '?')} px 2D slices of "
            f"{', '.join(manifest.get('modalities', []) or ['?'])}; splits (slices / "
-           "patients). `healthy` is the public memory bank; `<center>_train` and "
-           "`<center>_test` hold the private tumor slices of each center, split by "
-           "patient.", "", "| split | slices | patients |", "|---|---|---|"]
+           "patients / origin of the slices: public = a non-private center's volume, "
+           "private = a private center's patient). `healthy` is the memory bank of "
+           "the shareable set; `<center>_train` and `<center>_test` hold the private "
+           "tumor slices of each center, split by patient; `<center>_healthy` a "
+           "private center's own healthy slices (its local synthesis).", "",
+           "| split | slices | patients | public | private |", "|---|---|---|---|---|"]
   for name, split in sorted(manifest.get("splits", {}).items()):
+    origins = split.get("origins") or {}
     lines.append(f"| {name} | {split.get('num_slices', '?')} | "
-                 f"{split.get('num_cases', '?')} |")
+                 f"{split.get('num_cases', '?')} | {origins.get('public', '?')} | "
+                 f"{origins.get('private', '?')} |")
+  healthy = manifest.get("healthy")
+  if healthy and healthy.get("private"):
+    lines += ["", f"**The `healthy` split holds {healthy['private']} slices of private "
+              "patients** (`data.healthy_include_private`): a synthetic set made on it "
+              "is not shareable."]
+  elif healthy and healthy.get("num_slices", 0) < healthy.get("asked", 0):
+    lines += ["", f"The `healthy` split holds the {healthy['num_slices']} public-origin "
+              f"slices there are ({healthy.get('public_volumes')} public volumes), fewer "
+              f"than the {healthy['asked']} asked."]
   return lines
 
 
@@ -86,7 +100,8 @@ def _models(workdir: str) -> list[str]:
 
 
 def _synthetic(workdir: str) -> list[str]:
-  sets = [("dfgm (SHAREABLE)", "synthetic")]
+  sets = [("dfgm (SHAREABLE)", "synthetic"),
+          ("dfgm (NOT shareable)", os.path.join("private", "synthetic"))]
   root = os.path.join(workdir, "baselines")
   for mode in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     sets.append((f"{mode} (private, evaluation only)", os.path.join("baselines", mode, "set")))
@@ -97,9 +112,9 @@ def _synthetic(workdir: str) -> list[str]:
            "anomalydiffusion the tumor and the ring from the mask alone, cutpaste "
            "nothing. Local synthesis does the same with G2's export alone, the "
            "published set's tumors and the institute's own healthy slices.", "",
-           "| set | folder | mode | images | per center | images/s |",
-           "|---|---|---|---|---|---|"]
-  found = False
+           "| set | folder | mode | images | per center | images/s | backgrounds |",
+           "|---|---|---|---|---|---|---|"]
+  found, why_not = False, []
   for name, folder in sets:
     s = _read_json(os.path.join(workdir, folder, "summary.json"))
     if not s:
@@ -107,8 +122,15 @@ def _synthetic(workdir: str) -> list[str]:
     found = True
     per_center = ", ".join(f"{c}: {v.get('synthetic')}"
                            for c, v in s.get("centers", {}).items())
+    origins = s.get("healthy_origins") or {}
+    bank = (f"{origins.get('public', '?')} public, {origins.get('private', '?')} private"
+            if origins else "origin not recorded")
     lines.append(f"| {name} | {folder} | {s.get('mode')} | {s.get('synthetic_total')} | "
-                 f"{per_center} | {s.get('images_per_s')} |")
+                 f"{per_center} | {s.get('images_per_s')} | {bank} |")
+    if s.get("not_shareable_because") and folder == os.path.join("private", "synthetic"):
+      why_not.append(f"The dfgm set is NOT shareable: {s['not_shareable_because']}; it is "
+                     "kept in `private/synthetic/` and G2 is not trained on it.")
+  lines += [""] + why_not if why_not else []
   figure = os.path.join(workdir, "private", "figures")
   if os.path.isdir(figure):
     for f in sorted(os.listdir(figure)):

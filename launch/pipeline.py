@@ -13,11 +13,15 @@ Workdir W:
   W/model/       G1's export (trained on private slices)          private
   W/private/     salt, figures of private images, staging         private
   W/synthetic/   the synthetic set, summary, manifest             SHAREABLE
+                 (W/private/synthetic instead, NOT shareable, when
+                 data.healthy_include_private put private patients'
+                 healthy slices in the memory bank)
   W/baselines/   per baseline mode: its set (set/, state/) and,   private
                  for anomalydiffusion, its own model (g1/, model/)
   W/g2/          G2's training run (public data only)             private
   W/g2_model/    G2's export with its model card                  SHAREABLE
-  W/local/       center 2's local synthesis with G2 (its own set) private
+  W/local/       center 2's local synthesis with G2 in its own     private
+                 healthy slices (<center 2>_healthy of W/slices)
   W/eval/        segmentation runs, results, figures, quality      private
   W/privacy/     the privacy audit: privacy.json, privacy.md       private
                  (hits of private ids, per-slice indices), the
@@ -215,16 +219,31 @@ def synthesize_baselines(run: Run) -> dict:
 # --- The shared model G2 and local synthesis (ALGORITHM.md 6), opt-in -----------
 
 
+def _not_shareable(synthetic_dir: str) -> str:
+  """Why the synthetic set may not be shared ('' when it may)."""
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  shareable, why = provenance.set_shareable(slice_sets.load_manifest(synthetic_dir))
+  return "" if shareable else why
+
+
 def train_g2(run: Run) -> dict:
   """G2: fresh, on the public synthetic set and the healthy slices only; its
-  export (W/g2_model) carries the model card. The shareable model."""
+  export (W/g2_model) carries the model card. The shareable model. Skipped,
+  and said so, when the synthetic set is not shareable (G2's guard would
+  refuse it)."""
   if not _decentralized(run.config, "g2"):
     return {}
   from launch import public_data  # pylint: disable=g-import-not-at-top
+  synthetic = run.outputs["synthesize"]["synthetic set"]
+  why = _not_shareable(synthetic)
+  if why:
+    logging.warning("G2 skipped: the synthetic set is not shareable: %s", why)
+    return {"G2": f"skipped: the synthetic set is not shareable ({why})"}
   privacy = run.path("privacy", "privacy.json")
   result = public_data.train_and_export(
       run.config, run.path("g2"), run.path("g2_model"), run.path("slices"),
-      [run.outputs["synthesize"]["synthetic set"]],
+      [synthetic],
       privacy_json=privacy if os.path.exists(privacy) else None,
       overwrite=run.overwrite, progress=True)
   if result["preempted"]:
@@ -233,20 +252,40 @@ def train_g2(run: Run) -> dict:
           "G2 final loss": result["metrics"].get("loss")}
 
 
+def local_healthy_split(config, real) -> str:
+  """Center 2's own healthy split (<center 2>_healthy: its training patients'
+  healthy slices) when the slices have it, else the public `healthy` split."""
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
+  names = runs.centers(config, real)
+  if len(names) > 1:
+    own = names[1] + provenance.CENTER_HEALTHY_SUFFIX
+    if real.manifest.get("splits", {}).get(own, {}).get("num_slices"):
+      return own
+  return provenance.HEALTHY
+
+
 def local_synthesis(run: Run) -> dict:
   """Center 2's own synthetic set from G2's export alone (W/local/synthetic):
-  the published tumors of center 1 in the healthy slices, by G2."""
+  the published tumors of center 1 in center 2's own healthy slices, by G2."""
   mode = _decentralized(run.config, "local_synthesis")
   if not mode:
     return {}
+  model_dir = run.outputs.get("train G2", {}).get("G2 export (SHAREABLE)")
+  if not model_dir:
+    logging.warning("local synthesis skipped: no G2 export")
+    return {"local synthesis": "skipped: no G2 export"}
   from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import local  # pylint: disable=g-import-not-at-top
-  result = local.run(run.config, run.path("local"), slice_sets.SliceData(run.path("slices")),
+  real = slice_sets.SliceData(run.path("slices"))
+  split = local_healthy_split(run.config, real)
+  result = local.run(run.config, run.path("local"), real,
                      slice_sets.SliceData(run.outputs["synthesize"]["synthetic set"]),
-                     model_dir=run.outputs["train G2"]["G2 export (SHAREABLE)"], mode=mode,
-                     k=_decentralized(run.config, "local_k"), overwrite=run.overwrite)
+                     model_dir=model_dir, mode=mode,
+                     k=_decentralized(run.config, "local_k"), healthy_split=split,
+                     overwrite=run.overwrite)
   return {"local synthetic set": result["paths"]["synthetic set"],
-          "local pairs": result["synthetic_total"]}
+          "local healthy split": split, "local pairs": result["synthetic_total"]}
 
 
 # --- Evaluation and report ------------------------------------------------------
@@ -258,7 +297,8 @@ def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
   """The real slices and the synthetic sets (name -> SliceData, None when
   missing: its runs are skipped and listed) that the evaluation compares.
 
-  Defaults: W/slices, W/synthetic (dfgm) and W/baselines/<mode>/set for each
+  Defaults: W/slices, W/synthetic (dfgm; W/private/synthetic when only that
+  one exists) and W/baselines/<mode>/set for each
   mode of `modes` (default config.evaluation.baselines); `local_dir`, center
   2's local synthesis with G2 (launch.synthesize_local's W2/synthetic), adds
   run D_local.
@@ -266,7 +306,7 @@ def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
   from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
-  dirs = {runs.DFGM: synthetic_dir or stage.layout(workdir)["shared"]}
+  dirs = {runs.DFGM: synthetic_dir or stage.synthetic_dir(workdir)}
   for mode in baselines(config) if modes is None else modes:
     dirs[mode] = stage.layout(workdir, mode)["shared"]
   if local_dir:

@@ -11,9 +11,13 @@ synthetic set (its tumor slices and masks) makes its own synthetic set:
 
 It is the synthesis stage (stage.run) with two adaptations, no copy of it:
 - `LocalSlices`, the stage's data: `healthy` is the institute's healthy
-  split and each `<center>_train` is the public set's `<center>_synthetic`
-  split (its `source`, already a pseudonym, stands for the case id; the
-  institute salts it again). The institute's other splits are never read.
+  split (`healthy`, or a private center's own `<center>_healthy` of a
+  preprocessing output) and each `<center>_train` is the public set's
+  `<center>_synthetic` split (its `source`, already a pseudonym, stands for
+  the case id; the institute salts it again). The institute's other splits
+  are never read. Its manifest says `local`, so the set's manifest and
+  summary say it is not shareable (the institute's own backgrounds) and
+  G2's guard refuses it.
 - `SharedModel`, the stage's model: G2 loaded from its export, refused
   without a G2 model card. G2 is conditioned on D (train/g2.py says why);
   in harmonise mode its network is still given D as the conditioning mask
@@ -116,14 +120,17 @@ class LocalSlices:
 
   Args:
     healthy: the institute's slice set (a SliceData of a preprocessing
-      output); only its `healthy` split is read, and the new set is written
+      output); only its `healthy_split` is read, and the new set is written
       through it.
     tumors: the public synthetic set (a SliceData); its <center>_synthetic
       splits are the stage's <center>_train.
+    healthy_split: the split of `healthy` that holds the institute's healthy
+      slices (`healthy`, or a private center's own `<center>_healthy`).
   """
 
-  def __init__(self, healthy, tumors):
+  def __init__(self, healthy, tumors, healthy_split: str = HEALTHY):
     self.healthy, self.tumors = healthy, tumors
+    self.healthy_split = healthy_split
     self.data_dir = tumors.data_dir  # the stage names it when a center is missing.
     self._manifest = None
 
@@ -135,20 +142,22 @@ class LocalSlices:
   def manifest(self) -> dict:
     if self._manifest is None:
       h, t = self.healthy.manifest, self.tumors.manifest
-      if HEALTHY not in h.get("splits", {}):
-        raise errors.ConfigError(f"{self.healthy.data_dir}: no {HEALTHY!r} split; "
+      own = self.healthy_split
+      if own not in h.get("splits", {}):
+        raise errors.ConfigError(f"{self.healthy.data_dir}: no {own!r} split; "
                                  f"splits: {sorted(h.get('splits', {}))}")
       if h.get("image_size") != t.get("image_size"):
         raise errors.ConfigError(
             f"{self.healthy.data_dir} holds {h.get('image_size')}px slices, the "
             f"tumors of {self.tumors.data_dir} are {t.get('image_size')}px")
-      splits = {HEALTHY: h["splits"][HEALTHY]}
+      splits = {HEALTHY: h["splits"][own]}
       for c in self.centers():
         splits[c + TRAIN_SUFFIX] = t["splits"][c + SYNTHETIC_SUFFIX]
       # What identifies the inputs (the stage's identity of the set).
-      text = json.dumps([h.get("fingerprint"), h["splits"][HEALTHY], t], sort_keys=True)
+      text = json.dumps([h.get("fingerprint"), own, h["splits"][own], t], sort_keys=True)
       self._manifest = {"image_size": t.get("image_size"), "splits": splits,
-                        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16]}
+                        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+                        "local": True}
     return self._manifest
 
   def split_size(self, split: str) -> int:
@@ -156,7 +165,7 @@ class LocalSlices:
 
   def load_split(self, split: str, process_index: int = 0, process_count: int = 1) -> dict:
     if split == HEALTHY:
-      return self.healthy.load_split(HEALTHY, process_index, process_count)
+      return self.healthy.load_split(self.healthy_split, process_index, process_count)
     if not split.endswith(TRAIN_SUFFIX):
       raise KeyError(split)
     center = split[:-len(TRAIN_SUFFIX)]
@@ -191,23 +200,26 @@ def local_config(config, mode: str, centers: list[str], k: int | None = None):
 
 def run(config, workdir: str, healthy, tumors, *, model_dir: str, mode: str = "harmonise",
         centers: list[str] | None = None, k: int | None = None,
-        overwrite: bool = False, stop_after_batches: int | None = None) -> dict:
+        healthy_split: str = HEALTHY, overwrite: bool = False,
+        stop_after_batches: int | None = None) -> dict:
   """The institute's own synthetic set in W2 = `workdir` (stage.run's result).
 
   Args:
     config: sampler, synthesis (matching, placement) and runtime settings; the
       network's sections come from G2's export.
     workdir: W2: W2/synthetic (the new set) and W2/private.
-    healthy: the institute's slice set (its `healthy` split is read).
+    healthy: the institute's slice set (its `healthy_split` is read).
     tumors: the public synthetic set.
     model_dir: G2's export.
     mode: harmonise | generate.
     centers: the tumor set's centers to use (default: all).
     k: healthy slices per public tumor (default: config.synthesis.k).
+    healthy_split: the institute's healthy split in `healthy` (`healthy`, or
+      a private center's own `<center>_healthy`).
     overwrite, stop_after_batches: as stage.run.
   """
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
-  data = LocalSlices(healthy, tumors)
+  data = LocalSlices(healthy, tumors, healthy_split)
   known = data.centers()
   centers = list(centers or known)
   missing = sorted(set(centers) - set(known))

@@ -17,6 +17,16 @@ What it writes under the workdir W (the README's workdir layout):
   W/private/synthesis/         the stage record (identity of the finished
                                set), the memory bank's feature cache and the
                                staging of a run in progress
+  W/private/synthetic/         in place of W/synthetic, a set whose memory
+                               bank holds private-patient (or unrecorded)
+                               healthy slices (data.healthy_include_private):
+                               NOT shareable, and its manifest says why
+
+Provenance (dfgm_jax/provenance.py): the backgrounds come from the slices'
+`healthy` split; the set's manifest and summary say whether it is shareable
+(`shareable`, `healthy_origins`, `not_shareable_because`). A set is
+shareable only when every bank slice is public-origin and it is neither a
+baseline nor an institute's local set.
 
 Reuse and refusal: a finished set of the same identity (data, model,
 centers, synthesis/sampler/model settings) is reused; one of another
@@ -48,6 +58,7 @@ from dfgm_jax import checkpoint as ckpt_lib
 from dfgm_jax import config_checks
 from dfgm_jax import errors
 from dfgm_jax import parallel
+from dfgm_jax import provenance
 from dfgm_jax import stage_io
 from dfgm_jax.diffusion import denoiser as denoiser_lib
 from dfgm_jax.diffusion import sampler as sampler_lib
@@ -63,25 +74,57 @@ BASELINES = "baselines"
 FIGURE_MODES = ("cutpaste", "anomalydiffusion", "dfgm")
 
 
-def layout(workdir: str, baseline: str | None = None) -> dict:
+def layout(workdir: str, baseline: str | None = None, shareable: bool = True) -> dict:
   """The stage's folders and files under `workdir` (see the module docstring).
 
   With `baseline` (a mode name), the layout of a baseline set made only for
   the evaluation (runs B_<mode>, D_<mode>): W/baselines/<mode>/set and
   .../state, private like all of W/baselines; no figure; the same salt.
+  shareable=False: the set goes to W/private/synthetic (a bank with
+  private-patient healthy slices).
   """
   private = os.path.join(workdir, PRIVATE)
   if baseline:
     root = os.path.join(workdir, BASELINES, baseline)
     out, state, fig = os.path.join(root, "set"), os.path.join(root, "state"), None
   else:
-    out, state = os.path.join(workdir, SHARED), os.path.join(private, "synthesis")
+    out = os.path.join(workdir, SHARED) if shareable else os.path.join(private, SHARED)
+    state = os.path.join(private, "synthesis")
     fig = os.path.join(private, "figures")
   return {"shared": out, "private": private,
           "salt": os.path.join(private, "salt"),
           "figures": fig, "state": state,
           "record": os.path.join(state, "record.json"),
           "staging": os.path.join(state, "staging")}
+
+
+def synthetic_dir(workdir: str) -> str:
+  """W's synthetic set: W/synthetic, else W/private/synthetic when only that
+  one is finished (made on private-patient backgrounds), else W/synthetic."""
+  for shareable in (True, False):
+    out = layout(workdir, shareable=shareable)["shared"]
+    if os.path.exists(os.path.join(out, "manifest.json")):
+      return out
+  return layout(workdir)["shared"]
+
+
+def bank_verdict(data, baseline: bool = False) -> provenance.Verdict:
+  """Whether the set made from `data`'s healthy split may be shared.
+
+  Raises:
+    errors.ConfigError: the healthy split is empty (no public-origin slice).
+  """
+  manifest = data.manifest
+  healthy = manifest.get("splits", {}).get(provenance.HEALTHY, {})
+  if not healthy.get("num_slices"):
+    raise errors.ConfigError(
+        f"{data.data_dir}: its {provenance.HEALTHY!r} split holds no slice, so there "
+        "are no public healthy backgrounds (the data has no volume of a non-private "
+        "center); add public volumes, make a center public (config.data.centers), or "
+        f"preprocess with {provenance.RESEARCH_SWITCH}=True (research only: the set "
+        "is then not shareable)")
+  return provenance.bank_verdict(manifest, local=bool(manifest.get("local")),
+                                 baseline=baseline)
 
 
 def read_salt(workdir: str) -> str | None:
@@ -195,7 +238,13 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   """
   config_checks.validate(config)
   _check_settings(config, model_dir)
-  paths = layout(workdir, config.synthesis.mode if baseline else None)
+  verdict = bank_verdict(data, baseline)
+  local = bool(data.manifest.get("local"))  # an institute's set stays in its W2.
+  private_out = verdict.private_bank and not local and not baseline
+  paths = layout(workdir, config.synthesis.mode if baseline else None,
+                 shareable=not private_out)
+  if not verdict.shareable:
+    logging.warning("the synthetic set is NOT shareable: %s", verdict.reason)
   main = parallel.is_main()
   mesh = parallel.make_mesh()
   logging.info("process %d of %d, %d local / %d global devices (%s)",
@@ -236,6 +285,12 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
     for stale in (paths["record"], os.path.join(paths["shared"], "manifest.json")):
       if os.path.exists(stale):  # no longer describes what is there.
         os.remove(stale)
+    if not baseline and not local:
+      # A set of an earlier run in the other place (shareable or not) is not
+      # this run's: nothing stale may look like this run's set.
+      other = layout(workdir, shareable=private_out)["shared"]
+      if os.path.isdir(other):
+        shutil.rmtree(other)
 
   # --- Memory bank of the public healthy slices (features: process 0 only) ---
   healthy = data.load_split("healthy")
@@ -318,13 +373,14 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
       "nfe_per_image": sampler_lib.make_plan(model.sampler_config,
                                              model.schedule.num_steps).nfe,
       "healthy_bank": len(bank.keys), "image_size": size,
+      **verdict.to_dict(),
   }
   stage_io.write_json(os.path.join(paths["shared"], "summary.json"), summary)
   # The data layer names the set; its folders are <format>/<name>/<version>.
   (dataset,) = {path.split("/")[1] for path in formats.values()}
   manifest = {"dataset": dataset,
               "image_size": size, "channels": len(config.data.modalities),
-              "formats": formats,
+              "formats": formats, **verdict.to_dict(),
               "splits": {f"{c}_synthetic": {"num_slices": len(r["image"]),
                                             "num_cases": len(set(r["source"]))}
                          for c, r in results.items()}}
