@@ -16,6 +16,7 @@ from data_pipeline import builder
 from data_pipeline import slice_sets
 from dfgm_jax import errors
 from dfgm_jax import model_io
+from dfgm_jax import provenance
 from dfgm_jax.train import diffusion
 from dfgm_jax.train import g2
 from launch import public_data
@@ -39,7 +40,8 @@ def stand_in_synthetic_set(data_dir, out_dir, center="CBICA"):
     # As the synthesis stage writes it; formats: <format>/<name>/<version>.
     json.dump({"dataset": formats["array_record"].split("/")[1], "formats": formats,
                "image_size": res["image"].shape[1], "channels": res["image"].shape[-1],
-               "splits": {f"{center}_synthetic": {"num_slices": n, "num_cases": n}}}, f)
+               "splits": {f"{center}_synthetic": {"num_slices": n, "num_cases": n}},
+               "shareable": True, "healthy_origins": {"public": n, "private": 0}}, f)
   return out_dir
 
 
@@ -107,13 +109,14 @@ def trained(preprocessed_2020, tmp_path_factory):
 
 def _real_manifest():
   return {"fingerprint": "f" * 16, "formats": {"array_record": "array_record/brats_slices/1.0.0"},
-          "splits": {"healthy": {"num_slices": 3}, "CBICA_train": {"num_slices": 2},
-                     "CBICA_test": {"num_slices": 1}}}
+          "splits": {"healthy": {"num_slices": 3, "origins": {"public": 3, "private": 0}},
+                     "CBICA_train": {"num_slices": 2}, "CBICA_test": {"num_slices": 1}}}
 
 
-def _synthetic_manifest(*splits):
-  return {"dataset": g2.SYNTHETIC_DATASET,
-          "splits": {s: {"num_slices": 2} for s in splits or ("CBICA_synthetic",)}}
+def _synthetic_manifest(*splits, **fields):
+  return {"dataset": g2.SYNTHETIC_DATASET, "shareable": True,
+          "splits": {s: {"num_slices": 2} for s in splits or ("CBICA_synthetic",)},
+          **fields}
 
 
 def test_synthetic_dataset_name_is_the_data_layers():
@@ -143,10 +146,49 @@ def test_guard_passes_public_splits_only():
     g2.check_public([healthy])
 
 
+def test_guard_judges_by_provenance_not_by_split_name():
+  tumor = g2.PublicInput("tumor", "/s", _synthetic_manifest(), "CBICA_synthetic")
+  healthy = g2.PublicInput("healthy", "/d", _real_manifest(), "healthy")
+  local_reason = provenance.bank_verdict(
+      {"splits": {"healthy": {"origins": {"public": 0, "private": 5}}}}, local=True).reason
+  research = _real_manifest()
+  research["splits"]["healthy"]["origins"] = {"public": 1, "private": 2}
+  unrecorded = _real_manifest()
+  del unrecorded["splits"]["healthy"]["origins"]
+  cases = [
+      # W/local's set: a <center>_synthetic split, but the institute's backgrounds.
+      (g2.PublicInput("tumor", "/w/local/synthetic", _synthetic_manifest(
+          shareable=False, not_shareable_because=local_reason), "CBICA_synthetic"),
+       "not shareable"),
+      # A set made on private-patient backgrounds (data.healthy_include_private).
+      (g2.PublicInput("tumor", "/w/private/synthetic", _synthetic_manifest(
+          shareable=False, not_shareable_because="its backgrounds come from private "
+          "patients"), "CBICA_synthetic"), "private patients"),
+      # A set that states nothing (made before origins were recorded).
+      (g2.PublicInput("tumor", "/old/synthetic", {"dataset": g2.SYNTHETIC_DATASET,
+                                                  "splits": {"CBICA_synthetic": {}}},
+                      "CBICA_synthetic"), "does not state"),
+      # A `healthy` split holding private patients' slices, or unrecorded origins.
+      (g2.PublicInput("healthy", "/r", research, "healthy"), "2 private-patient"),
+      (g2.PublicInput("healthy", "/u", unrecorded, "healthy"), "origin not recorded"),
+      # A private center's own healthy split.
+      (g2.PublicInput("healthy", "/d", _real_manifest(), "CBICA_healthy"),
+       "'CBICA_healthy' of /d .* is a private split"),
+  ]
+  for bad, why in cases:
+    others = [i for i in (tumor, healthy) if i.role != bad.role]
+    with pytest.raises(g2.PrivateDataError, match=why) as e:
+      g2.check_public([*others, bad])
+    assert bad.where in str(e.value)
+  # The same split names pass when the recorded provenance is public.
+  g2.check_public([tumor, healthy])
+
+
 def test_guard_refuses_a_preprocessing_output_as_synthetic_set(preprocessed_2020, tmp_path):
   data_dir, _ = preprocessed_2020
   # Every split of a given set is an input: the real slices' are private.
-  with pytest.raises(g2.PrivateDataError, match=r"split 'CBICA_t(est|rain)'") as e:
+  with pytest.raises(g2.PrivateDataError,
+                     match=r"split 'CBICA_(test|train|healthy)' .* is a private split") as e:
     public_data.load(tiny_g2_config(), data_dir, [data_dir])
   assert data_dir in str(e.value)
   # A synthetic set whose manifest names a private split is refused too.
@@ -212,6 +254,12 @@ def test_card_says_what_g2_saw(trained):
   assert (healthy["split"], healthy["num_slices"]) == (
       "healthy", manifest["splits"]["healthy"]["num_slices"])
   assert healthy["set_fingerprint"] == manifest["fingerprint"]
+  # The healthy slices by origin, as the preprocessing recorded them: public only.
+  n_healthy = manifest["splits"]["healthy"]["num_slices"]
+  assert healthy["origins"] == {"public": n_healthy, "private": 0}
+  assert card["data"]["healthy_origins"] == {"public": n_healthy, "private": 0}
+  assert f"{n_healthy} healthy slices of public-center volumes (0 of private" in (
+      card["private_data"]["statement"])
   # The synthetic set has no fingerprint: a hash of its manifest and shards.
   assert tumor["set_fingerprint"] == g2.set_fingerprint(
       synthetic, slice_sets.load_manifest(synthetic))

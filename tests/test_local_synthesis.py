@@ -9,6 +9,7 @@ mask the network is given) do not depend on trained weights. The binaries
 end to end, with a trained G2, are the slow test.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from dfgm_jax.synthesis import local
 from dfgm_jax.synthesis import masks
 from dfgm_jax.synthesis import pipeline
 from dfgm_jax.train import g2
+from launch import public_data
 from tests import test_g2
 from tests.conftest import ROOT
 
@@ -250,3 +252,16 @@ def test_binaries_train_g2_then_synthesize_locally(preprocessed_2020, tmp_path):
   n = slice_sets.load_manifest(synthetic)["splits"]["CBICA_synthetic"]["num_slices"]
   manifest = slice_sets.load_manifest(str(tmp_path / "w2" / "synthetic"))
   assert manifest["splits"]["CBICA_synthetic"]["num_slices"] == 2 * n
+
+
+def test_the_local_set_is_not_shareable_and_g2_refuses_it(institute, harmonised):
+  # The institute's own healthy slices are its backgrounds: by provenance,
+  # whatever its split is called, G2's guard refuses it before reading it.
+  out = institute / "w_harmonise" / "synthetic"
+  manifest = slice_sets.load_manifest(str(out))
+  assert manifest["shareable"] is False
+  assert "local synthesis" in manifest["not_shareable_because"]
+  assert json.loads((out / "summary.json").read_text())["shareable"] is False
+  with pytest.raises(g2.PrivateDataError, match="not shareable") as e:
+    public_data.public_inputs(str(institute / "own_slices"), [str(out)])
+  assert str(out) in str(e.value)

@@ -23,20 +23,24 @@ synthesis (synthesis/local.py):
   (a ring model must not be given D); local.SharedModel allows it for G2
   alone.
 
-Guard: `check_public` refuses every private split among G2's inputs
-(<center>_train / <center>_test, or any split of a preprocessing output but
-`healthy`; a synthetic set only its <center>_synthetic splits), naming the
-split and its folder, before anything is read. `train` runs it; the binary
-and the pipeline build G2's batches only from the inputs it passed
-(launch/public_data.py).
+Guard: `check_public` judges every input by its recorded provenance
+(dfgm_jax/provenance.py), not by its name alone, and refuses, naming the
+split, its folder and why, before anything is read: a preprocessing
+output's split other than `healthy`; a `healthy` split that holds
+private-patient slices or records no origins; a synthetic set whose manifest
+does not state that it is shareable (an institute's local set, a set made on
+private-patient backgrounds with data.healthy_include_private, a baseline, a
+set made before origins were recorded); a synthetic set's split other than
+<center>_synthetic. `train` runs it; the binary and the pipeline build G2's
+batches only from the inputs it passed (launch/public_data.py).
 
 Run identity: G2's config gets train.public_data = a hash of its inputs'
 fingerprints, so G2 never resumes a checkpoint of G1 (or of a G2 of other
 data) found in its workdir: the workdir claim refuses another run.
 
 The model card (model_card.json / .md beside model.json): the inputs'
-fingerprints and counts, the statement that no private slice was used and
-the guard that enforced it, the training and sampler settings, and the
+fingerprints and counts (the healthy slices' by origin), the statement of
+what G2 saw and the guard that enforced it, the training and sampler settings, and the
 privacy audit's summary when one is given. No local path, case id or salt.
 """
 
@@ -54,6 +58,7 @@ import numpy as np
 from dfgm_jax import errors
 from dfgm_jax import model_io
 from dfgm_jax import parallel
+from dfgm_jax import provenance
 from dfgm_jax import stage_io
 
 # data_pipeline.builder.SYNTHETIC_NAME (tests/test_g2.py keeps them equal).
@@ -107,28 +112,31 @@ def is_synthetic(manifest: dict) -> bool:
 
 
 def check_public(inputs) -> None:
-  """THE guard: refuses any input that is not a public split.
+  """THE guard: refuses any input that is not public by its recorded provenance.
 
-  Public: a synthetic set's <center>_synthetic splits (tumor examples) and a
-  preprocessing output's `healthy` split (healthy examples). Everything else
-  (<center>_train, <center>_test, any other split) is private or unknown.
+  Public: the <center>_synthetic splits of a synthetic set whose manifest
+  states `shareable` (every background a public-origin slice; not a local or
+  baseline set) as tumor examples, and a preprocessing output's `healthy`
+  split whose slices are all recorded as public-origin as healthy examples.
+  Everything else (<center>_train, <center>_test, <center>_healthy, a
+  private-origin healthy split, a set that is not shareable) is refused.
 
   Raises:
-    PrivateDataError: naming the split, its folder and what is allowed.
+    PrivateDataError: naming the split, its folder, why and what is allowed.
   """
   inputs = list(inputs)
   if not any(i.role == "tumor" for i in inputs):
     raise errors.ConfigError("G2 needs at least one synthetic set (its tumor "
                              "examples): none was given")
   for i in inputs:
-    private = i.split.endswith(("_train", "_test"))
+    private = i.split.endswith(("_train", "_test", provenance.CENTER_HEALTHY_SUFFIX))
     if i.role == "tumor":
       ok = (is_synthetic(i.manifest) and i.split.endswith(SYNTHETIC_SUFFIX)
             and not private)
-      allowed = "a synthetic set's <center>_synthetic splits"
+      allowed = "a shareable synthetic set's <center>_synthetic splits"
     elif i.role == "healthy":
       ok = i.split == HEALTHY and not is_synthetic(i.manifest)
-      allowed = f"a preprocessing output's {HEALTHY!r} split"
+      allowed = f"a preprocessing output's {HEALTHY!r} split of public-origin slices"
     else:
       raise ValueError(f"unknown role {i.role!r}")
     if not ok:
@@ -139,10 +147,35 @@ def check_public(inputs) -> None:
           f"G2 trains on public data only: split {i.split!r} of {i.where} "
           f"({dataset_name(i.manifest)}) {'is a private split' if private else 'is refused'}"
           f"; as {i.role} examples G2 takes only {allowed}")
+    _check_provenance(i, allowed)
     splits = i.manifest.get("splits", {})
     if i.split not in splits:
       raise errors.ConfigError(f"{i.where}: no split {i.split!r}; splits: "
                                f"{sorted(splits)}")
+
+
+def _check_provenance(i: PublicInput, allowed: str) -> None:
+  """Refuses an input whose recorded origins are not all public."""
+  if i.role == "tumor":
+    shareable, why = provenance.set_shareable(i.manifest)
+    if not shareable:
+      raise PrivateDataError(
+          f"G2 trains on public data only: the synthetic set {i.where} is not "
+          f"shareable ({why}); as tumor examples G2 takes only {allowed}")
+    return
+  origins = provenance.split_origins(i.manifest, i.split)
+  if origins is None or origins[provenance.PRIVATE]:
+    raise PrivateDataError(
+        f"G2 trains on public data only: split {i.split!r} of {i.where} holds "
+        f"{provenance.describe(origins)}; preprocess with "
+        f"{provenance.RESEARCH_SWITCH}=False (the default) for a public-only "
+        f"{HEALTHY!r} split" + ("" if origins else " (this output predates recorded "
+                                 "origins: preprocess again)"))
+  if not origins[provenance.PUBLIC]:
+    raise PrivateDataError(
+        f"G2 needs public healthy slices: split {i.split!r} of {i.where} is empty "
+        "(the data has no volume of a non-private center); add public volumes or "
+        "make a center public (config.data.centers)")
 
 
 # --- Fingerprints ----------------------------------------------------------------
@@ -184,10 +217,13 @@ def content_sha256(arrays: dict) -> str:
 def describe(inp: PublicInput, fingerprint: str, content: str) -> dict:
   """What the card says of one input: no folder, no case id."""
   split = inp.manifest["splits"][inp.split]
-  return {"role": inp.role, "dataset": dataset_name(inp.manifest), "split": inp.split,
+  out = {"role": inp.role, "dataset": dataset_name(inp.manifest), "split": inp.split,
          "num_slices": int(split["num_slices"]),
          "num_cases": int(split.get("num_cases", 0)),
          "set_fingerprint": fingerprint, "content_sha256": content}
+  if inp.role == "healthy":  # checked all public by the guard; said on the card.
+    out["origins"] = provenance.split_origins(inp.manifest, inp.split)
+  return out
 
 
 def inputs_id(described: list[dict]) -> str:
@@ -291,6 +327,8 @@ def model_card(g2_cfg, inputs_record: dict, privacy: dict | None) -> dict:
   """The card of G2's export (model_io.export adds the weights' sha256 and step)."""
   tumor = [d for d in inputs_record["inputs"] if d["role"] == "tumor"]
   healthy = [d for d in inputs_record["inputs"] if d["role"] == "healthy"]
+  origins = {o: sum((d.get("origins") or {}).get(o, 0) for d in healthy)
+             for o in provenance.ORIGINS}
   t = g2_cfg.train
   return {
       "format": CARD_FORMAT,
@@ -305,18 +343,27 @@ def model_card(g2_cfg, inputs_record: dict, privacy: dict | None) -> dict:
           "healthy_examples": healthy,
           "tumor_slices": sum(d["num_slices"] for d in tumor),
           "healthy_slices": sum(d["num_slices"] for d in healthy),
+          "healthy_origins": origins,
           "public_data_id": inputs_record["public_data"],
       },
       "private_data": {
           "used": False,
-          "statement": ("No private slice was used: G2 saw only the published "
-                        "synthetic sets' <center>_synthetic splits and the public "
-                        "healthy split."),
+          "statement": (
+              "No private slice was used as a training image: G2 saw the "
+              "<center>_synthetic splits of published sets whose manifests state "
+              "they are shareable (every background a public-origin healthy slice) "
+              f"and {origins[provenance.PUBLIC]} healthy slices of public-center "
+              f"volumes ({origins[provenance.PRIVATE]} of private patients). The "
+              "synthetic sets' tumor interiors are the private source tumors, "
+              "pasted by design."),
           "guard": inputs_record["guard"],
-          "guard_rule": ("refuses <center>_train / <center>_test and every split "
-                         "of a preprocessing output but 'healthy'; a synthetic set "
-                         "only as its <center>_synthetic splits; checked on every "
-                         "input before any slice was read"),
+          "guard_rule": ("judges each input by its recorded provenance: refuses "
+                         "<center>_train / <center>_test / <center>_healthy and every "
+                         "split of a preprocessing output but 'healthy', a 'healthy' "
+                         "split with private-patient or unrecorded origins, and a "
+                         "synthetic set whose manifest does not state it is shareable "
+                         "(local, baseline or private-background sets); checked on "
+                         "every input before any slice was read"),
           "inputs_checked": inputs_record["inputs_checked"],
       },
       "regions": {"conditioning": g2_cfg.mask.region, "loss": t.loss_region,
