@@ -27,6 +27,26 @@ def load_split(data_dir: str, split: str, reader: str, shard: bool,
   return {name: arrays[name] for name in fields}
 
 
+def load_healthy(config, data_dir: str, shard: bool) -> dict:
+  """The `healthy` split, refused with what to change when it is empty.
+
+  It is empty when the data has no volume of a non-private center (e.g. a
+  BraTS 2021/2023 folder, one private center): preprocessing puts no private
+  patient's slice in it unless asked to.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  split = slice_sets.load_manifest(data_dir).get("splits", {}).get(provenance.HEALTHY, {})
+  if not split.get("num_slices"):
+    raise errors.ConfigError(
+        f"{data_dir}: its {provenance.HEALTHY!r} split is empty (no volume of a "
+        "non-private center); add public volumes, leave a center public "
+        "(config.data.centers), or preprocess with "
+        f"{provenance.RESEARCH_SWITCH}=True (research only: synthetic sets are then "
+        "not shareable)")
+  return load_split(data_dir, provenance.HEALTHY, config.train.reader, shard=shard)
+
+
 def check_slices(config, data_dir: str) -> None:
   """Refuses slices whose size or modalities differ from config.data's.
 
@@ -49,6 +69,28 @@ def check_slices(config, data_dir: str) -> None:
         f"config.data.modalities={tuple(modalities)}: the slices in {data_dir} "
         f"hold {tuple(stored)}; set --config.data.modalities to match or "
         "preprocess again")
+
+
+def check_dp_public_pool(config, data_dir: str) -> None:
+  """Refuses DP-SGD when the healthy split is not all public-origin.
+
+  DP-SGD leaves the healthy examples unclipped and unnoised: they must not
+  be any patient's private data. Preprocessing puts only public-origin slices
+  in `healthy` by default; with data.healthy_include_private (research) the
+  split holds private patients' slices, which the patient-level epsilon
+  would not cover, so DP refuses rather than report an epsilon that is not
+  true for them.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  manifest = slice_sets.load_manifest(data_dir)
+  origins = provenance.split_origins(manifest, provenance.HEALTHY)
+  if origins is None or origins[provenance.PRIVATE]:
+    raise errors.ConfigError(
+        f"config.dp.enabled=True: the {provenance.HEALTHY!r} split of {data_dir} "
+        f"holds {provenance.describe(origins)}; DP-SGD uses the healthy slices "
+        "unclipped, so they must all be public-origin (preprocess with "
+        f"{provenance.RESEARCH_SWITCH}=False, the default, or train without DP)")
 
 
 def synthetic_pools(config, client_index: int = 0) -> tuple[dict, dict]:
@@ -75,7 +117,7 @@ def _pools(config, data_dir: str | None, fields=("image", "mask")):
     raise errors.ConfigError("--data_dir is required unless "
                              "config.train.reader=synthetic")
   check_slices(config, data_dir)
-  healthy = load_split(data_dir, "healthy", t.reader, shard=True)
+  healthy = load_healthy(config, data_dir, shard=True)
   # The n_shot subset is chosen over the whole private split (same on every
   # process).
   tumor = load_split(data_dir, f"{t.center}_train", t.reader, shard=False, fields=fields)
@@ -90,6 +132,8 @@ def make_dp_sampler(config, data_dir: str | None):
   global); the synthetic reader's slices are one patient each.
   """
   from dfgm_jax.train import dp  # pylint: disable=g-import-not-at-top
+  if config.train.reader != "synthetic" and data_dir:
+    check_dp_public_pool(config, data_dir)
   healthy, tumor, keep = _pools(config, data_dir, ("image", "mask", "case_id"))
   ids = None
   if keep is not None:
@@ -172,7 +216,7 @@ def make_clients(config, data_dir: str | None) -> list:
       raise errors.ConfigError("--data_dir is required unless "
                                "config.train.reader=synthetic")
     check_slices(config, data_dir)
-    healthy = load_split(data_dir, "healthy", t.reader, shard=False)
+    healthy = load_healthy(config, data_dir, shard=False)
   return [make_client(config, data_dir, center, i,
                       None if t.reader == "synthetic" else healthy)
           for i, center in enumerate(centers)]
@@ -196,9 +240,11 @@ def make_client(config, data_dir: str | None, center: str, client_index: int,
   if t.reader == "synthetic":
     healthy, tumor = synthetic_pools(config, client_index)
   else:
+    if use_dp:
+      check_dp_public_pool(config, data_dir)
     if healthy is None:
       check_slices(config, data_dir)
-      healthy = load_split(data_dir, "healthy", t.reader, shard=False)
+      healthy = load_healthy(config, data_dir, shard=False)
     fields = ("image", "mask", "case_id") if use_dp else ("image", "mask")
     tumor = load_split(data_dir, f"{center}_train", t.reader, shard=False,
                        fields=fields)

@@ -26,6 +26,24 @@ slices cost no privacy and keep their ordinary gradient. Three pieces:
   Poisson event when max_units < num_units, exact for the sampler; about 1 s
   of host time per epsilon against 0.15 s for rdp).
 
+What the epsilon covers, and what it does not:
+- Covered: G1's training on the private tumor slices of train.center (or of
+  each federated client's center), with a patient (dp.unit='patient') or a
+  slice ('example') as the unit: adding or removing one patient's slices
+  changes the distribution of the trained weights by at most (epsilon,
+  delta). Everything computed from those weights alone (G1's export, its
+  samples) inherits the guarantee.
+- Not covered: the healthy slices, used unclipped and unnoised. They must be
+  public data, and are: preprocessing puts only public-origin slices (volumes
+  of non-private centers) in the `healthy` split by default, and
+  launch/train_data.py check_dp_public_pool refuses DP when the split holds
+  private patients' slices (data.healthy_include_private, a research switch)
+  or records no origins, rather than count them as units.
+- Not covered: what is published beside the weights. A DFGM synthetic set
+  pastes each private tumor interior verbatim into a public background; that
+  copy is outside any epsilon of the training. Nor is the choice of n_shot
+  slices, the patient split or hyperparameters tuned on private data.
+
 train/diffusion.py's step calls private_grads when dp.enabled, and its
 train() refuses a run whose configured steps would spend more than
 dp.target_epsilon and writes `dp_epsilon` into every metrics row.
