@@ -101,6 +101,11 @@ def test_synthetic_set_outputs_reuse_and_refusal(workdir):
   assert scan["hits"] == [] and scan["targets"]["synthetic set"] == "scanned"
   assert scan["files_scanned"] >= 6 and scan["tokens"]["case id"] >= 8
   assert out["verdicts"]["shared files"]["status"] == "ok"
+  # Every background is a public-origin slice (matched through the salt).
+  assert out["backgrounds"]["fraction_not_public"] == 0.0
+  assert out["backgrounds"]["public"] == out["candidates"]["n"]
+  assert out["verdicts"]["backgrounds"]["status"] == "ok"
+  assert out["summary"]["background_fraction_not_public"] == 0.0
 
   md = open(os.path.join(out_dir, audit.PRIVACY_MD)).read()
   for line in ("**Overall:", "- **by design**: tumor: copied by design",
@@ -232,3 +237,34 @@ def test_g2_sample_test_runs_on_a_generate_mode_set_only(workdir, tmp_path):
   assert g["private_median"] > 0.0 and res["n_samples"] == res["n_public"]
   assert audit.g2_sample_verdict(
       {"generated": {**g, "public_median": 1.0}})[0] == "warning"
+
+
+def test_backgrounds_are_checked_through_the_salt(workdir):
+  from data_pipeline import slice_sets
+  from dfgm_jax.privacy import audit
+  from dfgm_jax.synthesis import pipeline
+  from dfgm_jax.synthesis import stage
+  real = slice_sets.SliceData(os.path.join(workdir, "slices"))
+  cands = slice_sets.load_split(os.path.join(workdir, "synthetic"), f"{CENTER}_synthetic")
+  salt = stage.read_salt(workdir)
+  res = audit.background_check(cands, real.manifest, salt)
+  # Made on the default `healthy` split: every background is public-origin.
+  n = len(cands["image"])
+  assert (res["n_backgrounds"], res["public"], res["fraction_not_public"]) == (n, n, 0.0)
+  assert audit.background_verdict(res)[0] == "ok"
+  # A private patient's slice planted as a background is a leak.
+  key, z = real.manifest["slices"][f"{CENTER}_healthy"][0]
+  planted = dict(cands, healthy=[pipeline.salted_hash(f"{key}/{z:03d}", salt)]
+                 + list(cands["healthy"][1:]))
+  res = audit.background_check(planted, real.manifest, salt)
+  assert (res["private"], res["not_public"]) == (1, [0])
+  assert res["fraction_not_public"] == pytest.approx(1 / n)
+  status, text = audit.background_verdict(res)
+  assert status == "leak" and "not public-origin" in text
+  assert audit.overall({"backgrounds": {"status": status}}) == "fail"
+  # A hash of nothing the preprocessing wrote: unknown, not public either.
+  res = audit.background_check(dict(cands, healthy=["0" * 16] * n), real.manifest, salt)
+  assert res["unknown"] == n and res["fraction_not_public"] == 1.0
+  # A real split has no backgrounds; without the salt nothing can be matched.
+  assert "skipped" in audit.background_check({"image": cands["image"]}, real.manifest, salt)
+  assert "skipped" in audit.background_check(cands, real.manifest, None)

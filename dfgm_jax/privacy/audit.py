@@ -21,6 +21,9 @@ Checks (privacy.json keys):
                    private slices (only when such a local set exists).
   scan             raw case ids, patient ids, paths and the salt in the
                    files that would be shared (privacy/scan.py).
+  backgrounds      every background of a synthetic set, its salted key
+                   matched through the salt to the slices' manifest: the
+                   fraction that is not a public-origin slice is a leak.
   verdicts         one line per check in plain words; `summary` the numbers
                    and verdicts that can be shown outside the center.
 
@@ -161,7 +164,9 @@ def workdir_inputs(config, workdir: str, slice_data, *, candidates: str | None =
   real_dir = os.path.join(workdir, "slices")
   real = slice_data(real_dir)
   center = center or config.train.center
-  shared_set = os.path.join(workdir, "synthetic")
+  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
+  # W/synthetic, or W/private/synthetic for a set made on private backgrounds.
+  shared_set = stage.synthetic_dir(workdir)
   if candidates:
     cand_dir, sep, split = candidates.rpartition(":")
     if not sep or not cand_dir or not split:
@@ -170,7 +175,6 @@ def workdir_inputs(config, workdir: str, slice_data, *, candidates: str | None =
   else:
     cand_dir, split = shared_set, f"{center}_synthetic"
   cand = slice_data(cand_dir)
-  from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
   salt = stage.read_salt(workdir)
   local_dir = os.path.join(workdir, "local", "synthetic")
   shared = {"synthetic set": shared_set, "G2 export": os.path.join(workdir, "g2_model")}
@@ -326,6 +330,40 @@ def membership_checks(config, inputs: Inputs, train: dict, heldout: dict,
   return out
 
 
+def background_check(cands: dict, manifest: dict, salt: str | None) -> dict:
+  """Where each background of a synthetic set came from, through the salt.
+
+  A synthetic example names its healthy slice by salted_hash(key, salt),
+  key = "<case_id>/<z:03d>". Every slice the preprocessing wrote is hashed
+  with the salt and mapped to its origin (the manifest's `slice_origins`, or
+  for an older manifest its case's split: 'public' or a private patient's).
+  A background found nowhere is 'unknown'. Anything but public is a leak:
+  a private patient's slice published as a background.
+  """
+  if "healthy" not in cands:
+    return {"skipped": "the candidates are a real split: they have no backgrounds"}
+  if not salt:
+    return {"skipped": "no salt (W/private/salt): the backgrounds cannot be matched"}
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
+  case_origin = {c["case_id"]: (provenance.PUBLIC if c.get("split") == "public"
+                                else provenance.PRIVATE)
+                 for c in manifest.get("cases", [])}
+  origin_of = {}
+  for split, entries in manifest.get("slices", {}).items():
+    recorded = manifest.get("slice_origins", {}).get(split)
+    for i, (case_id, z) in enumerate(entries):
+      origin = recorded[i] if recorded else case_origin.get(case_id, "unknown")
+      origin_of[pipeline.salted_hash(f"{case_id}/{int(z):03d}", salt)] = origin
+  found = [origin_of.get(h, "unknown") for h in cands["healthy"]]
+  n = len(found)
+  counts = {o: found.count(o) for o in (*provenance.ORIGINS, "unknown")}
+  not_public = n - counts[provenance.PUBLIC]
+  return {"n_backgrounds": n, "n_distinct": len(set(cands["healthy"])), **counts,
+          "fraction_not_public": not_public / n if n else 0.0,
+          "not_public": [i for i, o in enumerate(found) if o != provenance.PUBLIC]}
+
+
 def g2_sample_check(inputs: Inputs, train: dict, r_out: int, r_in: int,
                     s: Settings) -> dict:
   """ALGORITHM.md 9.6: G2's generate-mode samples should sit nearer S than the
@@ -467,6 +505,19 @@ def g2_sample_verdict(res: dict) -> tuple[str, str]:
                      f"slices than to S; {numbers}")
 
 
+def background_verdict(res: dict) -> tuple[str, str]:
+  if "skipped" in res:
+    return "skipped", f"backgrounds: not checked ({res['skipped']})"
+  numbers = (f"{res['public']} of {res['n_backgrounds']} backgrounds are public-origin "
+             f"slices, {res['private']} private patients', {res['unknown']} not in the "
+             "slices' manifest (matched through the salt)")
+  if res["fraction_not_public"] > 0:
+    return "leak", (f"backgrounds: LEAK, {_pct(res['fraction_not_public'])} of the "
+                    f"backgrounds are not public-origin slices; {numbers}; do not share "
+                    "this set")
+  return "ok", f"backgrounds: every background is a public-origin slice; {numbers}"
+
+
 def scan_verdict(res: dict) -> tuple[str, str]:
   n = len(res["hits"])
   if n == 0:
@@ -487,6 +538,7 @@ def verdicts(report: dict) -> dict:
     out[f"membership {name}"] = membership_verdict(name, res)
   out["G2 sample test"] = g2_sample_verdict(report["g2_samples"])
   out["shared files"] = scan_verdict(report["scan"])
+  out["backgrounds"] = background_verdict(report["backgrounds"])
   return {k: {"status": st, "text": text} for k, (st, text) in out.items()}
 
 
@@ -525,6 +577,7 @@ def summary(report: dict) -> dict:
       "membership": member,
       "g2_sample_test": g2.get("generated") if "skipped" not in g2 else None,
       "shared_files_hits": len(report["scan"]["hits"]),
+      "background_fraction_not_public": report["backgrounds"].get("fraction_not_public"),
       "verdicts": {k: v["status"] for k, v in report["verdicts"].items()},
   }
   # What was not measured is left out (its verdict says "skipped").
@@ -724,6 +777,7 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
   tokens = scan_lib.private_tokens(inputs.real.manifest, salt=inputs.salt,
                                    paths=inputs.private_paths)
   report["scan"] = scan_lib.scan(inputs.shared, tokens, figures=inputs.figures)
+  report["backgrounds"] = background_check(cands, inputs.real.manifest, inputs.salt)
   report["verdicts"] = verdicts(report)
   report["overall"] = overall(report["verdicts"])
   report["summary"] = summary(report)
