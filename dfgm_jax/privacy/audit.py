@@ -471,9 +471,15 @@ def scan_verdict(res: dict) -> tuple[str, str]:
   n = len(res["hits"])
   if n == 0:
     return "ok", (f"shared files: clean, no case id, patient id, private path or salt in "
-                  f"{res['files_scanned']} files ({res['bytes_scanned']} bytes)")
+                  f"any form the scan decodes, and no link, in {res['files_scanned']} files "
+                  f"({res['bytes_scanned']} bytes)")
   files = len({h["file"] for h in res["hits"]})
-  return "leak", (f"shared files: LEAK, {n} hits of private identifiers in {files} files "
+  kinds = {}
+  for h in res["hits"]:
+    kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+  # Links and files the scan could not read are findings too: never "clean".
+  found = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+  return "leak", (f"shared files: LEAK, {n} findings ({found}) in {files} files or names "
                   "(listed in privacy.md); do not share them")
 
 
@@ -616,7 +622,8 @@ def markdown(report: dict) -> str:
                f"{len(sc['tokens'])} kinds of private identifier looked for "
                f"({sc['n_tokens']} values).")
   for h in sc["hits"]:
-    lines.append(f"- `{h['file']}` ({h['where']}): {h['kind']} `{h['matched']}`")
+    enc = f", as {h['encoding']}" if h.get("encoding") else ""
+    lines.append(f"- `{h['file']}` ({h['where']}{enc}): {h['kind']} `{h['matched']}`")
   if report.get("figure"):
     lines += ["", f"![closest pairs (PRIVATE: training slices)]({os.path.basename(report['figure'])})"]
   return "\n".join(lines) + "\n"
