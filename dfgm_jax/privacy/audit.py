@@ -228,23 +228,24 @@ def _channels(mask: np.ndarray, images: np.ndarray) -> np.ndarray:
 def source_index(cands: dict, train: dict, salt: str | None) -> tuple[np.ndarray, str]:
   """Each candidate's source in the training split (-1: not found), and how.
 
-  A synthetic set names its source by the salted pseudonym of the case id
-  and the slice index; a real split by the case id itself.
+  A synthetic set names its source by a salted pseudonym (of the slice, or of
+  the case id with the slice index: synthesis/pipeline.py PROVENANCES); a
+  real split by the case id and slice index themselves.
   """
   n = len(cands["image"])
   if "source" in cands:
     if not salt:
       return np.full(n, -1), "no salt: the pseudonyms cannot be matched"
     from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
-    names = [pipeline.salted_hash(c, salt) for c in train["case_id"]]
-    by = "salted pseudonym and slice index"
+    table = pipeline.source_rows(train["case_id"], train["slice_index"], salt)
+    by = "salted pseudonym"
     keys = list(zip(cands["source"], cands["slice_index"]))
   elif "case_id" in cands:
-    names, by = list(train["case_id"]), "case id and slice index"
+    by = "case id and slice index"
+    table = {k: i for i, k in enumerate(zip(train["case_id"], train["slice_index"]))}
     keys = list(zip(cands["case_id"], cands["slice_index"]))
   else:
     return np.full(n, -1), "the candidates name no source"
-  table = {k: i for i, k in enumerate(zip(names, train["slice_index"]))}
   return np.array([table.get(k, -1) for k in keys], np.int64), by
 
 
