@@ -32,10 +32,16 @@ What it writes (out_dir, W/privacy by default; atomically, the record last):
   summary.json       SHAREABLE: `summary` alone (numbers, the center's
                      public name, verdicts; no id, no path, no index),
                      itself scanned before it is written. G2's model card
-                     copies it (train/g2.py privacy_summary).
+                     copies it (train/g2.py audit_for_card).
   closest_pairs.png  PRIVATE: the closest candidate / training pairs.
-  record.json        the done-record: a rerun of the same identity reuses
-                     the audit, one of another identity is refused.
+  record.json        the done-record, written last (an earlier audit's
+                     record and outputs are removed before any work): a
+                     rerun of the same identity reuses the audit, one of
+                     another identity is refused. It names the candidates
+                     (folder, split, kind, set fingerprint) and the
+                     summary's sha256: G2's card takes only a finished
+                     audit of its own synthetic set (train/g2.py
+                     audit_for_card).
 
 The library never imports the data layer: slice sets come in as objects with
 `manifest` and `load_split` (data_pipeline.slice_sets.SliceData).
@@ -59,6 +65,7 @@ from dfgm_jax import stage_io
 from dfgm_jax.privacy import distances
 from dfgm_jax.privacy import memorization
 from dfgm_jax.privacy import scan as scan_lib
+from dfgm_jax.train import g2 as g2_lib
 
 PRIVACY_JSON = "privacy.json"
 PRIVACY_MD = "privacy.md"
@@ -670,6 +677,15 @@ def _identity(config, inputs: Inputs, ids: dict, s: Settings) -> dict:
           "mask": config.mask.to_dict(), "settings": dataclasses.asdict(s)}
 
 
+def _candidates_record(inputs: Inputs, report: dict) -> dict:
+  """The audited set for the record: folder, split, kind and the set's
+  fingerprint (g2.set_fingerprint: what G2's card lists of its inputs)."""
+  data = inputs.candidates
+  return {"dir": os.path.abspath(data.data_dir), "split": inputs.candidate_split,
+          "kind": report["candidates"]["kind"],
+          "set_fingerprint": g2_lib.set_fingerprint(data.data_dir, data.manifest)}
+
+
 def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = None,
         overwrite: bool = False, progress: Callable[[str], None] = logging.info) -> dict:
   """Runs every check, writes out_dir/{privacy.json, privacy.md, summary.json,
@@ -705,8 +721,12 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
       paths["figure (private)"] = os.path.join(out_dir, FIGURE)
     return {**stage_io.read_json(paths["privacy.json"]), "paths": paths, "reused": True}
   os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(record_path):
-    os.remove(record_path)  # no longer describes what is there.
+  # The record first, then every output of an earlier audit: a run killed from
+  # here on leaves nothing that looks finished (no shareable summary.json of
+  # other inputs beside no record).
+  for stale in (record_path, *paths.values(), os.path.join(out_dir, FIGURE)):
+    if os.path.exists(stale):
+      os.remove(stale)
 
   r_out, r_in = denoiser.radii(config)
   c_regions = regions_of(cands["mask"], r_out, r_in)
@@ -749,6 +769,10 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
   stage_io.write_json(paths["privacy.json"], report)
   stage_io.write_text(paths["privacy.md"], markdown(report))
   stage_io.write_json(paths["summary.json (SHAREABLE)"], report["summary"])
-  stage_io.mark_done(record_path, identity, overall=report["overall"])
+  # What the record names lets G2's card take only this audit of its own
+  # synthetic set (train/g2.py audit_for_card).
+  stage_io.mark_done(record_path, identity, overall=report["overall"],
+                     candidates=_candidates_record(inputs, report),
+                     summary_sha256=g2_lib.summary_sha256(report["summary"]))
   progress(f"privacy audit: overall {report['overall']}; {paths['privacy.md']}")
   return {**report, "paths": paths, "reused": False}
