@@ -204,6 +204,12 @@ def get_synthesis_config() -> ml_collections.ConfigDict:
   # none | ring_mean: rescale the pasted tumor so its mean on the boundary
   # ring matches the healthy slice's (compose.match_intensity).
   c.intensity_match = "none"
+  # What the shareable set's provenance names (synthesis/pipeline.py
+  # PROVENANCES): slice = one salted pseudonym per source slice and no slice
+  # index, so a patient's slices cannot be grouped into a stack; patient = the
+  # patient's salted pseudonym and the raw slice index (groups them: only for
+  # research that needs patient-level splits of the synthetic set).
+  c.provenance = "slice"
   # Rows of the comparison figure.
   c.figure_rows = 4
   return c

@@ -59,9 +59,11 @@ def synthetic_features(image_size: int, channels: int):
       "image": _tensor((s, s, channels), np.float32),
       "mask": _tensor((s, s, 1), np.uint8),  # the label of the pair: M.
       "key": tfds.features.Text(),
-      "source": tfds.features.Text(),  # salted hash of the tumor's case id.
+      # Salted hash of the tumor's source slice, or of its case id
+      # (config.synthesis.provenance; synthesis/pipeline.py PROVENANCES).
+      "source": tfds.features.Text(),
       "center": tfds.features.Text(),  # the tumor's center.
-      "slice_index": np.int32,
+      "slice_index": np.int32,  # -1 unless the provenance is per patient.
       "healthy": tfds.features.Text(),  # salted hash of the healthy slice's key.
       "rank": np.int32,  # 0 = closest match.
       "mode": tfds.features.Text(),

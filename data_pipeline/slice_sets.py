@@ -209,7 +209,10 @@ def write_set(out_dir: str, dataset_name: str, feature_dict,
 
 def _synthetic_examples(res: dict, mode: str, model_step: int) -> Iterator:
   for i in range(len(res["image"])):
-    key = f"{res['source'][i]}/{res['slice_index'][i]:03d}/{res['rank'][i]}"
+    z = res["slice_index"][i]
+    # No slice index in the key when the provenance leaves it out (z < 0).
+    key = (f"{res['source'][i]}/{z:03d}/{res['rank'][i]}" if z >= 0 else
+           f"{res['source'][i]}/{res['rank'][i]}")
     yield key, {"image": res["image"][i].astype(np.float32),
                 "mask": res["mask"][i].astype(np.uint8), "key": key,
                 "source": res["source"][i], "center": res["center"][i],

@@ -39,6 +39,8 @@ BACKENDS = ("vgg16_imagenet", "vgg16_random", "pixels")
 PLACEMENTS = ("same", "random_shift")
 # dfgm_jax.synthesis.compose.INTENSITY_MATCHES
 INTENSITY_MATCHES = ("none", "ring_mean")
+# dfgm_jax.synthesis.pipeline.PROVENANCES
+PROVENANCES = ("slice", "patient")
 # dfgm_jax.synthesis.masks.REGIONS (mask.region and train.loss_region)
 REGIONS = ("ring", "dilated", "inner", "full")
 # dfgm_jax.diffusion.sampler.KINDS
@@ -250,6 +252,7 @@ _SYNTHESIS = {
     "placement": _one_of(PLACEMENTS),
     "hflip": _bool(),
     "intensity_match": _one_of(INTENSITY_MATCHES),
+    "provenance": _one_of(PROVENANCES),
     "figure_rows": _int_at_least(0),
 }
 

@@ -139,6 +139,37 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
   return out_dir
 
 
+def replace_card(directory: str, card: dict,
+                 card_markdown: Callable[[dict], str] | None = None) -> str:
+  """The export at `directory` with a new model card, its weights untouched.
+
+  params.npz is copied byte for byte (a new export would differ: the zip
+  stores the time it was written), so params_sha256 stays and whatever was
+  measured on these weights still names them. Written aside and renamed into
+  place like `export`.
+  """
+  record = read_record(directory)
+  card = {**card, "weights": {k: record[k] for k in ("params_sha256", "step",
+                                                     "num_params")}}
+  directory = os.path.abspath(directory)
+  tmp = directory + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  shutil.copy2(os.path.join(directory, PARAMS), os.path.join(tmp, PARAMS))
+  if _sha256(os.path.join(tmp, PARAMS)) != record["params_sha256"]:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ModelError(f"{directory}/{PARAMS}: checksum mismatch (altered copy)")
+  _write_card(tmp, card, card_markdown)
+  record["model_card_sha256"] = _sha256(os.path.join(tmp, MODEL_CARD))
+  with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+    json.dump(record, f, indent=1)
+  old = f"{directory}.old{os.getpid()}"
+  os.replace(directory, old)
+  os.replace(tmp, directory)
+  shutil.rmtree(old, ignore_errors=True)
+  return directory
+
+
 def _write_card(directory: str, card: dict, card_markdown) -> None:
   with open(os.path.join(directory, MODEL_CARD), "w") as f:
     json.dump(card, f, indent=1)

@@ -33,8 +33,9 @@ Workdir W:
 config.decentralized turns on federated G1 (in place of central G1), G2
 and local synthesis (all on in the demo, off in default.py). The privacy audit runs after the
 evaluation and, when G2 is exported, puts its summary into G2's model card
-(the same weights, re-exported: G2 is trained before the audit that
-measures it).
+(only the card is rewritten, params.npz untouched: G2 is trained before the
+audit that measures it). Only a finished audit of this run's synthetic set
+reaches the card (train/g2.py audit_for_card).
 """
 
 from __future__ import annotations
@@ -365,15 +366,13 @@ def privacy_audit(run: Run) -> dict:
 
 
 def _card_follows_audit(run: Run, privacy_json: str) -> None:
-  """G2's card gets the audit's summary: G2 is exported again (same weights)
-  when its card does not hold this summary yet."""
+  """G2's card gets this audit's summary (its weights untouched) when the
+  audit is finished, of the synthetic set G2 was trained on, and measured
+  these weights (train/g2.py audit_for_card); else the card says why not."""
   if not _decentralized(run.config, "g2") or not os.path.isdir(run.path("g2_model")):
     return
-  from dfgm_jax import model_io  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import g2  # pylint: disable=g-import-not-at-top
-  card = model_io.read_card(run.path("g2_model")) or {}
-  if card.get("privacy_audit") != g2.privacy_summary(privacy_json):
-    g2.export(run.config, run.path("g2"), run.path("g2_model"), privacy_json=privacy_json)
+  g2.export(run.config, run.path("g2"), run.path("g2_model"), privacy_json=privacy_json)
 
 
 def write_report(run: Run) -> dict:

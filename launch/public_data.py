@@ -90,9 +90,11 @@ def train_and_export(config, workdir: str, out_dir: str, healthy_dir: str,
                      progress: bool = True) -> dict:
   """Trains G2 (resumed when started) in `workdir` and exports it with its card.
 
-  The export is (re)written after every run that was not preempted, so it
-  follows the training and the privacy audit's latest summary; an export of
-  another model at `out_dir` is refused unless `overwrite`.
+  After a run that was not preempted, the export follows the training: a
+  finished export of this G2 at the trained step is kept, card and audit
+  included (only its card changes, for a new finished audit given as
+  `privacy_json`); one of an earlier step is replaced. An export of another
+  model at `out_dir` is refused unless `overwrite`.
 
   Returns:
     step, preempted, metrics, compile_s and (unless preempted) export, card.
@@ -109,5 +111,5 @@ def train_and_export(config, workdir: str, out_dir: str, healthy_dir: str,
   if result["preempted"] or jax.process_index() != 0:
     return out
   export, _ = g2_lib.export(config, workdir, out_dir, privacy_json=privacy_json,
-                            overwrite=overwrite)
+                            overwrite=overwrite, step=result["step"])
   return {**out, "export": export, "card": os.path.join(export, model_io.MODEL_CARD)}

@@ -16,9 +16,12 @@ config.train fields for G2 only.
 
 Writes WORKDIR (checkpoints, metrics, g2_inputs.json; a rerun resumes) and
 OUT: model.json, params.npz, model_card.json and model_card.md (what G2 saw:
-fingerprints and counts of its inputs; that no private slice was used; the
+counts and content hashes of its inputs; that no private slice was used; the
 training and sampler settings; the privacy audit's summary when
---privacy_json exists). OUT is what an institute needs for
+--privacy_json is a finished audit of a synthetic set G2 was trained on that
+measured these weights, else why there is none). A rerun whose training is
+finished keeps OUT as it is (its card's audit too); a new --privacy_json
+rewrites only the card. OUT is what an institute needs for
 launch.synthesize_local. Single process (G2 is trained centrally).
 """
 
@@ -38,7 +41,9 @@ _HEALTHY = flags.DEFINE_string("healthy_dir", None, "Preprocessing output whose 
                                "`healthy` split G2 trains on (no other split is read).")
 _OUT = flags.DEFINE_string("out", None, "Export folder to write (model and card).")
 _PRIVACY = flags.DEFINE_string("privacy_json", None, "The privacy audit's privacy.json; "
-                               "its summary goes into the card when the file exists.")
+                               "its summary goes into the card when that audit is "
+                               "finished, of a synthetic set G2 was trained on, and "
+                               "measured these weights (or no G2).")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Stop (with a checkpoint) after this "
                                 "step; the export follows the checkpoint.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over in WORKDIR and replace "

@@ -91,16 +91,38 @@ def train_g2(data_dir, root, privacy=None):
   return config, result, synthetic, os.path.join(root, "g2_model")
 
 
+def finished_audit(folder, summary, *, kind="synthetic set", split="CBICA_synthetic",
+                   set_fingerprint=None, g2_params=None):
+  """A privacy audit's privacy.json and done-record as privacy/audit.py writes
+  them (its own tests run the audit); returns privacy.json's path."""
+  os.makedirs(folder, exist_ok=True)
+  privacy = os.path.join(folder, "privacy.json")
+  with open(privacy, "w") as f:
+    json.dump({"summary": summary}, f)
+  with open(os.path.join(folder, g2.AUDIT_RECORD), "w") as f:
+    json.dump({"identity": {"g2": g2_params, "candidate_split": split},
+               "candidates": {"kind": kind, "split": split,
+                              "set_fingerprint": set_fingerprint},
+               "summary_sha256": g2.summary_sha256(summary)}, f)
+  return privacy
+
+
+SUMMARY = {"nearest_real_distance_min": 0.31, "memorised": 0, "report": "/x/report.md"}
+
+
 @pytest.fixture(scope="module")
 def trained(preprocessed_2020, tmp_path_factory):
   data_dir, manifest = preprocessed_2020
   root = str(tmp_path_factory.mktemp("g2"))
-  privacy = os.path.join(root, "privacy", "privacy.json")
-  os.makedirs(os.path.dirname(privacy))
-  with open(privacy, "w") as f:
-    json.dump({"summary": {"nearest_real_distance_min": 0.31, "memorised": 0,
-                           "report": os.path.join(root, "privacy", "report.md")}}, f)
-  config, result, synthetic, export = train_g2(data_dir, root, privacy)
+  config, result, synthetic, export = train_g2(data_dir, root)
+  # The audit of G2's own synthetic set, finished after G2 was exported (as
+  # in the pipeline): only the card is rewritten.
+  params = model_io.read_record(export)["params_sha256"]
+  privacy = finished_audit(os.path.join(root, "privacy"), SUMMARY, g2_params=params,
+                           set_fingerprint=g2.set_fingerprint(
+                               synthetic, slice_sets.load_manifest(synthetic)))
+  g2.export(config, os.path.join(root, "g2"), export, privacy_json=privacy)
+  assert model_io.read_record(export)["params_sha256"] == params
   return data_dir, manifest, root, config, result, synthetic, export
 
 
@@ -253,7 +275,10 @@ def test_card_says_what_g2_saw(trained):
   assert (tumor["split"], tumor["num_slices"]) == ("CBICA_synthetic", n_tumor)
   assert (healthy["split"], healthy["num_slices"]) == (
       "healthy", manifest["splits"]["healthy"]["num_slices"])
-  assert healthy["set_fingerprint"] == manifest["fingerprint"]
+  # The preprocessing fingerprint (paths, case ids, file times) is private.
+  assert "set_fingerprint" not in healthy
+  assert healthy["content_sha256"] == g2.content_sha256(
+      slice_sets.load_split(data_dir, "healthy"))
   # The healthy slices by origin, as the preprocessing recorded them: public only.
   n_healthy = manifest["splits"]["healthy"]["num_slices"]
   assert healthy["origins"] == {"public": n_healthy, "private": 0}
@@ -288,9 +313,67 @@ def test_card_holds_no_path_case_id_or_salt(trained):
                                      "CBICA_synthetic")["source"]
   for text in texts:
     assert root not in text and data_dir not in text and "/tmp" not in text
+    assert manifest["fingerprint"] not in text
     assert not any(c in text for c in case_ids)
     assert not any(p in text for p in pseudonyms)
     assert "salt" not in text.lower()
+
+
+def test_card_takes_only_a_finished_audit_of_its_own_synthetic_set(trained, tmp_path):
+  _, _, root, _, _, synthetic, export = trained
+  record = g2.read_inputs(os.path.join(root, "g2"))
+  params = model_io.read_record(export)["params_sha256"]
+  mine = g2.set_fingerprint(synthetic, slice_sets.load_manifest(synthetic))
+
+  def card_audit(name, **kw):
+    path = finished_audit(str(tmp_path / name), SUMMARY, **{
+        "set_fingerprint": mine, "g2_params": params, **kw})
+    return path, g2.audit_for_card(path, record, params)
+
+  _, (summary, note) = card_audit("own")
+  assert summary == {k: v for k, v in SUMMARY.items() if k != "report"}
+  assert "'CBICA_synthetic' G2 was trained on" in note
+  # The training split audited (the README's sanity check) is never the card's.
+  _, (summary, note) = card_audit("train", kind="real split", split="CBICA_train")
+  assert summary is None and "real split 'CBICA_train'" in note
+  _, (summary, note) = card_audit("other set", set_fingerprint="0" * 16)
+  assert summary is None and "not of a synthetic set G2 was trained on" in note
+  _, (summary, note) = card_audit("old weights", g2_params="f" * 64)
+  assert summary is None and "other G2 weights" in note
+  path, _ = card_audit("killed")
+  os.remove(os.path.join(os.path.dirname(path), g2.AUDIT_RECORD))
+  summary, note = g2.audit_for_card(path, record, params)
+  assert summary is None and "not finished" in note
+  path, _ = card_audit("altered")
+  with open(path, "w") as f:
+    json.dump({"summary": {**SUMMARY, "memorised": 5}}, f)
+  assert g2.audit_for_card(path, record, params)[0] is None
+  # Through export: an export that holds its own audit keeps it, untouched...
+  train_audit, _ = card_audit("train2", kind="real split", split="CBICA_train")
+  before = open(os.path.join(export, model_io.MODEL_CARD), "rb").read()
+  g2.export(tiny_g2_config(), os.path.join(root, "g2"), export, privacy_json=train_audit)
+  assert open(os.path.join(export, model_io.MODEL_CARD), "rb").read() == before
+  # ...and a new export gets none, and says why.
+  fresh = str(tmp_path / "fresh")
+  g2.export(tiny_g2_config(), os.path.join(root, "g2"), fresh, privacy_json=train_audit)
+  card = model_io.read_card(fresh)
+  assert card["privacy_audit"] is None and "real split" in card["privacy_audit_note"]
+  md = open(os.path.join(fresh, model_io.MODEL_CARD_MD)).read()
+  assert "None on this card: the privacy audit given is of real split" in md
+
+
+def test_a_same_config_rerun_keeps_the_export_and_its_audit(trained):
+  data_dir, _, root, config, *_, export = trained
+  before = {f: open(os.path.join(export, f), "rb").read() for f in os.listdir(export)}
+  assert model_io.read_card(export)["privacy_audit"] is not None
+  # launch.train_g2's rerun without --privacy_json: training is finished, and
+  # the export (weights, card, its audit) is kept as it is.
+  result = public_data.train_and_export(
+      config, os.path.join(root, "g2"), export, data_dir,
+      [os.path.join(root, "synthetic")], progress=False)
+  assert result["step"] == G2_STEPS
+  assert {f: open(os.path.join(export, f), "rb").read()
+          for f in os.listdir(export)} == before
 
 
 def test_altered_card_is_refused(trained, tmp_path):

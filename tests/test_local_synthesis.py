@@ -103,8 +103,9 @@ def _pairs(institute, workdir):
   tumors = slice_sets.load_split(str(institute / "public_synthetic"), "CBICA_synthetic")
   healthy = slice_sets.load_split(str(institute / "own_slices"), "healthy")
   # A public example's pseudonym and match rank stand for its case id.
-  tumor_of = {(pipeline.salted_hash(f"{s}/{r}", salt), i): x for s, r, i, x in zip(
-      tumors["source"], tumors["rank"], tumors["slice_index"], tumors["image"])}
+  rows = pipeline.source_rows([f"{s}/{r}" for s, r in zip(tumors["source"], tumors["rank"])],
+                              tumors["slice_index"], salt)
+  tumor_of = {key: tumors["image"][i] for key, i in rows.items()}
   healthy_of = {pipeline.salted_hash(k, salt): h for k, h in zip(healthy["key"],
                                                                 healthy["image"])}
   out = []

@@ -121,9 +121,10 @@ def test_synthetic_set_outputs_reuse_and_refusal(workdir):
     assert case["case_id"] not in shared
   assert workdir not in shared and "/" not in shared
   assert os.path.exists(os.path.join(out_dir, audit.FIGURE))
-  # G2's card keeps the summary (train/g2.py privacy_summary).
+  # G2's card keeps the summary (train/g2.py audit_for_card; its own test below).
   from dfgm_jax.train import g2
-  assert g2.privacy_summary(os.path.join(out_dir, audit.PRIVACY_JSON)) == saved["summary"]
+  record = json.load(open(os.path.join(out_dir, audit.RECORD)))
+  assert record["summary_sha256"] == g2.summary_sha256(saved["summary"])
 
   mtimes = {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in os.listdir(out_dir)}
   again = _audit(workdir, out_dir)
@@ -268,3 +269,48 @@ def test_backgrounds_are_checked_through_the_salt(workdir):
   # A real split has no backgrounds; without the salt nothing can be matched.
   assert "skipped" in audit.background_check({"image": cands["image"]}, real.manifest, salt)
   assert "skipped" in audit.background_check(cands, real.manifest, None)
+
+
+def test_record_names_the_audited_set_for_g2s_card(workdir, tmp_path):
+  from dfgm_jax.privacy import audit
+  from dfgm_jax.train import g2
+  synthetic = os.path.join(workdir, "synthetic")
+  mine = g2.set_fingerprint(synthetic, json.load(open(os.path.join(synthetic,
+                                                                   "manifest.json"))))
+  # G2's inputs as its card lists them: the synthetic set it was trained on.
+  inputs = {"inputs": [{"role": "tumor", "set_fingerprint": mine}]}
+  own = os.path.join(workdir, "privacy")
+  _audit(workdir, own)  # reused when made already.
+  record = json.load(open(os.path.join(own, audit.RECORD)))
+  assert record["candidates"]["kind"] == "synthetic set"
+  assert record["candidates"]["set_fingerprint"] == mine
+  summary, _ = g2.audit_for_card(os.path.join(own, audit.PRIVACY_JSON), inputs, None)
+  assert summary == json.load(open(os.path.join(own, audit.SUMMARY_JSON)))
+  # The README's sanity check, the training split audited into the same kind
+  # of folder, comes out "fail" and is never put on G2's card.
+  train = str(tmp_path / "train")
+  assert _audit(workdir, train, f"{workdir}/slices:{CENTER}_train")["overall"] == "fail"
+  summary, note = g2.audit_for_card(os.path.join(train, audit.PRIVACY_JSON), inputs, None)
+  assert summary is None and f"real split '{CENTER}_train'" in note
+
+
+def test_a_killed_overwrite_leaves_no_finished_looking_audit(workdir, tmp_path):
+  from data_pipeline import slice_sets
+  from dfgm_jax.privacy import audit
+  out = str(tmp_path / "p")
+  _audit(workdir, out)
+  assert os.path.exists(os.path.join(out, audit.SUMMARY_JSON))
+
+  class Killed(Exception):
+    pass
+
+  def progress(message):
+    if "membership" in message:  # after the region checks, before any write.
+      raise Killed(message)
+
+  inputs = audit.workdir_inputs(_config(), workdir, slice_sets.SliceData, out_dir=out)
+  with pytest.raises(Killed):
+    audit.run(_config(), inputs, out, settings=audit.Settings(membership=False),
+              overwrite=True, progress=progress)
+  # No record, and no output of the earlier audit that would pass for this one.
+  assert sorted(os.listdir(out)) == []

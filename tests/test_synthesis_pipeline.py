@@ -51,7 +51,11 @@ def test_synthesize_pairs_keep_background_and_hide_ids(mode):
     np.testing.assert_array_equal(out["image"][i][~d], h[~d])
   for field in ("source", "healthy"):
     assert all("BraTS" not in v and len(v) == 16 for v in out[field])
-  assert out["source"][0] == pipeline.salted_hash("BraTS20_Training_000", "center-secret")
+  # Per-slice pseudonyms by default: no slice index, no patient grouping.
+  first = (tumors["case_id"][0], tumors["slice_index"][0])
+  assert (out["source"][0], out["slice_index"][0]) == (
+      pipeline.salted_hash(f"{first[0]}/{first[1]}", "center-secret"), -1)
+  assert set(out["slice_index"]) == {pipeline.NO_SLICE_INDEX}
 
 
 def test_bank_cache_is_reused(tmp_path):

@@ -109,8 +109,14 @@ def test_synthesize_writes_set_summary_and_figure(trained):
     assert summary["centers"][center]["skipped_placement"] == 0
   assert summary["mode"] == "dfgm" and summary["backend"] == "pixels"
   assert summary["model_step"] == 10
-  assert summary["model_sha256"] == json.load(open(os.path.join(export, "model.json")))[
-      "params_sha256"]
+  # G1's weights are private: their sha256 and folder name stay in the
+  # private stage record, out of the shareable summary.
+  assert "model_sha256" not in summary and "model" not in summary
+  record = json.load(open(reference / "private" / "synthesis" / "record.json"))
+  assert record["model"] == {"folder": "model", "sha256": json.load(
+      open(os.path.join(export, "model.json")))["params_sha256"]}
+  shared = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+  assert record["model"]["sha256"].encode() not in shared
   assert os.path.getsize(reference / "private" / "figures" / "comparison_CBICA.png") > 1000
   assert not (reference / "private" / "synthesis" / "staging").exists()
   examples = list(input_pipeline.read_examples(str(out), "TCIA_synthetic", "grain"))
@@ -141,13 +147,18 @@ def test_shared_folder_does_not_reveal_the_patients(trained):
   # folder turns a pseudonym back into a BraTS id.
   salt = (reference / "private" / "salt").read_text().strip()
   assert all(salt.encode() not in data for data in files.values())
-  sources = {e["source"] for c in CENTERS
+  sources = {(e["source"], int(e["slice_index"])) for c in CENTERS
              for e in input_pipeline.read_examples(str(reference / "synthetic"),
                                                    f"{c}_synthetic", "grain")}
+  # The attacker's best guess: every public BraTS id with the true slice indices.
+  tumors = [slice_sets.load_split(data_dir, f"{c}_train") for c in CENTERS]
   ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 370)]
+  indices = sorted({int(z) for t in tumors for z in t["slice_index"]})
 
   def reversed_with(candidate):
-    return {i for i in ids if pipeline.salted_hash(i, candidate) in sources}
+    rows = pipeline.source_rows([i for i in ids for _ in indices], indices * len(ids),
+                                candidate)
+    return {k for k in rows if k in sources}
 
   assert reversed_with(salt)  # the attack works with the salt...
   candidates = {m.decode() for data in files.values()
@@ -161,6 +172,45 @@ def test_shared_folder_does_not_reveal_the_patients(trained):
       assert local.encode() not in data, path
   # Item 7: no figure of private slices in the shared folder.
   assert not [p for p in files if p.suffix in (".png", ".jpg", ".pdf")]
+
+
+def test_provenance_per_slice_drops_patient_grouping_and_slice_index(trained, tmp_path):
+  from dfgm_jax import config_checks
+  from dfgm_jax.privacy import scan
+  assert config_checks.PROVENANCES == pipeline.PROVENANCES
+  data_dir, manifest, _, export, reference, _ = trained
+  salt = (reference / "private" / "salt").read_text().strip()
+  # What would group a patient's slices: its pseudonym, in any form the scan reads.
+  patients = [scan._token("case id", pipeline.salted_hash(c["case_id"], salt))
+              for c in manifest["cases"]]
+
+  def examples(workdir):
+    return [e for c in CENTERS for e in input_pipeline.read_examples(
+        str(workdir / "synthetic"), f"{c}_synthetic", "grain")]
+
+  # The default (config.synthesis.provenance=slice): one pseudonym per source
+  # slice, no slice index, the key without it; the salt maps each back.
+  ex = examples(reference)
+  assert {int(e["slice_index"]) for e in ex} == {pipeline.NO_SLICE_INDEX}
+  assert all(e["key"].count("/") == 1 for e in ex)
+  assert scan.scan({"set": str(reference / "synthetic")}, patients)["hits"] == []
+  rows = {c: pipeline.source_rows(*(lambda t: (t["case_id"], t["slice_index"]))(
+      slice_sets.load_split(data_dir, f"{c}_train")), salt) for c in CENTERS}
+  assert all((e["source"], int(e["slice_index"])) in rows[e["center"]] for e in ex)
+  # provenance=patient (research that needs patient-level splits) groups them.
+  grouped = tmp_path / "grouped"
+  _share_salt(reference, grouped)
+  _run(grouped, export, data_dir, _config(provenance="patient"))
+  assert scan.scan({"set": str(grouped / "synthetic")}, patients)["hits"]
+  ex = examples(grouped)
+  assert {e["source"] for e in ex} <= {t["value"] for t in patients}
+  assert pipeline.NO_SLICE_INDEX not in {int(e["slice_index"]) for e in ex}
+  summary = json.loads((grouped / "synthetic" / "summary.json").read_text())
+  assert summary["provenance"] == "patient"
+  # Both count the same patients in the manifest.
+  splits = [json.loads((w / "synthetic" / "manifest.json").read_text())["splits"]
+            for w in (reference, grouped)]
+  assert splits[0] == splits[1]
 
 
 def test_another_config_is_refused_saying_what_differs(trained, tmp_path):

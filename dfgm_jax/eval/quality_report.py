@@ -17,9 +17,9 @@ from):
   diversity        mean pairwise feature distance within the set (the real
                    slices' own is in `reference`).
 
-Source of a synthetic slice: the real slice whose salted case id
-(pipeline.salted_hash(case_id, salt)) and slice_index match the slice's
-`source` and `slice_index`. The tumor may have been moved before pasting
+Source of a synthetic slice: the real slice whose salted pseudonym (per
+slice or per patient with the slice index, pipeline.source_rows) matches the
+slice's `source` and `slice_index`. The tumor may have been moved before pasting
 (config.synthesis.placement random_shift, hflip); which move was made is
 read from the masks themselves, not from a config that may not be the one
 that made the set: the source mask as it is, mirrored, shifted by the
@@ -170,9 +170,8 @@ def preservation(synth: dict, real: dict, salt: str | None) -> dict:
   left_out = dict.fromkeys(LEFT_OUT, 0)
   placement = dict.fromkeys(PLACEMENTS, 0)
   rows = {}
-  if salt is not None:
-    for i, (case, idx) in enumerate(zip(real["case_id"], real["slice_index"])):
-      rows[(pipeline.salted_hash(str(case), salt), int(idx))] = i
+  if salt is not None:  # either provenance setting (pipeline.PROVENANCES).
+    rows = pipeline.source_rows(real["case_id"], real["slice_index"], salt)
   keep, sources = [], []
   for i, (src, idx) in enumerate(zip(synth["source"], synth["slice_index"])):
     j = rows.get((str(src), int(idx)))

@@ -35,10 +35,16 @@ What it writes (out_dir, W/privacy by default; atomically, the record last):
   summary.json       SHAREABLE: `summary` alone (numbers, the center's
                      public name, verdicts; no id, no path, no index),
                      itself scanned before it is written. G2's model card
-                     copies it (train/g2.py privacy_summary).
+                     copies it (train/g2.py audit_for_card).
   closest_pairs.png  PRIVATE: the closest candidate / training pairs.
-  record.json        the done-record: a rerun of the same identity reuses
-                     the audit, one of another identity is refused.
+  record.json        the done-record, written last (an earlier audit's
+                     record and outputs are removed before any work): a
+                     rerun of the same identity reuses the audit, one of
+                     another identity is refused. It names the candidates
+                     (folder, split, kind, set fingerprint) and the
+                     summary's sha256: G2's card takes only a finished
+                     audit of its own synthetic set (train/g2.py
+                     audit_for_card).
 
 The library never imports the data layer: slice sets come in as objects with
 `manifest` and `load_split` (data_pipeline.slice_sets.SliceData).
@@ -62,6 +68,7 @@ from dfgm_jax import stage_io
 from dfgm_jax.privacy import distances
 from dfgm_jax.privacy import memorization
 from dfgm_jax.privacy import scan as scan_lib
+from dfgm_jax.train import g2 as g2_lib
 
 PRIVACY_JSON = "privacy.json"
 PRIVACY_MD = "privacy.md"
@@ -232,23 +239,24 @@ def _channels(mask: np.ndarray, images: np.ndarray) -> np.ndarray:
 def source_index(cands: dict, train: dict, salt: str | None) -> tuple[np.ndarray, str]:
   """Each candidate's source in the training split (-1: not found), and how.
 
-  A synthetic set names its source by the salted pseudonym of the case id
-  and the slice index; a real split by the case id itself.
+  A synthetic set names its source by a salted pseudonym (of the slice, or of
+  the case id with the slice index: synthesis/pipeline.py PROVENANCES); a
+  real split by the case id and slice index themselves.
   """
   n = len(cands["image"])
   if "source" in cands:
     if not salt:
       return np.full(n, -1), "no salt: the pseudonyms cannot be matched"
     from dfgm_jax.synthesis import pipeline  # pylint: disable=g-import-not-at-top
-    names = [pipeline.salted_hash(c, salt) for c in train["case_id"]]
-    by = "salted pseudonym and slice index"
+    table = pipeline.source_rows(train["case_id"], train["slice_index"], salt)
+    by = "salted pseudonym"
     keys = list(zip(cands["source"], cands["slice_index"]))
   elif "case_id" in cands:
-    names, by = list(train["case_id"]), "case id and slice index"
+    by = "case id and slice index"
+    table = {k: i for i, k in enumerate(zip(train["case_id"], train["slice_index"]))}
     keys = list(zip(cands["case_id"], cands["slice_index"]))
   else:
     return np.full(n, -1), "the candidates name no source"
-  table = {k: i for i, k in enumerate(zip(names, train["slice_index"]))}
   return np.array([table.get(k, -1) for k in keys], np.int64), by
 
 
@@ -522,9 +530,15 @@ def scan_verdict(res: dict) -> tuple[str, str]:
   n = len(res["hits"])
   if n == 0:
     return "ok", (f"shared files: clean, no case id, patient id, private path or salt in "
-                  f"{res['files_scanned']} files ({res['bytes_scanned']} bytes)")
+                  f"any form the scan decodes, and no link, in {res['files_scanned']} files "
+                  f"({res['bytes_scanned']} bytes)")
   files = len({h["file"] for h in res["hits"]})
-  return "leak", (f"shared files: LEAK, {n} hits of private identifiers in {files} files "
+  kinds = {}
+  for h in res["hits"]:
+    kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+  # Links and files the scan could not read are findings too: never "clean".
+  found = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+  return "leak", (f"shared files: LEAK, {n} findings ({found}) in {files} files or names "
                   "(listed in privacy.md); do not share them")
 
 
@@ -669,7 +683,8 @@ def markdown(report: dict) -> str:
                f"{len(sc['tokens'])} kinds of private identifier looked for "
                f"({sc['n_tokens']} values).")
   for h in sc["hits"]:
-    lines.append(f"- `{h['file']}` ({h['where']}): {h['kind']} `{h['matched']}`")
+    enc = f", as {h['encoding']}" if h.get("encoding") else ""
+    lines.append(f"- `{h['file']}` ({h['where']}{enc}): {h['kind']} `{h['matched']}`")
   if report.get("figure"):
     lines += ["", f"![closest pairs (PRIVATE: training slices)]({os.path.basename(report['figure'])})"]
   return "\n".join(lines) + "\n"
@@ -715,6 +730,15 @@ def _identity(config, inputs: Inputs, ids: dict, s: Settings) -> dict:
           "mask": config.mask.to_dict(), "settings": dataclasses.asdict(s)}
 
 
+def _candidates_record(inputs: Inputs, report: dict) -> dict:
+  """The audited set for the record: folder, split, kind and the set's
+  fingerprint (g2.set_fingerprint: what G2's card lists of its inputs)."""
+  data = inputs.candidates
+  return {"dir": os.path.abspath(data.data_dir), "split": inputs.candidate_split,
+          "kind": report["candidates"]["kind"],
+          "set_fingerprint": g2_lib.set_fingerprint(data.data_dir, data.manifest)}
+
+
 def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = None,
         overwrite: bool = False, progress: Callable[[str], None] = logging.info) -> dict:
   """Runs every check, writes out_dir/{privacy.json, privacy.md, summary.json,
@@ -750,8 +774,12 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
       paths["figure (private)"] = os.path.join(out_dir, FIGURE)
     return {**stage_io.read_json(paths["privacy.json"]), "paths": paths, "reused": True}
   os.makedirs(out_dir, exist_ok=True)
-  if os.path.exists(record_path):
-    os.remove(record_path)  # no longer describes what is there.
+  # The record first, then every output of an earlier audit: a run killed from
+  # here on leaves nothing that looks finished (no shareable summary.json of
+  # other inputs beside no record).
+  for stale in (record_path, *paths.values(), os.path.join(out_dir, FIGURE)):
+    if os.path.exists(stale):
+      os.remove(stale)
 
   r_out, r_in = denoiser.radii(config)
   c_regions = regions_of(cands["mask"], r_out, r_in)
@@ -795,6 +823,10 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
   stage_io.write_json(paths["privacy.json"], report)
   stage_io.write_text(paths["privacy.md"], markdown(report))
   stage_io.write_json(paths["summary.json (SHAREABLE)"], report["summary"])
-  stage_io.mark_done(record_path, identity, overall=report["overall"])
+  # What the record names lets G2's card take only this audit of its own
+  # synthetic set (train/g2.py audit_for_card).
+  stage_io.mark_done(record_path, identity, overall=report["overall"],
+                     candidates=_candidates_record(inputs, report),
+                     summary_sha256=g2_lib.summary_sha256(report["summary"]))
   progress(f"privacy audit: overall {report['overall']}; {paths['privacy.md']}")
   return {**report, "paths": paths, "reused": False}

@@ -26,6 +26,39 @@ def salted_hash(text: str, salt: str) -> str:
   return hashlib.sha256(f"{salt}|{text}".encode()).hexdigest()[:16]
 
 
+# What a synthetic example's provenance names (config.synthesis.provenance):
+#   slice    one pseudonym per source slice, salted_hash("<case id>/<slice
+#            index>"), and no slice index (NO_SLICE_INDEX): the examples of one
+#            patient cannot be grouped into a stack, nor ordered;
+#   patient  the patient's pseudonym, salted_hash(case id), and the raw slice
+#            index: groups and orders a patient's slices (patient-level splits
+#            of the synthetic set, for research that needs them).
+# Either way the salt, kept at the center, maps an example back to its source
+# slice (the privacy audit and the quality report do, through source_rows).
+PROVENANCES = ("slice", "patient")
+NO_SLICE_INDEX = -1
+
+
+def source_pseudonym(case_id: str, slice_index: int, salt: str,
+                     provenance: str = "slice") -> tuple[str, int]:
+  """(source, slice_index) an example of this source slice carries."""
+  if provenance == "patient":
+    return salted_hash(case_id, salt), int(slice_index)
+  if provenance == "slice":
+    return salted_hash(f"{case_id}/{int(slice_index)}", salt), NO_SLICE_INDEX
+  raise ValueError(f"provenance {provenance!r}: one of {PROVENANCES}")
+
+
+def source_rows(case_ids, slice_indices, salt: str) -> dict:
+  """(source, slice_index) of a synthetic example -> the row of its source
+  slice among (case_ids, slice_indices), under either provenance setting."""
+  rows = {}
+  for i, (case, z) in enumerate(zip(case_ids, slice_indices)):
+    for p in PROVENANCES:
+      rows[source_pseudonym(str(case), int(z), salt, p)] = i
+  return rows
+
+
 def patient_code(case_id: str) -> int:
   """A stable int32 code of a case id, for on-device same-patient checks."""
   return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:4], "little") & 0x7FFFFFFF
@@ -80,6 +113,7 @@ class SynthesisSettings:
   batch_size: int = 8
   seed: int = 0
   salt: str = ""
+  provenance: str = "slice"  # PROVENANCES
 
 
 def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict
@@ -162,11 +196,14 @@ def compose_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
 
 def provenance(settings: SynthesisSettings, bank: MemoryBank, tumors: dict,
                pairs: np.ndarray) -> dict:
-  """Per-pair provenance without raw identifiers (salted hashes)."""
+  """Per-pair provenance without raw identifiers (salted hashes; what it names:
+  settings.provenance, see PROVENANCES)."""
+  sources = [source_pseudonym(tumors["case_id"][q], tumors["slice_index"][q],
+                              settings.salt, settings.provenance) for q in pairs[:, 0]]
   return {
-      "source": [salted_hash(tumors["case_id"][q], settings.salt) for q in pairs[:, 0]],
+      "source": [s for s, _ in sources],
       "center": [tumors["center"][q] for q in pairs[:, 0]],
-      "slice_index": [int(tumors["slice_index"][q]) for q in pairs[:, 0]],
+      "slice_index": [z for _, z in sources],
       "healthy": [salted_hash(bank.keys[j], settings.salt) for j in pairs[:, 1]],
       "rank": [int(r) for r in pairs[:, 2]],
   }

@@ -229,8 +229,9 @@ def synthesize(settings: pipeline.SynthesisSettings, bank: pipeline.MemoryBank,
 
   Returns:
     dict of arrays image, mask (pairs) and provenance lists: source (salted
-    case hash), center, slice_index, healthy (salted key of the healthy slice),
-    rank (0..k-1).
+    hash of the source slice or patient, pipeline.PROVENANCES), center,
+    slice_index (-1 unless per patient), healthy (salted key of the healthy
+    slice), rank (0..k-1).
   """
   mesh = mesh or parallel.make_mesh()
   store = BatchStore(None)

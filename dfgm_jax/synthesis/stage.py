@@ -8,9 +8,13 @@ sampler (Denoiser.sampler).
 What it writes under the workdir W (the README's workdir layout):
   W/synthetic/                 SHAREABLE: the synthetic set (split
     tfrecord/, array_record/   <center>_synthetic; image, mask and provenance
-                               as salted hashes), summary.json and
-    summary.json, manifest.json  manifest.json (written last). No salt, no
-                               local path, no private image but the set's own.
+                               as salted hashes, per source slice or per
+                               patient: config.synthesis.provenance),
+    summary.json, manifest.json  summary.json and manifest.json (written
+                               last). No salt, no local path, no link to G1
+                               (its weights' sha256 and folder name stay in
+                               the stage record), no private image but the
+                               set's own.
   W/private/salt               the center's salt of the pseudonyms
   W/private/figures/           comparison_<center>.png: private tumor slices
                                beside their matches and the modes' outputs
@@ -305,7 +309,7 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
           exclude_same_patient=syn.exclude_same_patient),
       placement=syn.placement, hflip=syn.hflip, intensity_match=syn.intensity_match,
       r_out=model.r_out, r_in=model.r_in, batch_size=s.batch_size, seed=config.seed,
-      salt=_salt(paths) if main else "")
+      salt=_salt(paths) if main else "", provenance=syn.provenance)
   generate = model.sampler(mode, config.seed, mesh)
 
   # --- Synthesis per center, batch by batch, staged so that a killed run resumes ---
@@ -358,10 +362,11 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
                                        results[centers[0]])
   total = sum(len(r["image"]) for r in results.values())
   took = sum(seconds.values())
+  # Shareable: no link to the private model (its weights' sha256, its folder's
+  # name); those stay in the stage record under W/private.
   summary = {
       "mode": mode, "backend": syn.backend, "k": syn.k, "model_step": model.step,
-      "model": os.path.basename(os.path.normpath(model_dir or "")) or None,
-      "model_sha256": model.model_id,
+      "provenance": syn.provenance,
       "centers": {c: {"tumor_slices": len(tumors_by_center[c]["image"]),
                       "synthetic": len(results[c]["image"]),
                       "skipped_placement": skipped[c], "seconds": round(seconds[c], 2)}
@@ -381,8 +386,9 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   manifest = {"dataset": dataset,
               "image_size": size, "channels": len(config.data.modalities),
               "formats": formats, **verdict.to_dict(),
-              "splits": {f"{c}_synthetic": {"num_slices": len(r["image"]),
-                                            "num_cases": len(set(r["source"]))}
+              "splits": {f"{c}_synthetic": {
+                  "num_slices": len(r["image"]),
+                  "num_cases": _num_cases(r, tumors_by_center[c], settings.salt)}
                          for c, r in results.items()}}
   stage_io.write_json(os.path.join(paths["shared"], "manifest.json"), manifest)
   out_paths = {"synthetic set": paths["shared"],
@@ -390,10 +396,20 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
                "private state": paths["private"]}
   if figure:
     out_paths["figure (private)"] = figure
-  stage_io.mark_done(paths["record"], identity, summary=summary, paths=out_paths)
+  stage_io.mark_done(paths["record"], identity, summary=summary, paths=out_paths,
+                     model={"folder": os.path.basename(os.path.normpath(model_dir or ""))
+                            or None, "sha256": model.model_id})
   shutil.rmtree(staging, ignore_errors=True)
   return {**summary, "paths": out_paths, "reused": False, "stopped": False,
           "batches": batches}
+
+
+def _num_cases(res: dict, tumors: dict, salt: str) -> int:
+  """Patients among a center's synthetic examples (their pseudonyms may be
+  per slice, so they are mapped back to case ids through the salt)."""
+  rows = pipeline.source_rows(tumors["case_id"], tumors["slice_index"], salt)
+  return len({tumors["case_id"][rows[k]] for k in zip(res["source"], res["slice_index"])
+              if k in rows})
 
 
 def _run_center(settings, bank, tumors, pairs, generate, params, mesh, store, watcher,
@@ -415,11 +431,12 @@ def _figure(out_dir: str, model, settings, bank, center: str, tumors: dict,
   It shows whole private tumor slices, so it goes to the private figures.
   """
   rows = []
-  hashes = [pipeline.salted_hash(c, settings.salt) for c in tumors["case_id"]]
+  sources = [pipeline.source_pseudonym(c, z, settings.salt, settings.provenance)
+             for c, z in zip(tumors["case_id"], tumors["slice_index"])]
   healthy_index = {pipeline.salted_hash(k, settings.salt): j for j, k in enumerate(bank.keys)}
   for q in range(len(tumors["image"])):
     mine = [i for i in range(len(res["image"]))
-            if res["source"][i] == hashes[q] and res["slice_index"][i] == tumors["slice_index"][q]]
+            if (res["source"][i], res["slice_index"][i]) == sources[q]]
     if not mine:
       continue
     matches = [bank.images[healthy_index[res["healthy"][i]]]

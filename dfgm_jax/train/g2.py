@@ -39,9 +39,18 @@ fingerprints, so G2 never resumes a checkpoint of G1 (or of a G2 of other
 data) found in its workdir: the workdir claim refuses another run.
 
 The model card (model_card.json / .md beside model.json): the inputs'
-fingerprints and counts (the healthy slices' by origin), the statement of
-what G2 saw and the guard that enforced it, the training and sampler settings, and the
-privacy audit's summary when one is given. No local path, case id or salt.
+counts and content hashes (the healthy slices' counts by origin; a synthetic
+set's fingerprint too: a hash of its public files; never a preprocessing
+output's fingerprint, a private hash over paths, case ids and file times),
+the statement of what G2 saw and the guard that enforced it, the training
+and sampler settings, and the privacy audit's summary when a finished audit
+of a synthetic set G2 was trained on, measuring these weights, is given
+(`audit_for_card`; else the card says why there is none). No local path,
+case id or salt.
+
+Export and reuse: a finished export of this G2 at the trained step is kept
+as it is (its card, audit included); a new audit only replaces its card,
+params.npz untouched (model_io.replace_card).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import json
 import os
 from typing import Callable
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -69,6 +79,9 @@ HEALTHY = "healthy"
 REGION = "dilated"
 CARD_FORMAT = "dfgm-jax-model-card/1"
 INPUTS_FILE = "g2_inputs.json"  # in G2's training workdir: the card's data part.
+# The privacy audit's done-record beside its privacy.json (privacy/audit.py RECORD).
+AUDIT_RECORD = "record.json"
+AUDIT_KIND = "synthetic set"  # privacy/audit.py: the candidates' kind it audits.
 GUARD = "dfgm_jax.train.g2.check_public"
 # Training fields the card reports (what was learnt and how batches were mixed).
 _TRAIN_FIELDS = ("batch_size", "p_healthy", "loss_region", "lr", "warmup_steps",
@@ -215,12 +228,19 @@ def content_sha256(arrays: dict) -> str:
 
 
 def describe(inp: PublicInput, fingerprint: str, content: str) -> dict:
-  """What the card says of one input: no folder, no case id."""
+  """What the card says of one input: no folder, no case id.
+
+  A synthetic set's fingerprint (a hash of its shareable files) is kept; a
+  preprocessing output's is not: it hashes local paths, case ids, sizes and
+  file times, a private value that would link the card to the center's
+  files. The content hash names what G2 saw either way.
+  """
   split = inp.manifest["splits"][inp.split]
   out = {"role": inp.role, "dataset": dataset_name(inp.manifest), "split": inp.split,
          "num_slices": int(split["num_slices"]),
-         "num_cases": int(split.get("num_cases", 0)),
-         "set_fingerprint": fingerprint, "content_sha256": content}
+         "num_cases": int(split.get("num_cases", 0)), "content_sha256": content}
+  if is_synthetic(inp.manifest):
+    out["set_fingerprint"] = fingerprint
   if inp.role == "healthy":  # checked all public by the guard; said on the card.
     out["origins"] = provenance.split_origins(inp.manifest, inp.split)
   return out
@@ -228,7 +248,7 @@ def describe(inp: PublicInput, fingerprint: str, content: str) -> dict:
 
 def inputs_id(described: list[dict]) -> str:
   """Hash of G2's inputs: part of its run identity (train.public_data)."""
-  text = json.dumps([[d["role"], d["split"], d["set_fingerprint"], d["content_sha256"]]
+  text = json.dumps([[d["role"], d["split"], d.get("set_fingerprint"), d["content_sha256"]]
                      for d in described], sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -297,18 +317,46 @@ def train(config, workdir: str, inputs: list[PublicInput], described: list[dict]
 # --- Model card and export -------------------------------------------------------
 
 
-def privacy_summary(path: str | None) -> dict | None:
-  """The privacy audit's summary (W/privacy/privacy.json) when the file exists.
+def summary_sha256(summary: dict) -> str:
+  """sha256 of an audit summary as JSON (the audit records it; the card checks it)."""
+  return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
 
-  Its `summary` entry if it has one, else its top-level numbers, booleans
-  and short strings; strings that look like paths are left out.
+
+def audit_for_card(privacy_json: str | None, inputs_record: dict,
+                   params_sha256: str | None) -> tuple[dict | None, str]:
+  """(the audit summary G2's card may carry, or None; why, in one sentence).
+
+  Only this run's own finished audit: its done-record exists beside
+  privacy.json (an audit that was killed, or is being redone, has none), its
+  candidates are a synthetic set G2 was trained on (by the set's
+  fingerprint: not the training split, not another center's set), it
+  measured these weights or no G2 at all (params_sha256), and privacy.json's
+  summary is the one the record names.
   """
-  if not path or not epath.Path(path).exists():
-    return None
-  audit = json.loads(epath.Path(path).read_text())
-  source = audit.get("summary") if isinstance(audit.get("summary"), dict) else audit
-  return _no_paths({k: v for k, v in source.items()
-                    if isinstance(v, (bool, int, float, str, dict, list))})
+  if not privacy_json:
+    return None, "no privacy audit was given when this model was exported"
+  folder = os.path.dirname(privacy_json)
+  record = stage_io.read_json(os.path.join(folder, AUDIT_RECORD))
+  if record is None or not os.path.exists(privacy_json):
+    return None, ("the privacy audit given was not finished (no done-record): it "
+                  "is left off")
+  cand = record.get("candidates") or {}
+  sets = {d.get("set_fingerprint") for d in inputs_record["inputs"] if d["role"] == "tumor"}
+  if cand.get("kind") != AUDIT_KIND or cand.get("set_fingerprint") not in sets:
+    return None, (f"the privacy audit given is of {cand.get('kind', 'unknown candidates')} "
+                  f"{cand.get('split', '')!r}, not of a synthetic set G2 was trained on: "
+                  "it is left off")
+  measured = (record.get("identity") or {}).get("g2")
+  if measured is not None and measured != params_sha256:
+    return None, ("the privacy audit given measured other G2 weights (an earlier "
+                  "export): it is left off; rerun the audit")
+  summary = (json.loads(epath.Path(privacy_json).read_text()).get("summary") or {})
+  if summary_sha256(summary) != record.get("summary_sha256"):
+    return None, ("the privacy audit's privacy.json does not match its done-record: "
+                  "it is left off")
+  # Strings that look like paths are left out (the summary holds none).
+  return _no_paths(summary), (f"the finished privacy audit of the synthetic set "
+                              f"{cand['split']!r} G2 was trained on")
 
 
 def _no_paths(obj):
@@ -323,7 +371,8 @@ def _looks_like_path(v) -> bool:
   return isinstance(v, str) and ("/" in v or os.sep in v or "://" in v)
 
 
-def model_card(g2_cfg, inputs_record: dict, privacy: dict | None) -> dict:
+def model_card(g2_cfg, inputs_record: dict, privacy: dict | None,
+               privacy_note: str | None = None) -> dict:
   """The card of G2's export (model_io.export adds the weights' sha256 and step)."""
   tumor = [d for d in inputs_record["inputs"] if d["role"] == "tumor"]
   healthy = [d for d in inputs_record["inputs"] if d["role"] == "healthy"]
@@ -382,6 +431,8 @@ def model_card(g2_cfg, inputs_record: dict, privacy: dict | None) -> dict:
                    "diffusion_steps": int(g2_cfg.diffusion.num_steps)},
       "sampler": {k: _plain(v) for k, v in g2_cfg.sampler.to_dict().items()},
       "privacy_audit": privacy,
+      "privacy_audit_note": privacy_note or (
+          "no privacy audit was given" if privacy is None else "a privacy audit"),
   }
 
 
@@ -402,8 +453,9 @@ def card_markdown(card: dict) -> str:
            "| role | split | slices | cases | set fingerprint | content sha256 |",
            "|---|---|---|---|---|---|"]
   for e in d["tumor_examples"] + d["healthy_examples"]:
+    fingerprint = f"`{e['set_fingerprint']}`" if e.get("set_fingerprint") else "-"
     lines.append(f"| {e['role']} | {e['split']} | {e['num_slices']} | {e['num_cases']} "
-                 f"| `{e['set_fingerprint']}` | `{e['content_sha256'][:16]}` |")
+                 f"| {fingerprint} | `{e['content_sha256'][:16]}` |")
   lines += ["", "## Private data", "",
             f"Used: **{'yes' if p['used'] else 'no'}**. {p['statement']}",
             f"Enforced by `{p['guard']}`: {p['guard_rule']} "
@@ -413,9 +465,11 @@ def card_markdown(card: dict) -> str:
   lines += ["", "## Training", "", "```json", json.dumps(card["training"], indent=1),
             "```", "", "## Sampler", "", "```json", json.dumps(card["sampler"], indent=1),
             "```", "", "## Privacy audit", ""]
-  lines.append("```json\n" + json.dumps(card["privacy_audit"], indent=1) + "\n```"
+  note = card.get("privacy_audit_note")
+  lines.append((f"From {note}:\n\n" if note else "") + "```json\n" +
+               json.dumps(card["privacy_audit"], indent=1) + "\n```"
                if card["privacy_audit"] is not None else
-               "No privacy audit was available when this model was exported.")
+               f"None on this card: {note or 'no privacy audit was given'}.")
   return "\n".join(lines) + "\n"
 
 
@@ -430,28 +484,52 @@ def read_inputs(workdir: str) -> dict:
 
 
 def export(config, workdir: str, out_dir: str, *, privacy_json: str | None = None,
-           overwrite: bool = False) -> tuple[str, int]:
+           overwrite: bool = False, step: int | None = None) -> tuple[str, int]:
   """G2's EMA weights as an export with its model card; (out_dir, step).
 
-  An earlier export of this G2 (same public data) at `out_dir` is replaced:
-  the export follows the training and the privacy audit's latest summary.
-  Any other model folder there is refused unless `overwrite`.
+  A finished export of this G2 (same public data) at `out_dir` at `step`
+  (None: whatever step it holds) is kept: with no `privacy_json` as it is,
+  card and audit included; with one, only its card is rewritten, and only
+  when the audit it may carry (`audit_for_card`) changed (an audit that may
+  not go on the card never removes one that passed for these weights). An export of this
+  G2 at another step is replaced (the audit then goes on the card only if it
+  measured no G2: these weights are new). Any other model folder there is
+  refused unless `overwrite`.
 
   Raises:
     model_io.ModelError: `workdir` is not a G2 run, or has no checkpoint.
     errors.RunMismatch: `out_dir` holds another model's export.
   """
   record = read_inputs(workdir)
-  if os.path.exists(out_dir) and not overwrite:
-    old = model_io.read_card(out_dir) if model_io.is_export(out_dir) else None
-    if old is None or old.get("data", {}).get("public_data_id") != record["public_data"]:
+  old = None
+  if os.path.exists(out_dir):
+    card = model_io.read_card(out_dir) if model_io.is_export(out_dir) else None
+    mine = card is not None and card.get("data", {}).get(
+        "public_data_id") == record["public_data"]
+    if not mine and not overwrite:
       raise errors.RunMismatch(
           f"{out_dir}: exists and is not an export of this G2 (whose "
           f"public data id is {record['public_data']}); pass overwrite "
           "(--overwrite) to replace it, or export elsewhere")
+    if mine and not overwrite:
+      old = (model_io.read_record(out_dir), card)
   g2 = g2_config(config, record["public_data"])
-  card = model_card(g2, record, privacy_summary(privacy_json))
-  return model_io.export_workdir(workdir, g2, out_dir, overwrite=True, card=card,
+  if old is not None and step in (None, old[0]["step"]):
+    weights, card = old
+    if privacy_json is None:
+      return out_dir, int(weights["step"])  # finished: kept, its card's audit too.
+    privacy, note = audit_for_card(privacy_json, record, weights["params_sha256"])
+    if privacy is None and card.get("privacy_audit") is not None:
+      # The card's audit passed these checks for these weights: it stays
+      # rather than give way to an audit that may not be on the card.
+      logging.warning("G2's card keeps its privacy audit; %s", note)
+    elif (card.get("privacy_audit"), card.get("privacy_audit_note")) != (privacy, note):
+      model_io.replace_card(out_dir, model_card(g2, record, privacy, note),
+                            card_markdown)
+    return out_dir, int(weights["step"])
+  privacy, note = audit_for_card(privacy_json, record, None)
+  return model_io.export_workdir(workdir, g2, out_dir, overwrite=True,
+                                 card=model_card(g2, record, privacy, note),
                                  card_markdown=card_markdown)
 
 
