@@ -288,15 +288,37 @@ def test_threshold_interval_resamples_patients():
   assert again == by_patient
 
 
-def test_fraction_bound_is_a_lower_confidence_bound():
-  assert memorization.fraction_bound(0, 50) == 0.0
-  assert 0.0 < memorization.fraction_bound(5, 50) < 0.1
-  assert memorization.fraction_bound(50, 50) > 0.9
-  # Coverage: for a true rate of 5 %, the 99 % bound exceeds it rarely.
+def test_resampled_quantiles_equal_numpy_on_the_repeated_values():
+  rng = np.random.default_rng(16)
+  values = rng.uniform(size=37)
+  units = np.unique(rng.integers(0, 6, 37), return_inverse=True)[1]
+  counts = rng.integers(0, 3, (40, units.max() + 1))
+  counts[:, 0] += 1  # never an empty draw.
+  for q in (0.01, 0.05, 0.5, 0.99):
+    want = [np.quantile(np.concatenate([np.repeat(values[units == g], c)
+                                        for g, c in enumerate(row)]), q) for row in counts]
+    got = memorization._weighted_quantiles(values, units, counts, q)  # pylint: disable=protected-access
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_clustered_candidates_need_more_than_one_close_patient():
+  # 10 held-out patients of 6 slices; candidates of 5 patients of 6 slices.
   rng = np.random.default_rng(15)
-  ks = rng.binomial(60, 0.05, 2000)
-  over = np.mean([memorization.fraction_bound(k, 60) > 0.05 for k in ks])
-  assert over <= 0.01
+  held = rng.uniform(0.5, 1.0, 60)
+  patients = np.repeat(np.arange(10), 6)
+  groups = np.repeat(np.arange(5), 6)
+  one_close = rng.uniform(0.5, 1.0, 30)
+  one_close[:6] = 0.3  # one candidate patient below every held-out slice.
+  by_group = memorization.dcr_summary(one_close, held, patients, groups)
+  assert by_group["fraction_below"] >= 0.2 and by_group["candidate_groups"] == 5
+  # 20 % below the held-out 5th percentile, but all of it one patient of
+  # five: a patient like that could as well have been held out.
+  assert by_group["p_value"] > 0.01 and not by_group["exceeds"]
+  lo, hi = by_group["fraction_below_interval"]
+  assert lo <= by_group["fraction_below"] <= hi and hi - lo > 0.15
+  all_close = np.full(30, 0.3)
+  every = memorization.dcr_summary(all_close, held, patients, groups)
+  assert every["exceeds"] and every["p_value"] < 0.01
 
 
 def test_small_reference_neither_warns_nor_uses_the_margin():

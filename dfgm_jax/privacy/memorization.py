@@ -10,10 +10,15 @@ quarter turns), so a copy moved by a pixel or mirrored is still at about 0.
 
 Held-out slices come in patients, and two slices of one patient are not two
 independent draws: every threshold is a quantile of the held-out values with
-an interval from resampling held-out PATIENTS (`threshold_interval`). A
-check warns only when the candidates sit below even the low end of that
-interval more often than chance allows (`fraction_bound`); with fewer
-held-out patients than `MIN_HELDOUT_PATIENTS` no interval is trusted and the
+an interval from resampling held-out PATIENTS (`threshold_interval`).
+Candidates come in groups too (a real split's patients, a synthetic set's
+source patients): the fraction of candidates below the threshold gets its
+interval from resampling both at once, held-out patients and candidate
+groups. A check warns only when that fraction is beyond chance: a
+permutation test that deals the held-out patients and the candidate groups
+anew between the two sides (were the candidates unseen real patients, any
+deal would be as likely) gives p < 1 - `CONFIDENCE`. With fewer held-out
+patients than `MIN_HELDOUT_PATIENTS` no interval is trusted and the
 calibrated checks say "reference too small" instead of guessing.
 
 Near copies (`copy_summary`) need no calibration but a yardstick: a
@@ -23,7 +28,6 @@ one training image than any held-out slice is to its nearest (below
 rho < 1/3 of Gu et al. 2023, which is a ratio, not a distance.
 
   threshold_interval         held-out quantile with a patient-bootstrap interval.
-  fraction_bound             one-sided lower confidence bound of a fraction.
   dcr_summary                distance to closest record vs held-out slices.
   nn_ratio_summary           d1/d2, copies flagged at rho < 1/3.
   copy_summary               exact and near copies, by rule.
@@ -55,9 +59,9 @@ HELDOUT_QUANTILE = 0.05
 N_BOOTSTRAP = 1000
 INTERVAL = 0.95
 MIN_HELDOUT_PATIENTS = 5
-# A check warns when the candidates' fraction below the threshold's low end
-# exceeds HELDOUT_QUANTILE even at the one-sided 99 % lower confidence bound:
-# four checks on three regions stay quiet on clean data.
+# A check warns when the candidates' fraction below the threshold is above
+# HELDOUT_QUANTILE with permutation p < 1 - CONFIDENCE: two checks on three
+# regions stay quiet on clean data.
 CONFIDENCE = 0.99
 # Near copy: aligned distance below half the smallest held-out one.
 COPY_MARGIN = 0.5
@@ -84,6 +88,39 @@ def _units(patients, n: int) -> np.ndarray:
   return np.unique(patients, return_inverse=True)[1].ravel()
 
 
+def _weighted_quantiles(values, units, counts, quantile) -> np.ndarray:
+  """The quantile of each row's multiset: unit u's values taken counts[b, u]
+  times (numpy's linear interpolation of the repeated, sorted array).
+
+  values, units: (n,); counts: (B, n_units) non-negative integers.
+  """
+  order = np.argsort(values, kind="stable")
+  v, u = values[order], units[order]
+  cum = np.cumsum(counts[:, u], axis=1)
+  pos = quantile * (cum[:, -1] - 1)
+  lo = np.floor(pos)
+  # The repeated array's j-th value is v[i], i = how many cum entries are <= j.
+  i_lo = np.minimum((cum <= lo[:, None]).sum(1), v.size - 1)
+  i_hi = np.minimum((cum <= lo[:, None] + 1).sum(1), v.size - 1)
+  return v[i_lo] + (pos - lo) * (v[i_hi] - v[i_lo])
+
+
+def _draw_quantiles(values, units, quantile, n_bootstrap, rng) -> np.ndarray:
+  """The quantile of `n_bootstrap` resamples of whole units (patients)."""
+  n_units = int(units.max()) + 1
+  picks = rng.integers(0, n_units, (int(n_bootstrap), n_units))
+  counts = np.stack([np.bincount(p, minlength=n_units) for p in picks])
+  return _weighted_quantiles(values, units, counts, quantile)
+
+
+def _check_calibration(quantile, interval, n_bootstrap, confidence=0.5):
+  if (not 0.0 < quantile < 1.0 or not 0.0 < interval < 1.0 or n_bootstrap < 1
+      or not 0.0 < confidence < 1.0):
+    raise errors.ConfigError(f"calibration: quantile={quantile}, interval={interval} and "
+                             f"confidence={confidence} must be in (0, 1), n_bootstrap="
+                             f"{n_bootstrap} >= 1")
+
+
 def threshold_interval(values, patients=None, quantile: float = HELDOUT_QUANTILE,
                        n_bootstrap: int = N_BOOTSTRAP, interval: float = INTERVAL,
                        seed: int = 0) -> Dict[str, float]:
@@ -99,56 +136,73 @@ def threshold_interval(values, patients=None, quantile: float = HELDOUT_QUANTILE
     n_patients.
   """
   v = _nonempty("held-out values", values)
+  _check_calibration(quantile, interval, n_bootstrap)
   units = _units(patients, v.size)
-  n_units = int(units.max()) + 1
-  if not 0.0 < quantile < 1.0 or not 0.0 < interval < 1.0 or n_bootstrap < 1:
-    raise errors.ConfigError(f"threshold_interval: quantile={quantile} and interval="
-                             f"{interval} must be in (0, 1), n_bootstrap={n_bootstrap} "
-                             ">= 1")
-  by_unit = [v[units == u] for u in range(n_units)]
-  rng = np.random.default_rng(seed)
-  draws = np.empty(int(n_bootstrap))
-  for b in range(draws.size):
-    pick = rng.integers(0, n_units, n_units)
-    draws[b] = np.quantile(np.concatenate([by_unit[u] for u in pick]), quantile)
+  draws = _draw_quantiles(v, units, quantile, n_bootstrap, np.random.default_rng(seed))
   tail = 100 * (1 - interval) / 2
   return {"threshold": float(np.quantile(v, quantile)), "low": _q(draws, tail),
           "high": _q(draws, 100 - tail), "quantile": float(quantile),
-          "n_patients": n_units}
+          "n_patients": int(units.max()) + 1}
 
 
-def fraction_bound(k: int, n: int, confidence: float = CONFIDENCE) -> float:
-  """One-sided Clopper-Pearson lower bound of a fraction k of n (0 if k = 0)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  if k <= 0:
-    return 0.0
-  return float(stats.beta.ppf(1 - confidence, k, n - k + 1))
+def _permutation_p(observed, h, h_units, c, c_units, quantile, n_perm, rng) -> float:
+  """p of the candidates' fraction below the held-out quantile, dealing the
+  held-out patients and candidate groups anew between the two sides."""
+  n_h = int(h_units.max()) + 1
+  n_groups = n_h + int(c_units.max()) + 1
+  values = np.concatenate([h, c])
+  units = np.concatenate([h_units, n_h + c_units])
+  # held[b, g]: group g is on the held-out side in deal b.
+  held = np.stack([rng.permutation(n_groups) < n_h for _ in range(int(n_perm))])
+  t = _weighted_quantiles(values, units, held.astype(np.int64), quantile)
+  rest = ~held[:, units]
+  fractions = (rest & (values[None] < t[:, None])).sum(1) / rest.sum(1)
+  return float((1 + np.sum(fractions >= observed)) / (1 + int(n_perm)))
 
 
-def _calibrated(name: str, candidate, heldout, patients, quantile, n_bootstrap,
+def _calibrated(name: str, candidate, heldout, patients, groups, quantile, n_bootstrap,
                 confidence, seed, min_patients) -> Dict[str, object]:
-  """Candidates below the held-out threshold's low end, and whether that is
-  more than chance (see `dcr_summary`)."""
+  """Candidates below the held-out threshold, and whether that is more than
+  chance (see `dcr_summary`)."""
   c = _nonempty(f"{name} candidates", candidate)
   h = _nonempty(f"{name} held-out", heldout)
-  t = threshold_interval(h, patients, quantile, n_bootstrap, seed=seed)
-  below = np.flatnonzero(c < t["low"])
-  bound = fraction_bound(below.size, c.size, confidence)
-  too_small = t["n_patients"] < min_patients
+  _check_calibration(quantile, INTERVAL, n_bootstrap, confidence)
+  h_units = _units(patients, h.size)
+  c_units = _units(groups, c.size)
+  rng = np.random.default_rng(seed)
+  thresholds = _draw_quantiles(h, h_units, quantile, n_bootstrap, rng)
+  # The same draws for the candidates' fraction: resampled candidate groups
+  # against each draw's threshold.
+  n_groups = int(c_units.max()) + 1
+  # counts[u, b]: candidates of group u under draw b's threshold.
+  counts = np.stack([np.searchsorted(np.sort(c[c_units == u]), thresholds)
+                     for u in range(n_groups)])
+  sizes = np.bincount(c_units, minlength=n_groups)
+  pick = rng.integers(0, n_groups, (thresholds.size, n_groups))
+  fractions = (counts[pick, np.arange(thresholds.size)[:, None]].sum(1)
+               / sizes[pick].sum(1))
+  threshold = float(np.quantile(h, quantile))
+  below = np.flatnonzero(c < threshold)
+  tail = 100 * (1 - INTERVAL) / 2
+  p_value = _permutation_p(below.size / c.size, h, h_units, c, c_units, quantile,
+                           n_bootstrap, rng)
+  too_small = int(h_units.max()) + 1 < min_patients
   return {
-      "threshold": t["threshold"], "threshold_low": t["low"],
-      "threshold_high": t["high"], "quantile": t["quantile"],
-      "heldout_patients": t["n_patients"],
+      "threshold": threshold, "threshold_low": _q(thresholds, tail),
+      "threshold_high": _q(thresholds, 100 - tail), "quantile": float(quantile),
+      "heldout_patients": int(h_units.max()) + 1, "candidate_groups": n_groups,
       "fraction_below": float(below.size / c.size), "n_below": int(below.size),
-      "below": [int(i) for i in below], "fraction_below_bound": bound,
-      "confidence": float(confidence),
+      "below": [int(i) for i in below],
+      "fraction_below_interval": [_q(fractions, tail), _q(fractions, 100 - tail)],
+      "p_value": p_value, "confidence": float(confidence),
       # Only a reference with enough patients can say "more than chance".
-      "exceeds": bool(not too_small and bound > t["quantile"]),
+      "exceeds": bool(not too_small and below.size / c.size > quantile
+                      and p_value < 1 - confidence),
       "reference_too_small": bool(too_small),
   }
 
 
-def dcr_summary(candidate_d1, heldout_d1, heldout_patients=None,
+def dcr_summary(candidate_d1, heldout_d1, heldout_patients=None, candidate_groups=None,
                 quantile: float = HELDOUT_QUANTILE, n_bootstrap: int = N_BOOTSTRAP,
                 confidence: float = CONFIDENCE, seed: int = 0,
                 min_patients: int = MIN_HELDOUT_PATIENTS) -> Dict[str, object]:
@@ -159,6 +213,8 @@ def dcr_summary(candidate_d1, heldout_d1, heldout_patients=None,
     heldout_d1: (Nh,) the same for held-out test slices of the same center.
     heldout_patients: (Nh,) each held-out slice's patient (None: every slice
       its own patient).
+    candidate_groups: (Nc,) each candidate's patient or source patient
+      (None: every candidate its own group).
     quantile, n_bootstrap, confidence, seed, min_patients: the calibration
       (module constants).
 
@@ -166,20 +222,21 @@ def dcr_summary(candidate_d1, heldout_d1, heldout_patients=None,
     candidate_median, candidate_p5, heldout_median, heldout_p5, heldout_min.
     threshold: the held-out `quantile`; threshold_low, threshold_high: its
       interval over resampled held-out patients.
-    fraction_below, n_below, below: candidates under threshold_low. Clean
-      candidates give at most about `quantile` (the low end is below the
-      point threshold); fraction_below_bound: its one-sided lower confidence
-      bound. exceeds: the bound is above `quantile`, i.e. more candidates
-      sit close to a training image than unseen slices do, beyond chance;
-      never with fewer than min_patients held-out patients
-      (reference_too_small).
+    fraction_below, n_below, below: candidates under the threshold; clean
+      candidates give about `quantile`. fraction_below_interval: its
+      interval over resampled held-out patients and candidate groups;
+      p_value: the permutation test's (held-out patients and candidate
+      groups dealt anew between the sides). exceeds: the fraction is above
+      `quantile` with p_value < 1 - confidence, i.e. more candidates sit
+      close to a training image than unseen slices do, beyond chance; never
+      with fewer than min_patients held-out patients (reference_too_small).
     fraction_zero: fraction of candidates at DCR 0 (exact copies).
     n_candidates, n_heldout.
   """
   c = _nonempty("dcr candidates", candidate_d1)
   h = _nonempty("dcr held-out", heldout_d1)
-  out = _calibrated("dcr", c, h, heldout_patients, quantile, n_bootstrap, confidence,
-                    seed, min_patients)
+  out = _calibrated("dcr", c, h, heldout_patients, candidate_groups, quantile,
+                    n_bootstrap, confidence, seed, min_patients)
   out.update({
       "candidate_median": _q(c, 50),
       "candidate_p5": _q(c, 5),
@@ -307,7 +364,7 @@ def carlini_scores(dists, n: int = CARLINI_N,
 
 
 def carlini_summary(candidate_scores, heldout_scores, heldout_patients=None,
-                    n_smallest: int = 16, quantile: float = HELDOUT_QUANTILE,
+                    candidate_groups=None, n_smallest: int = 16, quantile: float = HELDOUT_QUANTILE,
                     n_bootstrap: int = N_BOOTSTRAP, confidence: float = CONFIDENCE,
                     seed: int = 0,
                     min_patients: int = MIN_HELDOUT_PATIENTS) -> Dict[str, object]:
@@ -315,7 +372,8 @@ def carlini_summary(candidate_scores, heldout_scores, heldout_patients=None,
 
   Returns:
     threshold, threshold_low, threshold_high, fraction_below, n_below, below,
-      fraction_below_bound, exceeds, reference_too_small: as `dcr_summary`,
+      fraction_below_interval, p_value, exceeds,
+      reference_too_small: as `dcr_summary`,
       on the score instead of the distance.
     median, p5, heldout_median: the distributions.
     smallest: the n_smallest candidates as [index, score], lowest first
@@ -323,8 +381,8 @@ def carlini_summary(candidate_scores, heldout_scores, heldout_patients=None,
   """
   c = _nonempty("carlini candidates", candidate_scores)
   h = _nonempty("carlini held-out", heldout_scores)
-  out = _calibrated("carlini", c, h, heldout_patients, quantile, n_bootstrap,
-                    confidence, seed, min_patients)
+  out = _calibrated("carlini", c, h, heldout_patients, candidate_groups, quantile,
+                    n_bootstrap, confidence, seed, min_patients)
   order = np.argsort(c, kind="stable")[:n_smallest]
   out.update({
       "median": _q(c, 50),
@@ -428,6 +486,7 @@ def region_audit(candidates,
                  candidate_masks=None,
                  heldout_masks=None,
                  heldout_patients=None,
+                 candidate_groups=None,
                  n: int = CARLINI_N,
                  alpha: float = CARLINI_ALPHA,
                  max_shift: int = 2,
@@ -452,6 +511,8 @@ def region_audit(candidates,
       image); it moves with its image under the alignment transforms.
     heldout_patients: (Nh,) the held-out slices' patients (case ids); None:
       every slice counted as its own patient.
+    candidate_groups: (Nc,) the candidates' patients (a real split's case
+      ids, a synthetic set's source pseudonyms); None: each its own.
     n, alpha: Carlini's parameters (n is capped at the training set's size).
     max_shift, flips, rotations: the aligned distance's transforms
       (`distances.nearest_aligned`).
@@ -474,7 +535,7 @@ def region_audit(candidates,
   hd, _, _ = distances.nearest_aligned(heldout, train, heldout_masks, **kw)
   cal = dict(quantile=quantile, n_bootstrap=n_bootstrap, confidence=confidence,
              seed=seed, min_patients=min_patients)
-  dcr = dcr_summary(cd[:, 0], hd[:, 0], heldout_patients, **cal)
+  dcr = dcr_summary(cd[:, 0], hd[:, 0], heldout_patients, candidate_groups, **cal)
   n_patients = dcr["heldout_patients"]
   too_small = n_patients < min_patients
   names = distances.transform_names(train.shape[1], train.shape[2], max_shift, flips,
@@ -486,7 +547,8 @@ def region_audit(candidates,
       "copies": copy_summary(cd[:, 0], cd[:, 1], hd[:, 0], hd[:, 1], copy_margin,
                              use_margin=not too_small),
       "carlini": carlini_summary(carlini_scores(cd, n, alpha),
-                                 carlini_scores(hd, n, alpha), heldout_patients, **cal),
+                                 carlini_scores(hd, n, alpha), heldout_patients,
+                                 candidate_groups, **cal),
       "reference": {"n_heldout": int(hd.shape[0]), "n_patients": int(n_patients),
                     "min_patients": int(min_patients), "too_small": bool(too_small)},
       "carlini_n": k,
