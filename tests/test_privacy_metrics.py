@@ -297,7 +297,7 @@ def test_resampled_quantiles_equal_numpy_on_the_repeated_values():
   for q in (0.01, 0.05, 0.5, 0.99):
     want = [np.quantile(np.concatenate([np.repeat(values[units == g], c)
                                         for g, c in enumerate(row)]), q) for row in counts]
-    got = memorization._weighted_quantiles(values, units, counts, q)  # pylint: disable=protected-access
+    got = memorization._weighted_quantiles(values, units, counts, q)
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
