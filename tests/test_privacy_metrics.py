@@ -248,6 +248,20 @@ def test_aligned_distance_sees_moved_copies_at_zero():
   assert len(distances.orientations(8, 12)) == 4 and len(distances.orientations(8, 8)) == 8
 
 
+def test_aligned_refuses_what_it_cannot_compare():
+  rng = np.random.default_rng(17)
+  with pytest.raises(errors.UserError, match="queries of shape"):
+    distances.nearest_aligned(_images(rng, 2), rng.uniform(size=(3, 10, 12)))
+  with pytest.raises(errors.UserError, match="expected \\(N, H, W\\)"):
+    distances.nearest_aligned(rng.uniform(size=(2, 144)), rng.uniform(size=(3, 144)))
+  with pytest.raises(errors.ConfigError, match="max_shift=-1"):
+    distances.nearest_aligned(_images(rng, 2), _images(rng, 3), max_shift=-1)
+  masks = np.ones((2, SIDE, SIDE))
+  masks[1] = 0
+  with pytest.raises(errors.UserError, match="empty region"):
+    distances.nearest_aligned(_images(rng, 2), _images(rng, 3), masks)
+
+
 def test_aligned_region_mask_moves_with_its_image():
   # A training image whose ring differs from the query's only outside the
   # query's (moved) ring: the ring distance is 0, the full image's is not.

@@ -713,9 +713,12 @@ def figure(path: str, cands: np.ndarray, train: np.ndarray, res: dict, n: int,
   for row, j in enumerate(order):
     c, t = res["candidates"][j], res["nearest_index"][j]
     a, b = cands[c][..., 0], train[t][..., 0]
+    # The distance is aligned: the candidate as it is may be a moved copy.
+    how = res.get("nearest_transform", ["as is"] * len(d))[j]
     for ax, img, name in ((axes[row, 0], a, f"candidate {c}"),
                           (axes[row, 1], b, f"training {t}"),
-                          (axes[row, 2], np.abs(a - b), f"|diff| RMSE {d[j]:.4f}")):
+                          (axes[row, 2], np.abs(a - b),
+                           f"|diff|; aligned RMSE {d[j]:.4f} ({how})")):
       ax.imshow(img, cmap="gray", vmin=0 if name.startswith("|") else -1, vmax=1)
       ax.set_title(name, fontsize=8)
       ax.axis("off")

@@ -53,15 +53,18 @@ CARLINI_N = 50
 CARLINI_ALPHA = 0.5
 N_OTHER = 50
 # Calibration: thresholds are the held-out 5th percentile (stabler than the
-# 1st with tens of held-out slices) with a 95 % interval from 1000 resamples
-# of the held-out patients; fewer than 5 patients cannot give an interval.
+# 1st with tens of held-out slices) with a 95 % interval from resampling the
+# held-out patients; fewer than 5 patients cannot give an interval.
+# N_BOOTSTRAP is the number of draws of each resampling (the bootstrap and
+# the permutation test alike).
 HELDOUT_QUANTILE = 0.05
 N_BOOTSTRAP = 1000
 INTERVAL = 0.95
 MIN_HELDOUT_PATIENTS = 5
 # A check warns when the candidates' fraction below the threshold is above
-# HELDOUT_QUANTILE with permutation p < 1 - CONFIDENCE: two checks on three
-# regions stay quiet on clean data.
+# HELDOUT_QUANTILE with permutation p < 1 - CONFIDENCE. Two such checks run
+# per region; tests/test_copy_checks.py measures how often clean patients
+# still come out "ok" in every region.
 CONFIDENCE = 0.99
 # Near copy: aligned distance below half the smallest held-out one.
 COPY_MARGIN = 0.5
@@ -78,13 +81,13 @@ def _nonempty(name: str, values) -> np.ndarray:
   return values
 
 
-def _units(patients, n: int) -> np.ndarray:
+def _units(patients, n: int, what: str = "held-out patients") -> np.ndarray:
   """(n,) integer patient labels; None = every value its own patient."""
   if patients is None:
     return np.arange(n)
   patients = np.asarray(patients).ravel()
   if patients.size != n:
-    raise errors.UserError(f"held-out patients: {patients.size} labels for {n} values")
+    raise errors.UserError(f"{what}: {patients.size} labels for {n} values")
   return np.unique(patients, return_inverse=True)[1].ravel()
 
 
@@ -168,7 +171,7 @@ def _calibrated(name: str, candidate, heldout, patients, groups, quantile, n_boo
   h = _nonempty(f"{name} held-out", heldout)
   _check_calibration(quantile, INTERVAL, n_bootstrap, confidence)
   h_units = _units(patients, h.size)
-  c_units = _units(groups, c.size)
+  c_units = _units(groups, c.size, "candidate groups")
   rng = np.random.default_rng(seed)
   thresholds = _draw_quantiles(h, h_units, quantile, n_bootstrap, rng)
   # The same draws for the candidates' fraction: resampled candidate groups
