@@ -368,8 +368,10 @@ def _aligned_block(q, m, ref_chunks, valid, k, orients, max_shift, min_overlap):
       qx, mx, o = xo
       qm, mm = all_shifts(qx), all_shifts(mx)
       area = jnp.sum(mm, axis=-1)
-      # m is 0/1, so sum m (q - r)^2 = |m q|^2 - 2 (m q).r + m.r^2.
-      sq = (jnp.sum(qm * qm, axis=-1)[:, None] - 2.0 * (qm @ refs.T) + mm @ refs_sq.T)
+      # m is 0/1, so sum m (q - r)^2 = |m q|^2 - 2 (m q).r + m.r^2. Full
+      # float32 products: a GPU's default TF32 would blur the ranking.
+      dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+      sq = (jnp.sum(qm * qm, axis=-1)[:, None] - 2.0 * dot(qm, refs.T) + dot(mm, refs_sq.T))
       sq = jnp.maximum(sq, 0.0) / jnp.maximum(area, 1.0)[:, None]
       keep = area >= min_overlap * jnp.repeat(area0, ns)
       sq = jnp.where(keep[:, None], sq, jnp.inf).reshape(cq, ns, cr)
@@ -431,8 +433,10 @@ def nearest_aligned(queries,
   so a copy moved by a pixel, mirrored or turned is at (near) 0. With
   max_shift=0, flips=rotations=False it is `nearest`'s distance.
 
-  Memory on device: per block one orientation's shifted queries (chunk_q x
-  shifts x pixels), a (chunk_q, chunk_r) distance block and the references.
+  Memory on device, besides the references: the query chunk in every
+  orientation (8 x chunk_q x pixels), one orientation's shifted copies and
+  their masks (2 x chunk_q x shifts x pixels), a (chunk_q x shifts, chunk_r)
+  distance block, and for the exact recomputation (3 x chunk_q x k x pixels).
 
   Args:
     queries: (Nq, H, W) or (Nq, H, W, C) images.
