@@ -171,7 +171,7 @@ def _privacy(workdir: str) -> list[str]:
            "copied by design.", "", f"**Overall: {s.get('overall', '?').upper()}**", ""]
   lines += [f"- **{v.get('status')}**: {v.get('text')}"
             for v in audit.get("verdicts", {}).values()]
-  lines += ["", "| region | DCR median | held-out DCR median | below held-out p1 | exact "
+  lines += ["", "| region | DCR median | held-out DCR median | below held-out threshold | exact "
             "copies | NN ratio flagged | Carlini below |", "|---|---|---|---|---|---|---|"]
   for region, r in s.get("regions", {}).items():
     lines.append(f"| {region} | {r['dcr_median']:.4f} | {r['dcr_heldout_median']:.4f} | "

@@ -70,18 +70,26 @@ def test_training_split_as_candidates_is_all_copies(workdir, tmp_path):
 
 
 def test_independent_slices_are_not_copies(workdir, tmp_path):
-  # Another center's patients: real slices no model saw. With the phantom's 5
-  # held-out slices the 1st-percentile thresholds are coarse (about their
-  # minimum), so this checks the copy rules, and DCR of the held-out's size.
+  # Another center's patients: real slices no model saw. The phantom's
+  # held-out slices are too few patients to calibrate a threshold: the copy
+  # rules still run (none is met), and the verdict says what to add instead
+  # of "ok" or "warning".
   out = _audit(workdir, str(tmp_path / "p"), f"{workdir}/slices:CBICA_train")
+  manifest = json.load(open(os.path.join(workdir, "slices", "manifest.json")))
+  n_held = manifest["splits"][f"{CENTER}_test"]["num_cases"]
   for region in REGIONS:
     r = out["regions"][region]
-    assert r["dcr"]["fraction_zero"] == 0.0
+    assert r["dcr"]["fraction_zero"] == 0.0 and r["copies"]["n"] == 0
     assert r["nn_ratio"]["fraction_flagged"] == 0.0
     assert 0.5 < r["dcr"]["candidate_median"] / r["dcr"]["heldout_median"] < 2.0
-    assert out["verdicts"][f"region {region}"]["status"] in ("ok", "warning")
+    assert r["reference"]["too_small"] and r["reference"]["n_patients"] == n_held < 5
+    verdict = out["verdicts"][f"region {region}"]
+    assert verdict["status"] == "reference too small", verdict["text"]
+    assert "add held-out patients" in verdict["text"]
   assert out["source"]["n_with_source"] == 0
-  assert out["overall"] != "fail"
+  assert out["overall"] == "not shown"
+  assert out["summary"]["regions"]["full"]["heldout_patients"] == out["regions"]["full"][
+      "reference"]["n_patients"]
 
 
 def test_synthetic_set_outputs_reuse_and_refusal(workdir):
@@ -200,18 +208,38 @@ def test_markdown_names_g2_the_reference_for_g1s_membership(workdir):
   assert "excess" not in md and "- G2: skipped (no export)" in md
 
 
+def _region_result(fraction_below, exceeds, n_patients=8, copies=0):
+  """A region's result as memorization.region_audit gives it (what the verdict reads)."""
+  calibrated = {"fraction_below": fraction_below, "exceeds": exceeds,
+                "p_value": 0.001 if exceeds else 0.4, "confidence": 0.99}
+  return {
+      "dcr": {**calibrated, "fraction_zero": 0.0, "quantile": 0.05, "threshold": 0.2,
+              "threshold_low": 0.18, "threshold_high": 0.22,
+              "fraction_below_interval": [fraction_below / 2, fraction_below * 2]},
+      "carlini": calibrated, "nn_ratio": {"fraction_flagged": 0.0},
+      "copies": {"n": copies, "fraction": copies / 100, "n_exact": 0, "n_margin": copies,
+                 "n_ratio": 0, "copy_margin": 0.5},
+      "reference": {"n_patients": n_patients, "n_heldout": 8 * n_patients,
+                    "min_patients": 5, "too_small": n_patients < 5}}
+
+
 def test_a_matched_background_warning_says_why():
   from dfgm_jax.privacy import audit
-  close = {"dcr": {"fraction_below": 0.12, "fraction_zero": 0.0, "n_heldout": 16},
-           "nn_ratio": {"fraction_flagged": 0.0}, "carlini": {"fraction_below": 0.05}}
+  close = _region_result(0.3, exceeds=True)
   status, text = audit.region_verdict("background", close, synthetic=True)
-  assert status == "warning" and "matching chose" in text
+  assert status == "warning" and "matching chose" in text and "permutation p" in text
   # A real split has no matching to explain it; the ring was generated, not matched.
   assert "matching" not in audit.region_verdict("background", close)[1]
   assert "matching" not in audit.region_verdict("ring", close, synthetic=True)[1]
-  far = {**close, "dcr": {**close["dcr"], "fraction_below": 0.0},
-         "carlini": {"fraction_below": 0.0}}
-  assert audit.region_verdict("background", far, synthetic=True)[0] == "ok"
+  # Below the threshold as often as chance allows: ok.
+  assert audit.region_verdict("background", _region_result(0.1, exceeds=False),
+                              synthetic=True)[0] == "ok"
+  # A near copy is "copies" whatever the rest; a small reference never "ok".
+  assert audit.region_verdict("ring", _region_result(0.0, False, copies=2))[0] == "copies"
+  small = audit.region_verdict("ring", _region_result(0.0, False, n_patients=2))
+  assert small[0] == "reference too small" and "2 held-out patients" in small[1]
+  assert audit.region_verdict("ring", _region_result(0.0, False, n_patients=2,
+                                                      copies=1))[0] == "copies"
 
 
 def test_g2_sample_test_runs_on_a_generate_mode_set_only(workdir, tmp_path):

@@ -7,9 +7,12 @@ threshold is calibrated on), and, when they exist, G1's and G2's exports, a
 local synthesis set of G2 in generate mode, and what would be shared.
 
 Checks (privacy.json keys):
-  regions          per region full / ring / background / tumor: DCR against
-                   the held-out slices' DCR, NN ratio d1/d2, Carlini's
-                   calibrated distance (memorization.region_audit). The tumor
+  regions          per region full / ring / background / tumor, on the
+                   aligned distance (minimum over small shifts, flips and
+                   quarter turns): exact and near copies, DCR against the
+                   held-out slices' DCR, NN ratio d1/d2, Carlini's calibrated
+                   distance, thresholds with intervals over resampled
+                   held-out patients (memorization.region_audit). The tumor
                    interior is copied from the source slice by design: it is
                    reported as such, never counted as a finding.
   source           each candidate's own source slice (salted pseudonym of a
@@ -76,9 +79,8 @@ SUMMARY_JSON = "summary.json"
 FIGURE = "closest_pairs.png"
 RECORD = "record.json"
 FORMAT = "dfgm-jax-privacy-audit-1"
-# A check warns when more than this fraction of the candidates is past a
-# threshold calibrated to pass 1 % of held-out slices: 5x the expected rate,
-# room for small held-out sets whose 1st percentile is their minimum.
+# The source ring warns when more than this fraction of the candidates is
+# replicated (the region checks calibrate themselves: memorization.py).
 ALERT_FRACTION = 0.05
 # Membership AUC band around chance (0.5) read as "no measurable membership
 # signal"; outside it, a warning (G1: expected with small data).
@@ -94,6 +96,19 @@ class Settings:
 
   carlini_n: int = memorization.CARLINI_N
   carlini_alpha: float = memorization.CARLINI_ALPHA
+  # The aligned distance: shifts up to max_shift pixels, mirrored and
+  # quarter-turned candidates (distances.nearest_aligned).
+  max_shift: int = 2
+  flips: bool = True
+  rotations: bool = True
+  # Calibration on the held-out slices (memorization.py): the quantile taken
+  # as threshold, patient-bootstrap draws, the confidence a warning needs,
+  # the near-copy margin and the fewest held-out patients that calibrate.
+  heldout_quantile: float = memorization.HELDOUT_QUANTILE
+  n_bootstrap: int = memorization.N_BOOTSTRAP
+  confidence: float = memorization.CONFIDENCE
+  copy_margin: float = memorization.COPY_MARGIN
+  min_heldout_patients: int = memorization.MIN_HELDOUT_PATIENTS
   n_other: int = memorization.N_OTHER
   seed: int = 0
   chunk_q: int = 32
@@ -261,9 +276,18 @@ def source_index(cands: dict, train: dict, salt: str | None) -> tuple[np.ndarray
 
 
 def region_checks(cands, heldout, train, cand_regions, held_regions,
-                  s: Settings) -> dict:
-  """memorization.region_audit per region, on the images whose region is not empty."""
+                  s: Settings, heldout_patients=None, candidate_groups=None) -> dict:
+  """memorization.region_audit per region, on the images whose region is not empty.
+
+  heldout_patients: the held-out slices' case ids (their patients), which the
+  thresholds' intervals resample; None counts every slice as a patient.
+  candidate_groups: the candidates' patients (case ids of a real split,
+  source pseudonyms of a synthetic set), resampled likewise; None: each
+  candidate its own.
+  """
   out = {}
+  patients = None if heldout_patients is None else np.asarray(heldout_patients)
+  groups = None if candidate_groups is None else np.asarray(candidate_groups)
   for region in AUDIT_REGIONS:
     cm, hm = cand_regions[region], held_regions[region]
     cuse = np.flatnonzero(cm.reshape(len(cm), -1).sum(1) > 0)
@@ -273,11 +297,20 @@ def region_checks(cands, heldout, train, cand_regions, held_regions,
       continue
     res = memorization.region_audit(
         cands[cuse], heldout[huse], train, _channels(cm[cuse], cands[cuse]),
-        _channels(hm[huse], heldout[huse]), n=s.carlini_n, alpha=s.carlini_alpha,
-        chunk_q=s.chunk_q, chunk_r=s.chunk_r)
+        _channels(hm[huse], heldout[huse]),
+        heldout_patients=None if patients is None else patients[huse],
+        candidate_groups=None if groups is None else groups[cuse],
+        n=s.carlini_n, alpha=s.carlini_alpha, max_shift=s.max_shift, flips=s.flips,
+        rotations=s.rotations, quantile=s.heldout_quantile, n_bootstrap=s.n_bootstrap,
+        confidence=s.confidence, copy_margin=s.copy_margin,
+        min_patients=s.min_heldout_patients, seed=s.seed, chunk_q=s.chunk_q,
+        chunk_r=s.chunk_r)
     # Back to indices of the whole candidate set.
-    res["nn_ratio"]["flagged"] = [int(cuse[i]) for i in res["nn_ratio"]["flagged"]]
-    res["carlini"]["below"] = [int(cuse[i]) for i in res["carlini"]["below"]]
+    back = lambda idx: [int(cuse[i]) for i in idx]  # pylint: disable=cell-var-from-loop
+    res["nn_ratio"]["flagged"] = back(res["nn_ratio"]["flagged"])
+    res["copies"]["copies"] = back(res["copies"]["copies"])
+    res["dcr"]["below"] = back(res["dcr"]["below"])
+    res["carlini"]["below"] = back(res["carlini"]["below"])
     res["carlini"]["smallest"] = [[int(cuse[i]), v] for i, v in res["carlini"]["smallest"]]
     res["candidates"] = [int(i) for i in cuse]
     res["n_candidates"], res["n_heldout"] = int(cuse.size), int(huse.size)
@@ -441,34 +474,49 @@ _MATCHED = (" Part of it is by construction: the background is the public health
 
 
 def region_verdict(region: str, res: dict, synthetic: bool = False) -> tuple[str, str]:
-  """(status, one line) for one region: ok, warning, copies, by design, skipped.
+  """(status, one line) for one region: ok, warning, copies, reference too
+  small, by design, skipped.
 
-  `synthetic`: the candidates are a synthetic set (its background was matched
-  to the source slice, which a warning on the background or full image says).
+  copies: any exact or near copy (memorization.copy_summary), whatever the
+  reference. reference too small: fewer held-out patients than the
+  calibration needs, so neither "ok" nor "warning" can be said. warning: DCR
+  or Carlini's distance puts more candidates under the held-out threshold
+  than chance allows (permutation test over patients). `synthetic`: the
+  candidates are a synthetic set (its background was matched to the source
+  slice, which a warning on the background or full image says).
   """
   if "skipped" in res:
     return "skipped", f"{region}: not measured ({res['skipped']})"
-  dcr, nn, car = res["dcr"], res["nn_ratio"], res["carlini"]
-  numbers = (f"DCR below the held-out 1st percentile: {_pct(dcr['fraction_below'])}, "
-             f"exact copies {_pct(dcr['fraction_zero'])}, NN ratio under 1:3 "
-             f"{_pct(nn['fraction_flagged'])}, Carlini below threshold "
+  dcr, nn, car, cp, ref = (res["dcr"], res["nn_ratio"], res["carlini"], res["copies"],
+                           res["reference"])
+  lo, hi = dcr["fraction_below_interval"]
+  numbers = (f"copies {_pct(cp['fraction'])} (exact {cp['n_exact']}, nearer than "
+             f"{cp['copy_margin']:g} x the nearest held-out slice {cp['n_margin']}, NN "
+             f"ratio under 1:3 {cp['n_ratio']}); below the held-out "
+             f"{100 * dcr['quantile']:g}th percentile of DCR ({dcr['threshold']:.4f}, "
+             f"interval {dcr['threshold_low']:.4f}-{dcr['threshold_high']:.4f} over "
+             f"{ref['n_patients']} held-out patients): {_pct(dcr['fraction_below'])} "
+             f"(interval {_pct(lo)}-{_pct(hi)}), of Carlini's: "
              f"{_pct(car['fraction_below'])}")
   if region == "tumor":
     return "by design", ("tumor: copied by design (DFGM publishes the source tumor "
                          f"interior verbatim), so expected near its source: {numbers}")
-  if dcr["fraction_zero"] > 0:
-    return "copies", (f"{region}: COPIES, {_pct(dcr['fraction_zero'])} of the candidates "
-                      f"equal a training image in this region; {numbers}")
-  held_nn = nn.get("heldout_fraction_flagged", 0.0)
-  worst = max(dcr["fraction_below"], car["fraction_below"],
-              nn["fraction_flagged"] - held_nn)
-  if dcr["n_heldout"] < 100:  # the 1st percentile is about the minimum.
-    numbers += (f" (only {dcr['n_heldout']} held-out slices: the DCR and Carlini "
-                "thresholds are coarse, read the exact copies and NN ratio first)")
-  if worst > ALERT_FRACTION:
+  if cp["n"] > 0:
+    return "copies", (f"{region}: COPIES, {_pct(cp['fraction'])} of the candidates are "
+                      f"copies of a training image in this region (shifted, mirrored or "
+                      f"turned included); {numbers}")
+  if ref["too_small"]:
+    return "reference too small", (
+        f"{region}: REFERENCE TOO SMALL, {ref['n_patients']} held-out patients "
+        f"({ref['n_heldout']} slices), at least {ref['min_patients']} are needed to "
+        f"calibrate the thresholds: add held-out patients (a larger test split of the "
+        f"center); no exact or NN-ratio copy was found; {numbers}")
+  if dcr["exceeds"] or car["exceeds"]:
     why = _MATCHED if synthetic and region in ("full", "background") else ""
     return "warning", (f"{region}: WARNING, more candidates sit close to a training "
-                       f"image than held-out slices do; {numbers}.{why}")
+                       f"image than held-out slices do, beyond chance (permutation p: "
+                       f"DCR {dcr['p_value']:.3f}, Carlini {car['p_value']:.3f}, "
+                       f"warning under {1 - dcr['confidence']:.2f}); {numbers}.{why}")
   return "ok", (f"{region}: no sign of memorization (candidates are no closer to the "
                 f"training slices than unseen real slices are); {numbers}")
 
@@ -557,10 +605,14 @@ def verdicts(report: dict) -> dict:
 
 
 def overall(v: dict) -> str:
+  """fail (copies or a leak), warning, not shown (a check could not be
+  calibrated: passing is not shown), or pass."""
   statuses = {x["status"] for x in v.values()}
   if "leak" in statuses or "copies" in statuses:
     return "fail"
-  return "warning" if "warning" in statuses else "pass"
+  if "warning" in statuses:
+    return "warning"
+  return "not shown" if "reference too small" in statuses else "pass"
 
 
 def summary(report: dict) -> dict:
@@ -573,10 +625,15 @@ def summary(report: dict) -> dict:
     regions[region] = {
         "dcr_median": res["dcr"]["candidate_median"],
         "dcr_heldout_median": res["dcr"]["heldout_median"],
+        "dcr_threshold": res["dcr"]["threshold"],
+        "dcr_threshold_interval": [res["dcr"]["threshold_low"],
+                                   res["dcr"]["threshold_high"]],
         "dcr_fraction_below": res["dcr"]["fraction_below"],
         "fraction_exact_copies": res["dcr"]["fraction_zero"],
+        "fraction_copies": res["copies"]["fraction"],
         "nn_ratio_fraction_flagged": res["nn_ratio"]["fraction_flagged"],
-        "carlini_fraction_below": res["carlini"]["fraction_below"]}
+        "carlini_fraction_below": res["carlini"]["fraction_below"],
+        "heldout_patients": res["reference"]["n_patients"]}
   ring = report["source"].get("ring", {})
   member = {name: {"auc": res["auc"], "tpr_at_1pct_fpr": res["tpr_at_1pct_fpr"]}
             for name, res in report["membership"].items() if "skipped" not in res}
@@ -604,14 +661,22 @@ _MEANINGS = [
     "How to read it (ALGORITHM.md 9; every threshold comes from the held-out test "
     "slices of the same center, measured against the same training slices):",
     "",
-    "- **DCR** (distance to closest record): RMSE to the nearest training image. "
-    "Warning sign: more than a few % of the candidates below the held-out slices' "
-    "1st percentile; an exact copy has DCR 0.",
+    "- **Distance**: aligned RMSE, the smallest over shifts of up to 2 pixels, mirrored "
+    "and quarter-turned candidates (the region's mask moves with its image), so a copy "
+    "moved or mirrored is still at about 0.",
+    "- **Copies**: a candidate at distance 0, nearer a training image than half the "
+    "nearest held-out slice is to any, or with NN ratio under 1:3; any copy is a "
+    "finding.",
+    "- **DCR** (distance to closest record): the threshold is the held-out 5th "
+    "percentile, with a 95 % interval over resampled held-out patients; the fraction "
+    "of candidates below it gets an interval from resampling held-out patients and "
+    "candidate patients together; warning when it is above 5 % beyond chance "
+    "(permutation test dealing held-out and candidate patients anew, p < 0.01). "
+    "Fewer than 5 held-out patients: 'reference too small'.",
     "- **NN ratio** d1 over d2: much closer to one training image than to the next "
     "(under 1:3, Gu et al. 2023) marks a copy. Real unseen slices almost never are.",
     "- **Carlini's calibrated distance** d1 over (0.5 x mean of the 50 nearest): "
-    "threshold = held-out 1st percentile; a warning sign when clearly more than 1 % of "
-    "the candidates fall below it.",
+    "calibrated and read like DCR.",
     "- **Regions**: full image, ring (generated by G1, trained on private rings), "
     "background (public healthy slice), tumor (the private source interior, copied "
     "verbatim by design: near 0, reported, not a finding).",
@@ -638,19 +703,31 @@ def markdown(report: dict) -> str:
            f"**Overall: {report['overall'].upper()}**", "", "## Verdicts", ""]
   lines += [f"- **{v['status']}**: {v['text']}" for v in report["verdicts"].values()]
   lines += ["", "## What the numbers mean", "", *_MEANINGS, "", "## Per region", "",
-            "| region | DCR median | held-out DCR median | DCR below held-out p1 | exact "
-            "copies | NN ratio flagged | held-out NN flagged | Carlini below | Carlini "
-            "threshold |", "|---|---|---|---|---|---|---|---|---|"]
+            "| region | held-out patients | DCR median | held-out DCR median | DCR "
+            "threshold (interval) | DCR below it | copies (exact, margin, "
+            "ratio) | NN ratio flagged | held-out NN flagged | Carlini below |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   for region, res in report["regions"].items():
     if "skipped" in res:
-      lines.append(f"| {region} | skipped: {res['skipped']} |||||||")
+      lines.append(f"| {region} | skipped: {res['skipped']} ||||||||")
       continue
-    d, n, k = res["dcr"], res["nn_ratio"], res["carlini"]
-    lines.append(f"| {region} | {d['candidate_median']:.4f} | {d['heldout_median']:.4f} | "
-                 f"{_pct(d['fraction_below'])} | {_pct(d['fraction_zero'])} | "
+    d, n, k, cp = res["dcr"], res["nn_ratio"], res["carlini"], res["copies"]
+    lines.append(f"| {region} | {res['reference']['n_patients']} | "
+                 f"{d['candidate_median']:.4f} | {d['heldout_median']:.4f} | "
+                 f"{d['threshold']:.4f} ({d['threshold_low']:.4f}-"
+                 f"{d['threshold_high']:.4f}) | {_pct(d['fraction_below'])} | "
+                 f"{cp['n']} ({cp['n_exact']}, {cp['n_margin']}, {cp['n_ratio']}) | "
                  f"{_pct(n['fraction_flagged'])} | "
                  f"{_pct(n.get('heldout_fraction_flagged', 0.0))} | "
-                 f"{_pct(k['fraction_below'])} | {k['threshold']:.4f} |")
+                 f"{_pct(k['fraction_below'])} |")
+  copied = {r: res["copies"] for r, res in report["regions"].items()
+            if "copies" in res and res["copies"]["n"] and r != "tumor"}
+  for region, cp in copied.items():
+    res = report["regions"][region]
+    at = dict(zip(res["candidates"], zip(res["nearest_index"], res["nearest_transform"])))
+    lines.append("")
+    lines.append(f"Copies in {region} (candidate: training index, as what): " + ", ".join(
+        f"{i}: {at[i][0]} ({at[i][1]})" for i in cp["copies"][:16]))
   src = report["source"]
   lines += ["", "## Sources", "",
             f"{src['n_with_source']} of {src['n_candidates']} candidates matched to their "
@@ -704,9 +781,12 @@ def figure(path: str, cands: np.ndarray, train: np.ndarray, res: dict, n: int,
   for row, j in enumerate(order):
     c, t = res["candidates"][j], res["nearest_index"][j]
     a, b = cands[c][..., 0], train[t][..., 0]
+    # The distance is aligned: the candidate as it is may be a moved copy.
+    how = res.get("nearest_transform", ["as is"] * len(d))[j]
     for ax, img, name in ((axes[row, 0], a, f"candidate {c}"),
                           (axes[row, 1], b, f"training {t}"),
-                          (axes[row, 2], np.abs(a - b), f"|diff| RMSE {d[j]:.4f}")):
+                          (axes[row, 2], np.abs(a - b),
+                           f"|diff|; aligned RMSE {d[j]:.4f} ({how})")):
       ax.imshow(img, cmap="gray", vmin=0 if name.startswith("|") else -1, vmax=1)
       ax.set_title(name, fontsize=8)
       ax.axis("off")
@@ -787,7 +867,8 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
   progress(f"privacy audit: {len(cands['image'])} candidates, {len(train['image'])} "
            f"training, {len(heldout['image'])} held-out slices of {center}")
   regions = region_checks(cands["image"], heldout["image"], train["image"], c_regions,
-                          h_regions, s)
+                          h_regions, s, heldout_patients=heldout.get("case_id"),
+                          candidate_groups=cands.get("source", cands.get("case_id")))
   src, how = source_index(cands, train, inputs.salt)
   report = {
       "format": FORMAT, "center": center,

@@ -14,10 +14,27 @@ pixels of the training image).
   distances_to       RMSE between each query and chosen references (by index),
                      chunked over the queries (source-ring replication).
   region_masks       the four regions from a tumor mask and a ring mask.
+  nearest_aligned    k nearest references by the ALIGNED distance: the
+                     minimum RMSE over small shifts, flips and 90-degree
+                     rotations of the query (what the copy checks use, so a
+                     copy moved by a pixel or mirrored is still a copy).
+  nearest_aligned_reference  its brute-force numpy twin (tests only).
+  transform_names    what each aligned transform index means.
 
-Distances are computed as the masked sum of squared differences, not through
-the |q|^2 - 2 q.r + |r|^2 expansion: an exact copy then has distance exactly
-0, which the copy checks rely on.
+`nearest` computes the masked sum of squared differences directly, not
+through the |q|^2 - 2 q.r + |r|^2 expansion: an exact copy then has distance
+exactly 0, which the copy checks rely on. `nearest_aligned` searches with the
+expansion (two matrix products per orientation, fast enough for 200
+transforms) and then recomputes the k distances it keeps directly, so its
+returned distances are exact too (an exact copy under a transform: 0).
+
+Masks under a transform. The query's image and its region mask are moved
+together (the mask says which of the query's pixels are compared), and
+pixels that a shift brings in from outside the image are not compared: the
+aligned distance of a query to a reference is the RMSE between the query's
+moved region and the reference's pixels where that region lands. A transform
+that keeps less than `min_overlap` of the region inside the image is not
+considered (a region at the border pushed out would compare a few pixels).
 """
 
 from __future__ import annotations
@@ -249,3 +266,253 @@ def distances_to(queries,
     d = _distances_block(jnp.asarray(qc), jnp.asarray(mc), jnp.asarray(r[ic]))
     out.append(np.asarray(d)[:n])
   return np.concatenate(out).astype(np.float64)
+
+
+# --- Aligned distance: minimum over small shifts, flips and rotations -----------
+
+
+def orientations(height: int, width: int, flips: bool = True,
+                 rotations: bool = True) -> tuple:
+  """The (quarter turns, mirrored) orientations a query is tried in.
+
+  Square images: the 8 of the square's symmetry group (4 rotations, each
+  also mirrored left-right, which covers the up-down mirror and both
+  transposes). Other shapes: only the half-turn, since a quarter turn changes
+  the shape.
+  """
+  turns = ((0, 1, 2, 3) if height == width else (0, 2)) if rotations else (0,)
+  mirror = (False, True) if flips else (False,)
+  return tuple((k, m) for m in mirror for k in turns)
+
+
+def shifts(max_shift: int) -> tuple:
+  """Every (dy, dx) with |dy|, |dx| <= max_shift, (0, 0) first."""
+  r = range(-int(max_shift), int(max_shift) + 1)
+  rest = [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
+  return ((0, 0), *rest)
+
+
+def transform_names(height: int, width: int, max_shift: int = 2,
+                    flips: bool = True, rotations: bool = True) -> list:
+  """Index -> words ('mirrored, 90 deg, shift (1, -2)') of `nearest_aligned`'s
+  transform indices, for the private report."""
+  out = []
+  for k, mirror in orientations(height, width, flips, rotations):
+    for dy, dx in shifts(max_shift):
+      words = (["mirrored"] if mirror else []) + ([f"{90 * k} deg"] if k else [])
+      if (dy, dx) != (0, 0):
+        words.append(f"shift ({dy}, {dx})")
+      out.append(", ".join(words) or "as is")
+  return out
+
+
+def _orient(x, k: int, mirror: bool, xp=jnp):
+  """(N, H, W, C) images turned k quarter turns after an optional mirror."""
+  if mirror:
+    x = xp.flip(x, axis=2)
+  return xp.rot90(x, k, axes=(1, 2))
+
+
+def _shift(x, dy, dx, max_shift: int, xp=jnp):
+  """(N, H, W, C) moved by (dy, dx) pixels, zeros brought in (dy, dx traced)."""
+  p = int(max_shift)
+  h, w = x.shape[1:3]
+  padded = xp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  if xp is np:
+    return padded[:, p - dy:p - dy + h, p - dx:p - dx + w]
+  return jax.lax.dynamic_slice(padded, (0, p - dy, p - dx, 0), (x.shape[0], h, w, x.shape[3]))
+
+
+def _spatial(images, name: str) -> np.ndarray:
+  """(N, H, W, C) float32 from (N, H, W) or (N, H, W, C)."""
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise errors.UserError(f"{name}: expected (N, H, W) or (N, H, W, C) images, "
+                           f"got shape {images.shape}")
+  return images
+
+
+@functools.partial(jax.jit, static_argnames=("k", "orients", "max_shift", "min_overlap"))
+def _aligned_block(q, m, ref_chunks, valid, k, orients, max_shift, min_overlap):
+  """k nearest aligned squared RMSEs of a query chunk, and their transforms.
+
+  q, m: (cq, H, W, C) queries and their region masks; ref_chunks: (nc, cr, P);
+  valid: (nc, cr). The search uses the expansion with matrix products; the k
+  kept are recomputed directly (exact zeros for exact copies).
+  """
+  cq = q.shape[0]
+  nc, cr = ref_chunks.shape[:2]
+  moves = shifts(max_shift)
+  ns = len(moves)
+  dy = jnp.asarray([d[0] for d in moves], jnp.int32)
+  dx = jnp.asarray([d[1] for d in moves], jnp.int32)
+  area0 = jnp.sum(m.reshape(cq, -1), axis=-1)
+  # (no, cq, H, W, C): the masked query in every orientation; shifts are made
+  # inside the scans, so memory holds one orientation's shifts at a time.
+  qo = jnp.stack([_orient(q * m, a, b) for a, b in orients])
+  mo = jnp.stack([_orient(m, a, b) for a, b in orients])
+
+  def all_shifts(x):  # (cq, H, W, C) -> (cq * ns, P), query-major.
+    moved = jax.vmap(lambda a, b: _shift(x, a, b, max_shift))(dy, dx)
+    return jnp.swapaxes(moved, 0, 1).reshape(cq * ns, -1)
+
+  def body(carry, xs):
+    best_d, best_i, best_t = carry
+    refs, ok, offset = xs
+    refs_sq = refs * refs
+
+    def orient_body(c, xo):
+      dmin, tmin = c
+      qx, mx, o = xo
+      qm, mm = all_shifts(qx), all_shifts(mx)
+      area = jnp.sum(mm, axis=-1)
+      # m is 0/1, so sum m (q - r)^2 = |m q|^2 - 2 (m q).r + m.r^2. Full
+      # float32 products: a GPU's default TF32 would blur the ranking.
+      dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+      sq = (jnp.sum(qm * qm, axis=-1)[:, None] - 2.0 * dot(qm, refs.T) + dot(mm, refs_sq.T))
+      sq = jnp.maximum(sq, 0.0) / jnp.maximum(area, 1.0)[:, None]
+      keep = area >= min_overlap * jnp.repeat(area0, ns)
+      sq = jnp.where(keep[:, None], sq, jnp.inf).reshape(cq, ns, cr)
+      arg = jnp.argmin(sq, axis=1).astype(jnp.int32)
+      val = jnp.min(sq, axis=1)
+      better = val < dmin
+      return (jnp.where(better, val, dmin), jnp.where(better, o * ns + arg, tmin)), None
+
+    init = (jnp.full((cq, cr), jnp.inf, q.dtype), jnp.zeros((cq, cr), jnp.int32))
+    (sq, tt), _ = jax.lax.scan(orient_body, init,
+                               (qo, mo, jnp.arange(len(orients), dtype=jnp.int32)))
+    sq = jnp.where(ok[None], sq, jnp.inf)
+    idx = jnp.broadcast_to(offset + jnp.arange(cr, dtype=jnp.int32), (cq, cr))
+    # The running best come first, so a tie keeps the lower index.
+    all_d = jnp.concatenate([best_d, sq], axis=1)
+    all_i = jnp.concatenate([best_i, idx], axis=1)
+    all_t = jnp.concatenate([best_t, tt], axis=1)
+    neg, pos = jax.lax.top_k(-all_d, k)
+    return (-neg, jnp.take_along_axis(all_i, pos, axis=1),
+            jnp.take_along_axis(all_t, pos, axis=1)), None
+
+  init = (jnp.full((cq, k), jnp.inf, q.dtype), jnp.full((cq, k), -1, jnp.int32),
+          jnp.zeros((cq, k), jnp.int32))
+  offsets = jnp.arange(nc, dtype=jnp.int32) * cr
+  (_, best_i, best_t), _ = jax.lax.scan(body, init, (ref_chunks, valid, offsets))
+
+  # Exact recomputation of the k kept: sum m_T (q_T - r)^2 / |m_T|.
+  refs = ref_chunks.reshape(nc * cr, -1)[jnp.maximum(best_i, 0)]  # (cq, k, P)
+
+  def moved(x, t):  # one query in the transform t -> (P,)
+    o, s = t // ns, t % ns
+    return _shift(x[o][None], dy[s], dx[s], max_shift)[0].reshape(-1)
+
+  per_query = jax.vmap(lambda x, ts: jax.vmap(lambda t: moved(x, t))(ts))
+  qk = per_query(jnp.swapaxes(qo, 0, 1), best_t)
+  mk = per_query(jnp.swapaxes(mo, 0, 1), best_t)
+  exact = jnp.sum((qk - mk * refs) ** 2, axis=-1) / jnp.maximum(jnp.sum(mk, axis=-1), 1.0)
+  exact = jnp.where(best_i >= 0, exact, jnp.inf)
+  order = jnp.argsort(exact, axis=1, stable=True)
+  take = lambda a: jnp.take_along_axis(a, order, axis=1)
+  return jnp.sqrt(take(exact)), take(best_i), take(best_t)
+
+
+def nearest_aligned(queries,
+                    references,
+                    masks=None,
+                    k: int = 2,
+                    max_shift: int = 2,
+                    flips: bool = True,
+                    rotations: bool = True,
+                    min_overlap: float = 0.5,
+                    chunk_q: int = 32,
+                    chunk_r: int = 64) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The k nearest references of every query by the aligned region RMSE.
+
+  The aligned distance of q to r is the minimum over transforms T of
+  RMSE(T(q), r) over T(region): T runs over every shift by at most max_shift
+  pixels in each direction, combined with every orientation (`orientations`),
+  so a copy moved by a pixel, mirrored or turned is at (near) 0. With
+  max_shift=0, flips=rotations=False it is `nearest`'s distance.
+
+  Memory on device, besides the references: the query chunk in every
+  orientation (8 x chunk_q x pixels), one orientation's shifted copies and
+  their masks (2 x chunk_q x shifts x pixels), a (chunk_q x shifts, chunk_r)
+  distance block, and for the exact recomputation (3 x chunk_q x k x pixels).
+
+  Args:
+    queries: (Nq, H, W) or (Nq, H, W, C) images.
+    references: (Nr, ...) images of the same shape.
+    masks: None (full image) or the queries' region masks (same shape).
+    k: neighbours kept.
+    max_shift: largest shift in pixels along each axis.
+    flips, rotations: also try mirrored / quarter-turned queries.
+    min_overlap: a transform must keep this fraction of the region inside
+      the image to count.
+    chunk_q, chunk_r: block sizes.
+
+  Returns:
+    (distances (Nq, k) float64 ascending, indices (Nq, k) int64 into
+    references, transforms (Nq, k) int64: indices into `transform_names`).
+  """
+  q = _spatial(queries, "queries")
+  r = _spatial(references, "references")
+  if q.shape[1:] != r.shape[1:]:
+    raise errors.UserError(
+        f"nearest_aligned: queries of shape {q.shape[1:]}, references {r.shape[1:]}")
+  m = _flat_masks(masks, q.reshape(q.shape[0], -1)).reshape(q.shape)
+  _check_k(k, r.shape[0])
+  _check_chunk("chunk_q", chunk_q)
+  _check_chunk("chunk_r", chunk_r)
+  if int(max_shift) < 0 or not 0.0 < float(min_overlap) <= 1.0:
+    raise errors.ConfigError(f"nearest_aligned: max_shift={max_shift} must be >= 0 and "
+                             f"min_overlap={min_overlap} in (0, 1]")
+  chunk_q, chunk_r = int(chunk_q), int(chunk_r)
+  orients = orientations(q.shape[1], q.shape[2], flips, rotations)
+
+  flat = r.reshape(r.shape[0], -1)
+  n_chunks = -(-flat.shape[0] // chunk_r)
+  pad_r = n_chunks * chunk_r - flat.shape[0]
+  ref_chunks = jnp.asarray(np.pad(flat, ((0, pad_r), (0, 0)))).reshape(
+      n_chunks, chunk_r, flat.shape[1])
+  valid = jnp.asarray(np.arange(n_chunks * chunk_r) < flat.shape[0]).reshape(
+      n_chunks, chunk_r)
+
+  dists, idxs, trans = [], [], []
+  for start in range(0, q.shape[0], chunk_q):
+    qc, mc = q[start:start + chunk_q], m[start:start + chunk_q]
+    n = qc.shape[0]
+    if n < chunk_q:  # full masks on the padding (no empty region); dropped.
+      pad = ((0, chunk_q - n), (0, 0), (0, 0), (0, 0))
+      qc, mc = np.pad(qc, pad), np.pad(mc, pad, constant_values=1.0)
+    d, i, t = _aligned_block(jnp.asarray(qc), jnp.asarray(mc), ref_chunks, valid, int(k),
+                             orients, int(max_shift), float(min_overlap))
+    dists.append(np.asarray(d)[:n])
+    idxs.append(np.asarray(i)[:n])
+    trans.append(np.asarray(t)[:n])
+  return (np.concatenate(dists).astype(np.float64), np.concatenate(idxs).astype(np.int64),
+          np.concatenate(trans).astype(np.int64))
+
+
+def nearest_aligned_reference(queries, references, masks=None, k: int = 2,
+                              max_shift: int = 2, flips: bool = True,
+                              rotations: bool = True,
+                              min_overlap: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+  """Brute-force numpy twin of `nearest_aligned` (every transform, float64;
+  tests only). Returns (distances, indices)."""
+  q = _spatial(queries, "queries").astype(np.float64)
+  r = _spatial(references, "references").astype(np.float64).reshape(len(references), -1)
+  m = _flat_masks(masks, q.reshape(q.shape[0], -1).astype(np.float32)).reshape(q.shape)
+  m = m.astype(np.float64)
+  best = np.full((q.shape[0], r.shape[0]), np.inf)
+  area0 = m.reshape(len(m), -1).sum(1)
+  for kk, mirror in orientations(q.shape[1], q.shape[2], flips, rotations):
+    qo, mo = _orient(q * m, kk, mirror, np), _orient(m, kk, mirror, np)
+    for dy, dx in shifts(max_shift):
+      qt = _shift(qo, dy, dx, max_shift, np).reshape(len(q), -1)
+      mt = _shift(mo, dy, dx, max_shift, np).reshape(len(q), -1)
+      area = mt.sum(1)
+      sq = ((qt[:, None] - mt[:, None] * r[None]) ** 2).sum(-1) / np.maximum(area, 1)[:, None]
+      sq[area < min_overlap * area0] = np.inf
+      best = np.minimum(best, sq)
+  d = np.sqrt(best)
+  idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(d, idx, axis=1), idx.astype(np.int64)
