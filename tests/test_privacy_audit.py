@@ -284,7 +284,7 @@ def test_membership_rows_of_the_summary_and_markdown(workdir):
   assert "- G1, scored on the ring (the region its loss weighed): 40 training slices" in md
   assert "- G2, scored on the dilated (the region its loss weighed)" in md
   assert "it saw the members' tumors but never their rings or backgrounds" in md
-  assert "trained on the synthetic set whose tumors are the members' tumors" in md
+  assert "but on the synthetic set whose tumors are the members' tumors" in md
   assert "  - calibrated attack: not run (no G2 export" in md  # G2's own.
   assert "tumor area alone as the score: AUC" in md
   assert "saw neither" not in md and "excess" not in md

@@ -314,7 +314,7 @@ G2_AS_REFERENCE = (
     "which weakens the calibrated attack, never strengthens it")
 # What G2 was trained on, for its own result.
 G2_TRAINED_ON = (
-    "G2 never saw a private slice, but it trained on the synthetic set whose tumors are "
+    "G2 did not train on the members' slices, but on the synthetic set whose tumors are "
     "the members' tumors pasted verbatim (the dilated tumor region it is scored on holds "
     "them)")
 _NO_REFERENCE_G2 = (
@@ -712,7 +712,8 @@ _MEANINGS = [
     "reads the size-matched AUC (tumor areas within 10 %) and the tumor area alone is "
     "shown as an attack of its own. The TPR is given at the false-positive rate the "
     "held-out slices allow (with n of them, the smallest non-zero rate is 1 of n). "
-    "'not detected at this sample size': the interval holds both 0.5 and 0.6.",
+    "'not detected at this sample size': the interval holds both 0.5 and 0.6, or there "
+    "are fewer than 5 patients on a side.",
     "- **G2 sample test**: G2's own samples should be nearer the published set S than "
     "the private slices.",
     "- **Shared files**: every hit is a private identifier in a file meant to be "
