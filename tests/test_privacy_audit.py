@@ -281,8 +281,8 @@ def test_membership_rows_of_the_summary_and_markdown(workdir):
   g2 = {**_membership(0.0, region="dilated"), "about": audit.G2_TRAINED_ON}
   measured = {**report, "membership": {"G1": g1, "G2": g2}}
   md = audit.markdown(measured)
-  assert "- G1, scored on the ring (the region its loss weighed): 40 training slices" in md
-  assert "- G2, scored on the dilated (the region its loss weighed)" in md
+  assert "- G1, scored on the ring region (the one its loss weighed): 40 training slices" in md
+  assert "- G2, scored on the dilated region (the one its loss weighed)" in md
   assert "it saw the members' tumors but never their rings or backgrounds" in md
   assert "but on the synthetic set whose tumors are the members' tumors" in md
   assert "  - calibrated attack: not run (no G2 export" in md  # G2's own.

@@ -726,8 +726,8 @@ def membership_lines(name: str, res: dict) -> list[str]:
   if "skipped" in res:
     return [f"- {name}: skipped ({res['skipped']})"]
   loss = res["loss"]
-  lines = [f"- {name}, scored on the {res['settings']['score_region']} (the region its "
-           f"loss weighed): {loss['n_members']} training slices of "
+  lines = [f"- {name}, scored on the {res['settings']['score_region']} region (the one "
+           f"its loss weighed): {loss['n_members']} training slices of "
            f"{loss['n_member_patients']} patients against {loss['n_nonmembers']} held-out "
            f"slices of {loss['n_nonmember_patients']} patients."]
   if res.get("about"):
