@@ -15,8 +15,9 @@ Checks (privacy.json keys):
   source           each candidate's own source slice (salted pseudonym of a
                    synthetic set, or the case id of a real split): how many
                    are nearest to it, and source-ring replication.
-  membership       loss-based membership inference against G1 and G2
-                   (privacy/membership.py) when their exports exist.
+  membership       membership inference against G1 and G2 when their exports
+                   exist: loss and calibrated attacks with patient-bootstrap
+                   intervals (privacy/membership.py, attack_stats.py).
   g2_samples       item 6: G2's generate-mode samples nearer S than the
                    private slices (only when such a local set exists).
   scan             raw case ids, patient ids, paths and the salt in the
