@@ -227,8 +227,10 @@ def test_size_matching_keeps_a_membership_effect():
   m, h = rng.normal(-1.0, 1.0, 50), rng.normal(0.0, 1.0, 50)
   out = _evaluate(m, h, member_area=area_m, nonmember_area=area_h)
   assert out["matched_auc"] > 0.7 and out["matched_auc_interval"][0] > 0.5
+  assert out["matched_member_patients"] == out["matched_nonmember_patients"] == 50
   none = _evaluate(m, h, member_area=np.full(50, 100.0), nonmember_area=np.full(50, 300.0))
   assert none["matched_auc"] is None and none["matched_pairs"] == 0
+  assert none["matched_member_patients"] == 0
 
 
 def test_calibrated_attack_beats_the_plain_one_when_difficulty_varies():

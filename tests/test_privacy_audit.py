@@ -252,6 +252,20 @@ def test_no_membership_verdict_from_too_few_patients_or_unmatched_sizes():
   assert status == "inconclusive" and "may be size, not membership" in text
 
 
+def test_a_size_matched_auc_of_few_patients_does_not_decide():
+  """Pairs from 2 patients all won give the interval [1, 1]: it looks
+  certain and rests on 2 patients, so the plain AUC is read instead."""
+  from dfgm_jax.privacy import audit
+  res = _membership(0.0, n_members=80, n_nonmembers=80, seed=4)
+  assert res["loss"]["auc_interval"][0] < 0.5 < res["loss"]["auc_interval"][1]
+  won = {"matched_auc": 1.0, "matched_auc_interval": [1.0, 1.0]}
+  res["loss"].update(won, matched_member_patients=5, matched_nonmember_patients=5)
+  assert audit.membership_verdict("G1", res)[0] == "warning"
+  res["loss"].update(matched_member_patients=2)
+  assert res["loss"]["auc_interval"][1] < audit.LEAK_AUC
+  assert audit.membership_verdict("G1", res)[0] == "ok"  # the plain AUC's verdict.
+
+
 def test_the_stronger_attack_drives_the_membership_verdict():
   from dfgm_jax.privacy import audit
   res = _membership(0.0, n_members=80, n_nonmembers=80, calibrated_shift=2.0, seed=3)
@@ -301,6 +315,12 @@ def test_membership_rows_of_the_summary_and_markdown(workdir):
   assert "- G2: skipped (no export)" in md
 
 
+def _g2_stand_in(workdir, out_dir):
+  """A stand-in public synthetic set (CBICA_synthetic) for G2's card."""
+  from tests import test_g2
+  return test_g2.stand_in_synthetic_set(os.path.join(workdir, "slices"), out_dir)
+
+
 def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
     workdir, tmp_path, monkeypatch):
   """Fresh G1 and G2 exports (untrained: the attacks have nothing to find):
@@ -321,9 +341,11 @@ def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
   g1 = denoiser.Denoiser.init(config)
   g1_dir = model_io.export(g1.params, config, 0, str(tmp_path / "model"), loss_region="ring")
   stand_in = _g2_stand_in(workdir, str(tmp_path / "public"))
-  g2_dir = test_local_synthesis._g2_export(  # pylint: disable=protected-access
-      test_local_synthesis._config(), os.path.join(workdir, "slices"), stand_in,  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  g2_dir = test_local_synthesis._g2_export(
+      test_local_synthesis._config(), os.path.join(workdir, "slices"), stand_in,
       str(tmp_path / "g2_model"))
+  # pylint: enable=protected-access
   inputs = dataclasses.replace(
       audit.workdir_inputs(config, workdir, slice_sets.SliceData), g1_dir=g1_dir,
       g2_dir=g2_dir)
@@ -346,12 +368,6 @@ def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
   for name in out:
     status, text = audit.membership_verdict(name, out[name])
     assert status == "inconclusive" and "too few patients to judge" in text, text
-
-
-def _g2_stand_in(workdir, out_dir):
-  """A stand-in public synthetic set (CBICA_synthetic) for G2's card."""
-  from tests import test_g2
-  return test_g2.stand_in_synthetic_set(os.path.join(workdir, "slices"), out_dir)
 
 
 def test_a_matched_background_warning_says_why():

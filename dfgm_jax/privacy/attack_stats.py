@@ -4,8 +4,8 @@ A score per slice (lower = "more likely trained on") is turned into numbers
 that say how strong the attack is and how sure we are of it:
 
   roc_auc        P(member score < non-member score), ties 1/2.
-  tpr_at         TPR at the lowest threshold the non-members allow, with the
-                 false-positive rate actually reached, not the one asked for.
+  tpr_at         TPR at the threshold the non-members set for a target FPR,
+                 with the false-positive rate reached, not the one asked for.
   evaluate       every number of one attack with patient-bootstrap intervals:
                  AUC, size-matched AUC, TPR at the reached FPR.
   size_baseline  tumor area itself used as the attack's score.
@@ -189,8 +189,9 @@ def evaluate(member_scores, nonmember_scores, *, member_groups, nonmember_groups
   Returns (JSON-serialisable):
     auc, auc_interval; matched_auc, matched_auc_interval, matched_pairs,
     matched_members (fraction of members with at least one size-matched
-    non-member), caliper (when areas are given; matched_auc None without
-    any pair); tpr_at_fpr, tpr_interval, fpr (reached), false_positives,
+    non-member), matched_member_patients, matched_nonmember_patients
+    (patients with a slice in some pair), caliper (when areas are given;
+    matched_auc None without any pair); tpr_at_fpr, tpr_interval, fpr (reached), false_positives,
     target_fpr, min_fpr (1/n), fpr_reachable (min_fpr <= target_fpr),
     chance_tpr, threshold; medians, counts of slices and patients,
     n_boot, level.
@@ -238,6 +239,10 @@ def evaluate(member_scores, nonmember_scores, *, member_groups, nonmember_groups
         "matched_auc_interval": interval(weighted_auc(wins, wm, wh, pairs), level),
         "matched_pairs": int(pairs.sum()),
         "matched_members": float(pairs.any(axis=1).mean()),
+        # Patients in at least one pair: how many independent units the
+        # size-matched AUC rests on.
+        "matched_member_patients": int(len(set(map(str, gm[pairs.any(axis=1)])))),
+        "matched_nonmember_patients": int(len(set(map(str, gh[pairs.any(axis=0)])))),
         "caliper": float(caliper),
     })
   return out

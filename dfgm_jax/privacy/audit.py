@@ -493,8 +493,10 @@ def _attacks(res: dict) -> dict:
 
 def _headline_auc(a: dict) -> tuple[str, float, list]:
   """(name, value, interval) of the AUC an attack is judged by: size-matched
-  when any member has a size-matched non-member, else the plain AUC."""
-  if a.get("matched_auc") is not None and a.get("matched_auc_interval"):
+  when its pairs hold MIN_PATIENTS patients a side (fewer pairs make an
+  interval that looks certain: all won, [1, 1]), else the plain AUC."""
+  if (a.get("matched_auc") is not None and a.get("matched_auc_interval") and
+      min(a["matched_member_patients"], a["matched_nonmember_patients"]) >= MIN_PATIENTS):
     return "size-matched AUC", a["matched_auc"], a["matched_auc_interval"]
   return "AUC", a["auc"], a["auc_interval"]
 
@@ -522,7 +524,9 @@ def attack_text(label: str, a: dict) -> str:
   parts = [f"AUC {a['auc']:.3f} {_interval(a['auc_interval'])}"]
   if a.get("matched_auc") is not None:
     parts.append(f"size-matched AUC {a['matched_auc']:.3f} "
-                 f"{_interval(a['matched_auc_interval'])} ({a['matched_pairs']} pairs, "
+                 f"{_interval(a['matched_auc_interval'])} ({a['matched_pairs']} pairs of "
+                 f"{a['matched_member_patients']} training and "
+                 f"{a['matched_nonmember_patients']} held-out patients, "
                  f"{_pct(a['matched_members'])} of the members matched)")
   elif "matched_pairs" in a:
     parts.append("size-matched AUC: no member has a held-out slice of its tumor size")
@@ -564,8 +568,8 @@ def membership_verdict(name: str, res: dict) -> tuple[str, str]:
   if heads[strongest][0] == "AUC" and not size_iv[0] <= 0.5 <= size_iv[1]:
     return "inconclusive", (
         f"membership {name}: not detected at this sample size, tumor size alone tells the "
-        "training slices from the held-out ones and no pair of them has tumors of like "
-        f"size, so an AUC may be size, not membership; {numbers}")
+        "training slices from the held-out ones and too few patients have tumors of like "
+        f"size on both sides, so an AUC may be size, not membership; {numbers}")
   detected = [k for k, (_, _, iv) in heads.items() if iv and iv[0] > 0.5]
   if detected:
     label = max(detected, key=lambda k: heads[k][2][0])
@@ -634,9 +638,10 @@ def overall(v: dict) -> str:
 
 # The numbers of one attack that the shareable summary keeps.
 _ATTACK_FIELDS = ("auc", "auc_interval", "matched_auc", "matched_auc_interval",
-                  "matched_pairs", "tpr_at_fpr", "tpr_interval", "fpr", "false_positives",
-                  "target_fpr", "chance_tpr", "n_members", "n_nonmembers",
-                  "n_member_patients", "n_nonmember_patients")
+                  "matched_pairs", "matched_member_patients", "matched_nonmember_patients",
+                  "tpr_at_fpr", "tpr_interval", "fpr", "false_positives", "target_fpr",
+                  "chance_tpr", "n_members", "n_nonmembers", "n_member_patients",
+                  "n_nonmember_patients")
 
 
 def membership_summary(res: dict) -> dict:
