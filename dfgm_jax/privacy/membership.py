@@ -13,11 +13,11 @@ mask, the tumor mask) and m the region the model was trained on
 (training_region: G1's ring, G2's dilated tumor): a model can only have
 memorized the pixels its loss weighed.
 
-The calibrated attack (offline LiRA style) divides each
-slice's score by a reference model's score of the same slice on the same
-pixels: what is hard to denoise for any model (a large, textured tumor, a
-bright ring) cancels, and what is left is how much better the target does
-on that slice. It needs a reference that did not train on the members.
+The calibrated attack (offline LiRA style) divides each slice's score by a
+reference model's score of the same slice on the same pixels: what is hard
+to denoise for any model (a large, textured tumor, a bright ring) cancels,
+and what is left is how much better the target does on that slice. It
+needs a reference that did not train on the members.
 
   TIMESTEPS        the four timesteps of ALGORITHM.md (on a 1000-step grid).
   training_region  the region a model's loss weighed (the score's default).
