@@ -35,7 +35,7 @@ not tell them apart; clearly above 0.5 means the model memorized members.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
