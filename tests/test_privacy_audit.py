@@ -195,17 +195,193 @@ def test_binary_flags_the_training_split(workdir, tmp_path):
   assert "[copies] full: COPIES, 100.0 %" in proc.stdout
 
 
-def test_markdown_names_g2_the_reference_for_g1s_membership(workdir):
+# --- Membership: verdicts and rows from simulated attacks -------------------------
+
+
+def _membership(shift, n_members=40, n_nonmembers=16, per_patient=2, calibrated_shift=None,
+                region="ring", seed=0, area_shift=0.0):
+  """An audit_model-shaped result of simulated scores: members lower by `shift`
+  standard deviations (the calibrated attack by `calibrated_shift`), their
+  tumors log-area_shift larger."""
+  from scipy import stats
+  from dfgm_jax.privacy import attack_stats
+  rng = np.random.default_rng(seed)
+  gm = np.arange(n_members) // per_patient
+  gh = 1000 + np.arange(n_nonmembers) // per_patient
+  area_m = rng.lognormal(5.0 + area_shift, 0.4, n_members)
+  area_h = rng.lognormal(5.0, 0.4, n_nonmembers)
+  kw = dict(member_groups=gm, nonmember_groups=gh, n_boot=300)
+
+  def normal(n, mean):  # evenly spread quantiles, shuffled: the AUC is about Phi(d / 2^.5).
+    return rng.permutation(stats.norm.ppf((np.arange(n) + 0.5) / n)) + mean
+
+  def attack(d):
+    m, h = normal(n_members, -d), normal(n_nonmembers, 0.0)
+    return attack_stats.evaluate(m, h, member_area=area_m, nonmember_area=area_h, **kw)
+
+  res = {"loss": attack(shift), "size": attack_stats.size_baseline(area_m, area_h, **kw),
+         "settings": {"score_region": region},
+         "calibrated": ({"skipped": "no G2 export to calibrate with"}
+                        if calibrated_shift is None else attack(calibrated_shift))}
+  return json.loads(json.dumps(res))
+
+
+def test_membership_verdict_words_fit_the_power():
+  from dfgm_jax.privacy import audit
+  # 40 training slices of 20 patients against 16 held-out slices of 8: a
+  # blind attack's interval holds 0.5 and 0.6 alike.
+  wide = _membership(0.0)
+  lo, hi = wide["loss"]["matched_auc_interval"]
+  assert lo < 0.5 and hi > audit.LEAK_AUC
+  status, text = audit.membership_verdict("G1", wide)
+  assert status == "inconclusive"
+  assert text.startswith("membership G1: not detected at this sample size")
+  assert "no calibrated attack (no G2 export to calibrate with)" in text
+  # Many patients, no signal: the interval rules a leak-sized AUC out.
+  big = _membership(0.0, n_members=800, n_nonmembers=800, per_patient=2, seed=1)
+  assert audit.membership_verdict("G2", big)[0] == "ok"
+  # A clear signal: detected for G1 (not shared), a leak for G2 (shared).
+  strong = _membership(2.0, n_members=80, n_nonmembers=80, seed=2)
+  status, text = audit.membership_verdict("G1", strong)
+  assert status == "warning" and "DETECTED, the loss attack's size-matched AUC" in text
+  status, text = audit.membership_verdict("G2", strong)
+  assert status == "leak" and text.startswith("membership G2: LEAK")
+
+
+def test_no_membership_verdict_from_too_few_patients_or_unmatched_sizes():
+  from dfgm_jax.privacy import audit
+  # The demo's reference: held-out slices of 2 patients. Even a strong
+  # signal may be those 2 patients' difference from the rest.
+  few = _membership(3.0, n_nonmembers=16, per_patient=8)
+  assert few["loss"]["n_nonmember_patients"] == 2
+  assert few["loss"]["matched_auc_interval"][0] > 0.5
+  status, text = audit.membership_verdict("G2", few)
+  assert status == "inconclusive" and "too few patients to judge" in text
+  assert "2 held-out patients" in text and "add held-out patients" in text
+  # Members' tumors all larger, none of like size: the plain AUC may be size.
+  apart = _membership(3.0, n_members=60, n_nonmembers=60, area_shift=3.0)
+  assert apart["loss"]["matched_auc"] is None
+  assert apart["loss"]["auc_interval"][0] > 0.5 and apart["size"]["auc"] < 0.1
+  status, text = audit.membership_verdict("G2", apart)
+  assert status == "inconclusive" and "may be size, not membership" in text
+
+
+def test_a_size_matched_auc_of_few_patients_does_not_decide():
+  """Pairs from 2 patients all won give the interval [1, 1]: it looks
+  certain and rests on 2 patients, so the plain AUC is read instead."""
+  from dfgm_jax.privacy import audit
+  res = _membership(0.0, n_members=80, n_nonmembers=80, seed=4)
+  assert res["loss"]["auc_interval"][0] < 0.5 < res["loss"]["auc_interval"][1]
+  won = {"matched_auc": 1.0, "matched_auc_interval": [1.0, 1.0]}
+  res["loss"].update(won, matched_member_patients=5, matched_nonmember_patients=5)
+  assert audit.membership_verdict("G1", res)[0] == "warning"
+  res["loss"].update(matched_member_patients=2)
+  assert res["loss"]["auc_interval"][1] < audit.LEAK_AUC
+  assert audit.membership_verdict("G1", res)[0] == "ok"  # the plain AUC's verdict.
+
+
+def test_the_stronger_attack_drives_the_membership_verdict():
+  from dfgm_jax.privacy import audit
+  res = _membership(0.0, n_members=80, n_nonmembers=80, calibrated_shift=2.0, seed=3)
+  assert res["loss"]["matched_auc_interval"][0] < 0.5
+  status, text = audit.membership_verdict("G1", res)
+  assert status == "warning" and "the calibrated attack's size-matched AUC" in text
+  assert "loss attack: AUC" in text and "calibrated attack: AUC" in text
+
+
+def test_membership_tpr_names_the_fpr_it_reached():
+  from dfgm_jax.privacy import audit
+  _, text = audit.membership_verdict("G1", _membership(0.5, n_nonmembers=16))
+  assert "at 0 of 16 held-out slices wrongly flagged (FPR 0.0 %" in text
+  assert "1.0 % FPR is not reachable with 16 held-out slices" in text
+  assert "1 of 16 = 6.2 %" in text and "a blind score gets TPR 5.9 %" in text
+  assert "at 1 % FPR" not in text
+  _, text = audit.membership_verdict("G1", _membership(0.5, n_nonmembers=200))
+  assert "at 2 of 200 held-out slices wrongly flagged (FPR 1.0 %" in text
+  assert "not reachable" not in text
+
+
+def test_membership_rows_of_the_summary_and_markdown(workdir):
   from dfgm_jax.privacy import audit
   report = _audit(workdir, os.path.join(workdir, "privacy"))  # reused when made already.
-  measured = {"G1": {"auc": 0.71, "tpr_at_1pct_fpr": 0.1},
-              "G2": {"auc": 0.58, "tpr_at_1pct_fpr": 0.0}}
-  md = audit.markdown({**report, "membership": measured})
-  assert "- G1: AUC 0.710" in md and "- G2: AUC 0.580" in md
-  assert "G1's excess over it (+0.130)" in md
-  # With G2 not measured there is no reference to name.
-  md = audit.markdown({**report, "membership": {**measured, "G2": {"skipped": "no export"}}})
-  assert "excess" not in md and "- G2: skipped (no export)" in md
+  g1 = _membership(0.3, calibrated_shift=0.6)
+  g1["calibrated"]["reference"] = {"about": audit.G2_AS_REFERENCE}
+  g2 = {**_membership(0.0, region="dilated"), "about": audit.G2_TRAINED_ON}
+  measured = {**report, "membership": {"G1": g1, "G2": g2}}
+  md = audit.markdown(measured)
+  assert "- G1, scored on the ring region (the one its loss weighed): 40 training slices" in md
+  assert "- G2, scored on the dilated region (the one its loss weighed)" in md
+  assert "it saw the members' tumors but never their rings or backgrounds" in md
+  assert "but on the synthetic set whose tumors are the members' tumors" in md
+  assert "  - calibrated attack: not run (no G2 export" in md  # G2's own.
+  assert "tumor area alone as the score: AUC" in md
+  assert "saw neither" not in md and "excess" not in md
+  measured["verdicts"] = audit.verdicts(measured)
+  rows = audit.summary(measured)["membership"]
+  assert rows["G1"]["score_region"] == "ring" and rows["G2"]["score_region"] == "dilated"
+  assert set(rows["G1"]) == {"score_region", "tumor_area_auc", "tumor_area_auc_interval",
+                             "loss", "calibrated"}
+  assert "calibrated" not in rows["G2"]
+  assert rows["G1"]["loss"]["false_positives"] == 0
+  assert rows["G1"]["loss"]["auc_interval"] == g1["loss"]["auc_interval"]
+  assert "/" not in json.dumps(rows)  # G2's card drops strings that look like paths.
+  md = audit.markdown({**report, "membership": {"G1": g1, "G2": {"skipped": "no export"}}})
+  assert "- G2: skipped (no export)" in md
+
+
+def _g2_stand_in(workdir, out_dir):
+  """A stand-in public synthetic set (CBICA_synthetic) for G2's card."""
+  from tests import test_g2
+  return test_g2.stand_in_synthetic_set(os.path.join(workdir, "slices"), out_dir)
+
+
+def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
+    workdir, tmp_path, monkeypatch):
+  """Fresh G1 and G2 exports (untrained: the attacks have nothing to find):
+  G1 on the ring with G2 as its reference, G2 on the dilated tumor it
+  trained on, without a reference, and both said truthfully."""
+  import dataclasses
+  from data_pipeline import slice_sets
+  from dfgm_jax import model_io
+  from dfgm_jax.diffusion import denoiser
+  from dfgm_jax.privacy import audit
+  from dfgm_jax.privacy import membership
+  from tests import test_local_synthesis
+  # One timestep and seed: one network call per batch (the wiring is tested
+  # here, the score in tests/test_membership.py).
+  monkeypatch.setattr(membership, "TIMESTEPS", (200,))
+  monkeypatch.setattr(membership, "SEEDS", (0,))
+  config = _config()
+  g1 = denoiser.Denoiser.init(config)
+  g1_dir = model_io.export(g1.params, config, 0, str(tmp_path / "model"), loss_region="ring")
+  stand_in = _g2_stand_in(workdir, str(tmp_path / "public"))
+  # pylint: disable=protected-access
+  g2_dir = test_local_synthesis._g2_export(
+      test_local_synthesis._config(), os.path.join(workdir, "slices"), stand_in,
+      str(tmp_path / "g2_model"))
+  # pylint: enable=protected-access
+  inputs = dataclasses.replace(
+      audit.workdir_inputs(config, workdir, slice_sets.SliceData), g1_dir=g1_dir,
+      g2_dir=g2_dir)
+  real = slice_sets.SliceData(os.path.join(workdir, "slices"))
+  train, heldout = real.load_split(f"{CENTER}_train"), real.load_split(f"{CENTER}_test")
+  out = audit.membership_checks(config, inputs, train, heldout, audit.Settings())
+  assert list(out) == ["G1", "G2"]
+  assert out["G1"]["settings"]["score_region"] == "ring"
+  assert out["G2"]["settings"]["score_region"] == "dilated"
+  cal = out["G1"]["calibrated"]
+  assert cal["reference"]["loss_region"] == "dilated"
+  assert cal["reference"]["about"] == audit.G2_AS_REFERENCE
+  assert len(out["G1"]["scores"]["reference_members"]) == len(train["image"])
+  assert "skipped" in out["G2"]["calibrated"] and out["G2"]["about"] == audit.G2_TRAINED_ON
+  assert json.loads(json.dumps(out)) == out
+  # The phantom's held-out slices are too few patients': no verdict, said
+  # why. (Without that rule this untrained G2 read as a leak: every member's
+  # tumor is larger than every held-out one, and its losses follow size.)
+  assert out["G1"]["loss"]["n_nonmember_patients"] < audit.MIN_PATIENTS
+  for name in out:
+    status, text = audit.membership_verdict(name, out[name])
+    assert status == "inconclusive" and "too few patients to judge" in text, text
 
 
 def _region_result(fraction_below, exceeds, n_patients=8, copies=0):

@@ -18,8 +18,9 @@ Checks (privacy.json keys):
   source           each candidate's own source slice (salted pseudonym of a
                    synthetic set, or the case id of a real split): how many
                    are nearest to it, and source-ring replication.
-  membership       loss-based membership inference against G1 and G2
-                   (privacy/membership.py) when their exports exist.
+  membership       membership inference against G1 and G2 when their exports
+                   exist: loss and calibrated attacks with patient-bootstrap
+                   intervals (privacy/membership.py, attack_stats.py).
   g2_samples       item 6: G2's generate-mode samples nearer S than the
                    private slices (only when such a local set exists).
   scan             raw case ids, patient ids, paths and the salt in the
@@ -82,10 +83,15 @@ FORMAT = "dfgm-jax-privacy-audit-1"
 # The source ring warns when more than this fraction of the candidates is
 # replicated (the region checks calibrate themselves: memorization.py).
 ALERT_FRACTION = 0.05
-# Membership AUC band around chance (0.5) read as "no measurable membership
-# signal"; outside it, a warning (G1: expected with small data).
-AUC_BAND = 0.1
-# The false-positive rate membership's TPR is reported at (ALGORITHM.md 9.5).
+# Membership: an AUC a privacy reviewer would call a leak. An attack whose
+# interval reaches it while also holding 0.5 shows nothing either way: "not
+# detected at this sample size", never "ok".
+LEAK_AUC = 0.6
+# Fewer patients than this on either side: a patient bootstrap cannot show
+# how much the score varies between patients, and no verdict is drawn.
+MIN_PATIENTS = 5
+# The false-positive rate membership's TPR is asked at (ALGORITHM.md 9.5);
+# the rate reached with the held-out slices at hand is what is reported.
 MEMBERSHIP_FPR = 0.01
 AUDIT_REGIONS = ("full", "ring", "background", "tumor")
 
@@ -346,29 +352,66 @@ def source_checks(cands, train, cand_regions, regions: dict, src: np.ndarray,
   return out
 
 
+# What G2 is as G1's reference (privacy.md repeats it).
+G2_AS_REFERENCE = (
+    "G2, trained on the public synthetic set, whose tumors are the members' own tumor "
+    "interiors pasted verbatim: it saw the members' tumors but never their rings or "
+    "backgrounds. Where it learnt those tumors its reference score is lower on members, "
+    "which weakens the calibrated attack, never strengthens it")
+# What G2 was trained on, for its own result.
+G2_TRAINED_ON = (
+    "G2 did not train on the members' slices, but on the synthetic set whose tumors are "
+    "the members' tumors pasted verbatim (the dilated tumor region it is scored on holds "
+    "them)")
+_NO_REFERENCE_G2 = (
+    "no model that did not see the members' tumors: G1 and the anomalydiffusion baseline "
+    "trained on the members' slices, G2 on their pasted tumors")
+_NO_REFERENCE_G1 = ("no G2 export to calibrate with (the anomalydiffusion baseline trained "
+                    "on the members' slices, so it cannot be the reference)")
+
+
 def membership_checks(config, inputs: Inputs, train: dict, heldout: dict,
                       s: Settings) -> dict:
-  """Loss-based membership inference against G1 and G2 (each when exported)."""
-  out = {}
+  """Membership inference against G1 and G2 (each when exported).
+
+  Each model is scored on the region its loss weighed (membership.
+  training_region: G1 the ring, G2 the dilated tumor). G1 also gets the
+  calibrated attack with G2 as the reference (G2_AS_REFERENCE); the
+  anomalydiffusion baseline's model trained on the same private split as
+  G1, so it is no reference. G2 has no reference (_NO_REFERENCE_G2). The
+  patient bootstrap is seeded with the audit's seed.
+  """
   models = {"G1": inputs.g1_dir, "G2": inputs.g2_dir}
   if not s.membership:
     return {m: {"skipped": "membership inference turned off"} for m in models}
   from dfgm_jax.privacy import membership  # pylint: disable=g-import-not-at-top
+  out, loaded = {}, {}
   for name, model_dir in models.items():
     if not _model_id(model_dir):
       out[name] = {"skipped": f"no {name} export"}
-      continue
-    if name == "G1":
+    elif name == "G1":
       from dfgm_jax.diffusion import denoiser  # pylint: disable=g-import-not-at-top
-      model = denoiser.Denoiser.load(model_dir, config)
+      loaded[name] = denoiser.Denoiser.load(model_dir, config)
     else:
       from dfgm_jax.synthesis import local  # pylint: disable=g-import-not-at-top
-      model = local.load_shared_model(model_dir, config)
-    res = _plain(membership.audit_model(model, train, heldout, target_fpr=MEMBERSHIP_FPR))
-    # The summary's and verdicts' name of the TPR at that FPR.
-    res["tpr_at_1pct_fpr"] = res["tpr_at_fpr"]
-    out[name] = res
-  return out
+      loaded[name] = local.load_shared_model(model_dir, config)
+  for name, model in loaded.items():
+    reference, why = None, _NO_REFERENCE_G2
+    if name == "G1":
+      reference, why = loaded.get("G2"), _NO_REFERENCE_G1
+      if reference is not None and (reference.r_out, reference.r_in) != (model.r_out,
+                                                                          model.r_in):
+        reference, why = None, (f"G2's radii ({reference.r_out}, {reference.r_in}) differ "
+                                f"from G1's ({model.r_out}, {model.r_in})")
+    res = membership.audit_model(model, train, heldout, reference=reference,
+                                 no_reference=why, target_fpr=MEMBERSHIP_FPR,
+                                 bootstrap_seed=s.seed)
+    if reference is not None:
+      res["calibrated"]["reference"]["about"] = G2_AS_REFERENCE
+    if name == "G2":
+      res["about"] = G2_TRAINED_ON
+    out[name] = _plain(res)
+  return {name: out[name] for name in models}
 
 
 def background_check(cands: dict, manifest: dict, salt: str | None) -> dict:
@@ -533,19 +576,115 @@ def source_verdict(res: dict) -> tuple[str, str]:
   return "ok", f"source ring: not copied from the source slice; {numbers}"
 
 
+_ATTACKS = (("loss", "loss attack"), ("calibrated", "calibrated attack"))
+
+
+def _attacks(res: dict) -> dict:
+  """label -> result of each attack that was measured on a model."""
+  return {label: res[key] for key, label in _ATTACKS
+          if key in res and "skipped" not in res[key]}
+
+
+def _headline_auc(a: dict) -> tuple[str, float, list]:
+  """(name, value, interval) of the AUC an attack is judged by: size-matched
+  when its pairs hold MIN_PATIENTS patients a side (fewer pairs make an
+  interval that looks certain: all won, [1, 1]), else the plain AUC."""
+  if (a.get("matched_auc") is not None and a.get("matched_auc_interval") and
+      min(a["matched_member_patients"], a["matched_nonmember_patients"]) >= MIN_PATIENTS):
+    return "size-matched AUC", a["matched_auc"], a["matched_auc_interval"]
+  return "AUC", a["auc"], a["auc_interval"]
+
+
+def _interval(iv, pct: bool = False) -> str:
+  if not iv:
+    return "[no interval]"
+  f = _pct if pct else (lambda x: f"{x:.3f}")
+  return f"[{f(iv[0])}, {f(iv[1])}]"
+
+
+def _tpr_text(a: dict) -> str:
+  """TPR with the false-positive rate the held-out slices actually allow."""
+  n, fp = a["n_nonmembers"], a["false_positives"]
+  text = (f"TPR {_pct(a['tpr_at_fpr'])} {_interval(a['tpr_interval'], True)} at "
+          f"{fp} of {n} held-out slices wrongly flagged (FPR {_pct(a['fpr'])}")
+  if not a["fpr_reachable"]:
+    text += (f"; {_pct(a['target_fpr'])} FPR is not reachable with {n} held-out slices, "
+             f"the smallest non-zero FPR is 1 of {n} = {_pct(a['min_fpr'])}")
+  return text + f"; a blind score gets TPR {_pct(a['chance_tpr'])} there)"
+
+
+def attack_text(label: str, a: dict) -> str:
+  """One attack's numbers in a line: its AUCs with intervals, then the TPR."""
+  parts = [f"AUC {a['auc']:.3f} {_interval(a['auc_interval'])}"]
+  if a.get("matched_auc") is not None:
+    parts.append(f"size-matched AUC {a['matched_auc']:.3f} "
+                 f"{_interval(a['matched_auc_interval'])} ({a['matched_pairs']} pairs of "
+                 f"{a['matched_member_patients']} training and "
+                 f"{a['matched_nonmember_patients']} held-out patients, "
+                 f"{_pct(a['matched_members'])} of the members matched)")
+  elif "matched_pairs" in a:
+    parts.append("size-matched AUC: no member has a held-out slice of its tumor size")
+  return f"{label}: " + ", ".join(parts) + f", {_tpr_text(a)}"
+
+
 def membership_verdict(name: str, res: dict) -> tuple[str, str]:
+  """(status, line) from the stronger attack's interval, size-matched when it can be.
+
+  Detected (status warning for G1, which is not shared; leak for G2, which
+  is): some attack's interval lies above 0.5. With two attacks read, each
+  interval's lower end errs at 2.5 %, so a false detection stays at 5 % at
+  most. ok: every attack's interval stays below LEAK_AUC. Otherwise
+  inconclusive: "not detected at this sample size"; also, whatever the
+  numbers, with fewer than MIN_PATIENTS patients on a side, or when the
+  tumor sizes of the two sides do not overlap (no size-matched pair) while
+  size alone tells them apart: then any AUC may be size, not membership.
+  """
   if "skipped" in res:
     return "skipped", f"membership {name}: not measured ({res['skipped']})"
-  auc, tpr = float(res["auc"]), float(res["tpr_at_1pct_fpr"])
-  numbers = f"AUC {auc:.3f}, TPR at 1 % FPR {_pct(tpr)}"
-  if abs(auc - 0.5) <= AUC_BAND:
-    return "ok", (f"membership {name}: its losses do not tell training slices from "
-                  f"held-out ones better than chance; {numbers}")
-  expected = (" (expected for G1 with small data; the synthetic set's checks above say "
-              "whether it shows)" if name == "G1" else
-              " (G2 never saw private slices: look for a leak into its public data)")
-  return "warning", (f"membership {name}: WARNING, its losses separate training slices "
-                     f"from held-out ones{expected}; {numbers}")
+  attacks = _attacks(res)
+  heads = {label: _headline_auc(a) for label, a in attacks.items()}
+  strongest = max(heads, key=lambda k: heads[k][1])
+  numbers = "; ".join(attack_text(label, a) for label, a in attacks.items())
+  size = res["size"]
+  numbers += f"; tumor area alone: AUC {size['auc']:.3f} {_interval(size['auc_interval'])}"
+  cal = res.get("calibrated", {})
+  if "skipped" in cal:
+    numbers += f"; no calibrated attack ({cal['skipped']})"
+  loss = res["loss"]
+  patients = min(loss["n_member_patients"], loss["n_nonmember_patients"])
+  if patients < MIN_PATIENTS:
+    return "inconclusive", (
+        f"membership {name}: not detected at this sample size, too few patients to judge "
+        f"({loss['n_member_patients']} training and {loss['n_nonmember_patients']} "
+        f"held-out patients; a patient interval needs at least {MIN_PATIENTS} a side: add "
+        f"held-out patients); {numbers}")
+  size_iv = size["auc_interval"] or [0.5, 0.5]
+  if heads[strongest][0] == "AUC" and not size_iv[0] <= 0.5 <= size_iv[1]:
+    return "inconclusive", (
+        f"membership {name}: not detected at this sample size, tumor size alone tells the "
+        "training slices from the held-out ones and too few patients have tumors of like "
+        f"size on both sides, so an AUC may be size, not membership; {numbers}")
+  detected = [k for k, (_, _, iv) in heads.items() if iv and iv[0] > 0.5]
+  if detected:
+    label = max(detected, key=lambda k: heads[k][2][0])
+    kind, value, iv = heads[label]
+    found = (f"the {label}'s {kind} {value:.3f} has its interval {_interval(iv)} above "
+             "chance")
+    if name == "G2":
+      return "leak", (f"membership G2: LEAK, {found}: the shared model tells the "
+                      "training patients' slices from held-out ones (it trained on their "
+                      f"pasted tumors, which the shared set also holds); {numbers}")
+    return "warning", (f"membership {name}: DETECTED, {found}: {name} memorized its "
+                       "training slices (it is not shared; the synthetic set's checks say "
+                       f"whether that shows in what is); {numbers}")
+  if all(iv and iv[1] < LEAK_AUC for _, _, iv in heads.values()):
+    return "ok", (f"membership {name}: no membership signal, every attack's interval "
+                  f"stays below AUC {LEAK_AUC}; {numbers}")
+  kind, value, iv = heads[strongest]
+  return "inconclusive", (
+      f"membership {name}: not detected at this sample size, the {strongest}'s {kind} "
+      f"{value:.3f} has the interval {_interval(iv)}, which holds both chance (0.5) and "
+      f"{LEAK_AUC}; more held-out patients narrow it; {numbers}")
 
 
 def g2_sample_verdict(res: dict) -> tuple[str, str]:
@@ -615,6 +754,27 @@ def overall(v: dict) -> str:
   return "not shown" if "reference too small" in statuses else "pass"
 
 
+# The numbers of one attack that the shareable summary keeps.
+_ATTACK_FIELDS = ("auc", "auc_interval", "matched_auc", "matched_auc_interval",
+                  "matched_pairs", "matched_member_patients", "matched_nonmember_patients",
+                  "tpr_at_fpr", "tpr_interval", "fpr", "false_positives", "target_fpr",
+                  "chance_tpr", "n_members", "n_nonmembers", "n_member_patients",
+                  "n_nonmember_patients")
+
+
+def membership_summary(res: dict) -> dict:
+  """One model's shareable membership numbers: per attack, tumor size alone,
+  the scored region."""
+  out = {"score_region": res["settings"]["score_region"],
+         "tumor_area_auc": res["size"]["auc"],
+         "tumor_area_auc_interval": res["size"]["auc_interval"]}
+  for key, _ in _ATTACKS:
+    a = res.get(key, {})
+    if "skipped" not in a:
+      out[key] = {f: a[f] for f in _ATTACK_FIELDS if f in a}
+  return out
+
+
 def summary(report: dict) -> dict:
   """The shareable part: numbers and verdicts, no ids, no paths, no indices,
   no '/' (G2's card drops strings that look like paths)."""
@@ -635,8 +795,8 @@ def summary(report: dict) -> dict:
         "carlini_fraction_below": res["carlini"]["fraction_below"],
         "heldout_patients": res["reference"]["n_patients"]}
   ring = report["source"].get("ring", {})
-  member = {name: {"auc": res["auc"], "tpr_at_1pct_fpr": res["tpr_at_1pct_fpr"]}
-            for name, res in report["membership"].items() if "skipped" not in res}
+  member = {name: membership_summary(res) for name, res in report["membership"].items()
+            if "skipped" not in res}
   g2 = report["g2_samples"]
   out = {
       "format": FORMAT, "center": report["center"], "candidates": report["candidates"]["kind"],
@@ -682,14 +842,47 @@ _MEANINGS = [
     "verbatim by design: near 0, reported, not a finding).",
     "- **Source ring**: ring distance to the candidate's own source slice over the "
     "median to 50 other tumor slices; near 1 means not copied, under 1:3 replicated.",
-    "- **Membership** (loss-based): AUC 0.5 = the model's losses do not tell its "
-    "training slices from held-out ones; G1 is expected above 0.5 with little data, "
-    "G2 (public data only) near 0.5.",
+    "- **Membership**: each model's loss on the region it was trained on (G1 the ring, "
+    "G2 the dilated tumor); lower = more likely a training slice. The calibrated attack "
+    "divides by a reference model's loss on the same slice, so what is hard for any "
+    "model cancels. AUC 0.5 = no better than chance. Intervals are 95 % patient "
+    "bootstraps. Training and held-out slices are different patients, so the verdict "
+    "reads the size-matched AUC (tumor areas within 10 %) and the tumor area alone is "
+    "shown as an attack of its own. The TPR is given at the false-positive rate the "
+    "held-out slices allow (with n of them, the smallest non-zero rate is 1 of n). "
+    "'not detected at this sample size': the interval holds both 0.5 and 0.6, or there "
+    "are fewer than 5 patients on a side.",
     "- **G2 sample test**: G2's own samples should be nearer the published set S than "
     "the private slices.",
     "- **Shared files**: every hit is a private identifier in a file meant to be "
     "shared; any hit means: do not share that file.",
 ]
+
+
+def membership_lines(name: str, res: dict) -> list[str]:
+  """privacy.md's lines of one model: what was scored, each attack, size alone."""
+  if "skipped" in res:
+    return [f"- {name}: skipped ({res['skipped']})"]
+  loss = res["loss"]
+  lines = [f"- {name}, scored on the {res['settings']['score_region']} region (the one "
+           f"its loss weighed): {loss['n_members']} training slices of "
+           f"{loss['n_member_patients']} patients against {loss['n_nonmembers']} held-out "
+           f"slices of {loss['n_nonmember_patients']} patients."]
+  if res.get("about"):
+    lines.append(f"  - {res['about']}.")
+  for label, a in _attacks(res).items():
+    lines.append(f"  - {attack_text(label, a)}.")
+  cal = res.get("calibrated", {})
+  if "skipped" in cal:
+    lines.append(f"  - calibrated attack: not run ({cal['skipped']}).")
+  elif cal.get("reference", {}).get("about"):
+    lines.append(f"  - the calibrated attack's reference is {cal['reference']['about']}.")
+  size = res["size"]
+  lines.append(f"  - tumor area alone as the score: AUC {size['auc']:.3f} "
+               f"{_interval(size['auc_interval'])} (median area {size['member_median_area']:.0f} "
+               f"px for training, {size['nonmember_median_area']:.0f} px for held-out slices; "
+               "0.5: alike in size).")
+  return lines
 
 
 def markdown(report: dict) -> str:
@@ -741,19 +934,7 @@ def markdown(report: dict) -> str:
               ", ".join(f"{i}: {v:.3f}" for i, v in full["carlini"]["smallest"])]
   lines += ["", "## Membership inference", ""]
   for name, res in report["membership"].items():
-    lines.append(f"- {name}: " + (f"skipped ({res['skipped']})" if "skipped" in res else
-                                  f"AUC {res['auc']:.3f}, TPR at 1 % FPR "
-                                  f"{res['tpr_at_1pct_fpr']:.3f}"))
-  measured = {n: r for n, r in report["membership"].items() if "skipped" not in r}
-  if "G1" in measured and "G2" in measured:
-    # Members and non-members are different patients: part of any AUC is
-    # which patients they are. G2 saw neither split, so its AUC on the same
-    # slices is that part alone.
-    lines += ["", f"Members (training slices) and non-members (held-out slices) are "
-              f"different patients, so an AUC can differ from 0.5 without any "
-              f"memorization. G2 saw neither split: its AUC is the reference, and G1's "
-              f"excess over it ({measured['G1']['auc'] - measured['G2']['auc']:+.3f}) is "
-              f"the membership signal of G1's training."]
+    lines += membership_lines(name, res)
   lines += ["", "## Shared files", ""]
   sc = report["scan"]
   lines.append(f"{sc['files_scanned']} files scanned ({sc['bytes_scanned']} bytes), "

@@ -4,30 +4,38 @@ A model that memorized its training slices denoises them better than slices
 it never saw. The attack (Carlini et al. 2023, section on MIA) scores every
 slice by the model's own training loss and predicts "member" for a low one:
 
-  s(x) = mean over t in TIMESTEPS and fixed noise seeds of the ring-masked
+  s(x) = mean over t in TIMESTEPS and fixed noise seeds of the region-masked
          epsilon-MSE || m * (eps - eps_theta(x_t, t, ...)) ||^2 / |m|
 
 with x_t = q_sample(x, t, eps), the network given exactly the inputs of its
 training step (class 1 = tumor slice, its conditioning region of the tumor
-mask, the tumor mask) and m the ring dilate(M, r_out) minus M at the model's
-radii. G1's loss was on the ring, G2's on the dilated region, but the score
-is always taken on the ring: the region whose privacy the paper claims.
+mask, the tumor mask) and m the region the model was trained on
+(training_region: G1's ring, G2's dilated tumor): a model can only have
+memorized the pixels its loss weighed.
 
-  TIMESTEPS       the four timesteps of ALGORITHM.md (on a 1000-step grid).
-  example_noise   the fixed noise of each slice, timestep and seed.
-  scores          (N,) scores of a split, jitted and batched, deterministic.
-  attack_summary  ROC AUC and TPR at 1 % FPR of members vs non-members.
-  audit_model     both splits' scores, the summary and the settings used.
+The calibrated attack (offline LiRA style) divides each slice's score by a
+reference model's score of the same slice on the same pixels: what is hard
+to denoise for any model (a large, textured tumor, a bright ring) cancels,
+and what is left is how much better the target does on that slice. It
+needs a reference that did not train on the members.
+
+  TIMESTEPS        the four timesteps of ALGORITHM.md (on a 1000-step grid).
+  training_region  the region a model's loss weighed (the score's default).
+  example_noise    the fixed noise of each slice, timestep and seed.
+  scores           (N,) scores of a split, jitted and batched, deterministic.
+  audit_model      the loss attack, the calibrated attack (with a reference),
+                   tumor size as a baseline, with patient-bootstrap intervals
+                   (privacy/attack_stats.py), and the settings used.
 
 Members = the model's training slices, non-members = the same center's
-held-out test slices. AUC about 0.5 means the loss does not tell them apart
-(G2's claim); clearly above 0.5 means the model memorized its members.
+held-out test slices (other patients). AUC about 0.5 means the score does
+not tell them apart; clearly above 0.5 means the model memorized members.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Dict, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +45,7 @@ from flax import nnx
 from dfgm_jax import errors
 from dfgm_jax.diffusion import loss as loss_lib
 from dfgm_jax.diffusion import schedule as schedule_lib
+from dfgm_jax.privacy import attack_stats
 from dfgm_jax.synthesis import masks
 
 # ALGORITHM.md 9.5, on the 1000-step grid of the default schedule
@@ -44,9 +53,16 @@ from dfgm_jax.synthesis import masks
 TIMESTEPS = (50, 100, 200, 400)
 REFERENCE_STEPS = 1000
 SEEDS = (0, 1)
-# The region the score is taken on, whatever the model's loss region.
+# The score's region for an export that does not record its loss region:
+# the ring every DFGM model is trained on by default (configs/diffusion.py).
 SCORE_REGION = "ring"
 TARGET_FPR = 0.01
+
+
+def training_region(model) -> str:
+  """The region the model's loss weighed (its export's train.loss_region),
+  the ring when the export does not say."""
+  return model.loss_region or SCORE_REGION
 
 
 def model_timesteps(num_steps: int, timesteps: Sequence[int] = TIMESTEPS,
@@ -105,7 +121,7 @@ def example_noise(seed, t, index, shape) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "regions"))
 def _batch_loss(graphdef, regions, params, rest, sched, x0, tumor, index, t, seed):
-  """(B,) ring-masked eps-MSE of one batch at one timestep and noise seed.
+  """(B,) region-masked eps-MSE of one batch at one timestep and noise seed.
 
   The noise of each example is example_noise's, never a function of its
   position in a batch, so scores do not depend on the batch size. t, seed,
@@ -137,7 +153,7 @@ def _batch_loss(graphdef, regions, params, rest, sched, x0, tumor, index, t, see
 
 def scores(model, split: dict, *, timesteps=TIMESTEPS, seeds=SEEDS,
            batch_size: int = 32, reference_steps: int = REFERENCE_STEPS,
-           score_region: str = SCORE_REGION, name: str = "split") -> np.ndarray:
+           score_region: str | None = None, name: str = "split") -> np.ndarray:
   """(N,) membership score of each slice of `split` under `model`; lower = member.
 
   Args:
@@ -145,13 +161,14 @@ def scores(model, split: dict, *, timesteps=TIMESTEPS, seeds=SEEDS,
       synthesis.local.load_shared_model): its network, EMA weights, schedule,
       radii and conditioning region (model.region) are used.
     split: a SliceData.load_split dict: `image` (N,S,S,C) in [-1, 1] and
-      `mask` (N,S,S,1) tumor masks; every slice needs a non-empty ring.
+      `mask` (N,S,S,1) tumor masks; every slice needs a non-empty region.
     timesteps: on a reference_steps grid (scaled to the model's T).
     seeds: noise seeds; the score is the mean over timesteps x seeds.
     batch_size: slices per network call; the last (or only) batch is
       padded (one compile) and the scores do not depend on it.
     reference_steps: the grid `timesteps` are given on.
-    score_region: the masks.region the MSE is taken on (the ring).
+    score_region: the masks.region the MSE is taken on; None: the model's
+      training_region.
     name: the split's name, for messages.
 
   Returns:
@@ -159,18 +176,19 @@ def scores(model, split: dict, *, timesteps=TIMESTEPS, seeds=SEEDS,
 
   Raises:
     errors.UserError: a split that does not fit the model, a slice with an
-      empty ring (no tumor), bad timesteps or batch size.
+      empty region (no tumor), bad timesteps or batch size.
   """
   images, tumor = _check_split(model, split, name)
+  score_region = score_region or training_region(model)
   if int(batch_size) < 1:
     raise errors.ConfigError(f"membership scores: batch_size={batch_size}: must be >= 1")
   seeds = tuple(int(s) for s in seeds)
   if not seeds:
     raise errors.UserError("membership scores: no noise seeds given")
   ts = model_timesteps(model.schedule.num_steps, timesteps, reference_steps)
-  ring = np.asarray(masks.region(jnp.asarray(tumor), score_region, model.r_out,
-                                 model.r_in))
-  empty = np.flatnonzero(ring.reshape(len(ring), -1).sum(axis=1) == 0)
+  weight = np.asarray(masks.region(jnp.asarray(tumor), score_region, model.r_out,
+                                   model.r_in))
+  empty = np.flatnonzero(weight.reshape(len(weight), -1).sum(axis=1) == 0)
   if empty.size:
     # masked_mse would score them 0: the surest "member" of all.
     raise errors.UserError(
@@ -199,88 +217,93 @@ def scores(model, split: dict, *, timesteps=TIMESTEPS, seeds=SEEDS,
   return total / (len(ts) * len(seeds))
 
 
-def _scores_1d(name: str, values) -> np.ndarray:
-  values = np.asarray(values, np.float64).ravel()
-  if values.size == 0:
-    raise errors.UserError(f"membership attack: no {name} scores")
-  if not np.all(np.isfinite(values)):
-    raise errors.UserError(f"membership attack: {name} scores are not all finite")
-  return values
+def _patients_and_areas(split: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """Each slice's patient (its case id) and tumor area in pixels."""
+  if "case_id" not in split:
+    raise errors.UserError(
+        f"{name}: no 'case_id' in the split (keys: {sorted(split)}); the intervals "
+        "resample patients, so each slice must name its patient")
+  area = (np.asarray(split["mask"]) != 0).reshape(len(split["mask"]), -1).sum(axis=1)
+  return np.asarray(split["case_id"]).astype(str), area.astype(np.float64)
 
 
-def roc_auc(member_scores, nonmember_scores) -> float:
-  """P(member score < non-member score) + 1/2 P(equal): Mann-Whitney by ranks."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  m = _scores_1d("member", member_scores)
-  h = _scores_1d("non-member", nonmember_scores)
-  # Midranks (ties share their mean rank) of the negated scores: a lower
-  # score ranks as a more likely member.
-  ranks = stats.rankdata(-np.concatenate([m, h]), method="average")
-  u = ranks[:m.size].sum() - m.size * (m.size + 1) / 2.0
-  return float(u / (m.size * h.size))
+def describe(model) -> dict:
+  """What identifies a model in a result: source, id, step, regions, radii."""
+  return {"source": str(model.source), "model_id": model.model_id,
+          "step": int(model.step), "cond_region": model.region,
+          "loss_region": model.loss_region, "r_out": int(model.r_out),
+          "r_in": int(model.r_in)}
 
 
-def attack_summary(member_scores, nonmember_scores,
-                   target_fpr: float = TARGET_FPR) -> Dict[str, float]:
-  """ROC AUC and TPR at a low FPR of the loss attack (lower score = member).
-
-  The threshold comes from the non-members alone: the largest value below
-  which at most target_fpr of them fall, i.e. their k-th smallest score with
-  k = floor(target_fpr * n_nonmembers). A slice is predicted a member when
-  its score is strictly below it. With fewer than 1/target_fpr non-members
-  that is their minimum (no false positive allowed).
-
-  Returns:
-    auc: ROC AUC, members positive, ties counting 1/2. About 0.5: the loss
-      does not tell members from non-members; near 1: memorized members.
-    tpr_at_fpr: fraction of members below the threshold; fpr: the
-      non-members' fraction below it (<= target_fpr); target_fpr, threshold.
-    member_median, nonmember_median, n_members, n_nonmembers.
-  """
-  m = _scores_1d("member", member_scores)
-  h = _scores_1d("non-member", nonmember_scores)
-  if not 0.0 <= target_fpr < 1.0:
-    raise errors.UserError(f"membership attack: target_fpr={target_fpr} not in [0, 1)")
-  k = int(np.floor(target_fpr * h.size))
-  threshold = float(np.sort(h)[k])
-  return {
-      "auc": roc_auc(m, h),
-      "tpr_at_fpr": float(np.mean(m < threshold)),
-      "fpr": float(np.mean(h < threshold)),
-      "target_fpr": float(target_fpr),
-      "threshold": threshold,
-      "member_median": float(np.median(m)),
-      "nonmember_median": float(np.median(h)),
-      "n_members": int(m.size),
-      "n_nonmembers": int(h.size),
-  }
-
-
-def audit_model(model, members: dict, nonmembers: dict, *,
-                target_fpr: float = TARGET_FPR, **kw) -> dict:
-  """The attack on one model: scores of both splits, summary, settings.
+def audit_model(model, members: dict, nonmembers: dict, *, reference=None,
+                no_reference: str = "no reference model given",
+                target_fpr: float = TARGET_FPR, n_boot: int = attack_stats.N_BOOT,
+                bootstrap_seed: int = 0, **kw) -> dict:
+  """The attacks on one model: scores of both splits, statistics, settings.
 
   Args:
     model: the Denoiser (G1, or G2 as synthesis.local.SharedModel).
-    members: its training slices (a load_split dict).
-    nonmembers: the same center's held-out test slices.
-    target_fpr: the FPR of the reported TPR.
-    **kw: scores()'s keyword arguments (timesteps, seeds, batch_size, ...).
+    members: its training slices (a load_split dict with `case_id`).
+    nonmembers: the same center's held-out test slices (with `case_id`).
+    reference: a Denoiser that did not train on the members, for the
+      calibrated attack: its scores of the same slices on the target's
+      region (its own conditioning), with the same radii. None: the
+      calibrated attack is skipped, `no_reference` says why.
+    target_fpr: the FPR the TPR is asked at (the reached one is reported).
+    n_boot, bootstrap_seed: the patient bootstrap of every interval.
+    **kw: scores()'s keyword arguments (timesteps, seeds, batch_size,
+      score_region: default the model's training_region).
 
-  Returns:
-    attack_summary's fields, plus `settings` (timesteps as given and on the
-    model's schedule, seeds, score region, the model's conditioning region,
-    loss region, radii, source, model_id, step) and `scores` (members,
-    nonmembers: the per-slice lists). JSON-serialisable.
+  Returns (JSON-serialisable):
+    loss: attack_stats.evaluate of the plain loss attack.
+    calibrated: the same for score / reference score, with `reference`
+      (describe() of the reference model), or {"skipped": why}.
+    size: attack_stats.size_baseline (tumor area as the score).
+    settings: timesteps (as given and on the model's schedule), seeds,
+      score region, describe(model), bootstrap; scores: per-slice lists.
+
+  Raises:
+    errors.UserError: splits without case ids, scores() refusals, a
+      reference whose radii differ from the model's (its scores would not
+      be on the same pixels).
   """
   kw.setdefault("timesteps", TIMESTEPS)
   kw.setdefault("seeds", SEEDS)
   kw.setdefault("reference_steps", REFERENCE_STEPS)
-  kw.setdefault("score_region", SCORE_REGION)
+  kw["score_region"] = kw.get("score_region") or training_region(model)
   kw.pop("name", None)
+  if reference is not None and (
+      (int(reference.r_out), int(reference.r_in)) != (int(model.r_out), int(model.r_in))):
+    raise errors.UserError(
+        f"membership: the reference ({reference.source}) has radii r_out="
+        f"{reference.r_out}, r_in={reference.r_in}, the model ({model.source}) "
+        f"r_out={model.r_out}, r_in={model.r_in}: its scores would not be on the "
+        "same pixels")
+  g_m, a_m = _patients_and_areas(members, "members")
+  g_h, a_h = _patients_and_areas(nonmembers, "non-members")
+  stats_kw = dict(member_groups=g_m, nonmember_groups=g_h, n_boot=n_boot,
+                  seed=bootstrap_seed)
   s_m = scores(model, members, name="members", **kw)
   s_h = scores(model, nonmembers, name="non-members", **kw)
-  out = attack_summary(s_m, s_h, target_fpr)
+  out = {"loss": attack_stats.evaluate(s_m, s_h, member_area=a_m, nonmember_area=a_h,
+                                       target_fpr=target_fpr, **stats_kw),
+         "size": attack_stats.size_baseline(a_m, a_h, **stats_kw)}
+  out["scores"] = {"members": [float(x) for x in s_m],
+                   "nonmembers": [float(x) for x in s_h]}
+  if reference is None:
+    out["calibrated"] = {"skipped": no_reference}
+  else:
+    r_m = scores(reference, members, name="members (reference)", **kw)
+    r_h = scores(reference, nonmembers, name="non-members (reference)", **kw)
+    if np.any(r_m <= 0) or np.any(r_h <= 0):
+      raise errors.UserError(f"membership: the reference ({reference.source}) scores "
+                             "a slice 0; the calibrated score divides by it")
+    out["calibrated"] = {
+        **attack_stats.evaluate(s_m / r_m, s_h / r_h, member_area=a_m,
+                                nonmember_area=a_h, target_fpr=target_fpr, **stats_kw),
+        "reference": describe(reference)}
+    out["scores"].update({"reference_members": [float(x) for x in r_m],
+                          "reference_nonmembers": [float(x) for x in r_h]})
   out["settings"] = {
       "timesteps": [int(t) for t in kw["timesteps"]],
       "model_timesteps": list(model_timesteps(
@@ -289,14 +312,9 @@ def audit_model(model, members: dict, nonmembers: dict, *,
       "num_steps": int(model.schedule.num_steps),
       "seeds": [int(s) for s in kw["seeds"]],
       "score_region": kw["score_region"],
-      "cond_region": model.region,
-      "loss_region": model.loss_region,
-      "r_out": int(model.r_out),
-      "r_in": int(model.r_in),
-      "source": str(model.source),
-      "model_id": model.model_id,
-      "step": int(model.step),
+      **describe(model),
+      "n_boot": int(n_boot),
+      "bootstrap_seed": int(bootstrap_seed),
+      "caliper": attack_stats.SIZE_CALIPER,
   }
-  out["scores"] = {"members": [float(x) for x in s_m],
-                   "nonmembers": [float(x) for x in s_h]}
   return out
