@@ -237,6 +237,10 @@ def test_membership_verdict_words_fit_the_power():
   assert status == "inconclusive"
   assert text.startswith("membership G1: not detected at this sample size")
   assert "no calibrated attack (no G2 export to calibrate with)" in text
+  # Too little power shows no privacy: never an overall pass.
+  assert audit.overall({"membership G1": {"status": status},
+                        "shared files": {"status": "ok"}}) == "not shown"
+  assert audit.overall({"shared files": {"status": "ok"}}) == "pass"
   # Many patients, no signal: the interval rules a leak-sized AUC out.
   big = _membership(0.0, n_members=800, n_nonmembers=800, per_patient=2, seed=1)
   assert audit.membership_verdict("G2", big)[0] == "ok"

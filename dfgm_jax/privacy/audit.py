@@ -745,13 +745,16 @@ def verdicts(report: dict) -> dict:
 
 def overall(v: dict) -> str:
   """fail (copies or a leak), warning, not shown (a check could not be
-  calibrated: passing is not shown), or pass."""
+  calibrated, or a membership attack had too little power to tell: passing
+  is not shown), or pass."""
   statuses = {x["status"] for x in v.values()}
   if "leak" in statuses or "copies" in statuses:
     return "fail"
   if "warning" in statuses:
     return "warning"
-  return "not shown" if "reference too small" in statuses else "pass"
+  if statuses & {"reference too small", "inconclusive"}:
+    return "not shown"
+  return "pass"
 
 
 # The numbers of one attack that the shareable summary keeps.
