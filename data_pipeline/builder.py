@@ -48,6 +48,9 @@ def features(image_size: int, channels: int):
       "case_id": tfds.features.Text(),
       "center": tfds.features.Text(),
       "slice_index": np.int32,
+      # "public" (a non-private center's volume) or "private" (a private
+      # center's patient): dfgm_jax/provenance.py.
+      "origin": tfds.features.Text(),
   })
 
 
@@ -121,7 +124,7 @@ def build_generic(out_dir: str, file_format: str, name: str, feature_dict,
       compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False))
 
 
-def _plan_examples(entries, load_case) -> Iterator:
+def _plan_examples(entries, load_case, origin_of) -> Iterator:
   """Real-slice examples of a split plan (entries grouped by case)."""
   cached_id, arrays = None, None
   for case_id, center, kind, index in entries:
@@ -136,10 +139,15 @@ def _plan_examples(entries, load_case) -> Iterator:
         "label": label,
         "brain": arrays[f"{kind}_brain"][index][..., None],
         "key": key, "case_id": case_id, "center": center, "slice_index": z,
+        "origin": origin_of(case_id),
     }
 
 
-def plan_generators(plan: dict, load_case: Callable[[str], dict]) -> dict:
-  """split name -> callable yielding the real-slice examples of its plan."""
-  return {name: functools.partial(_plan_examples, entries, load_case)
+def plan_generators(plan: dict, load_case: Callable[[str], dict],
+                    origin_of: Callable[[str], str]) -> dict:
+  """split name -> callable yielding the real-slice examples of its plan.
+
+  origin_of: case id -> the origin its slices carry ("public" or "private").
+  """
+  return {name: functools.partial(_plan_examples, entries, load_case, origin_of)
           for name, entries in plan.items()}

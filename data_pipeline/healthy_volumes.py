@@ -346,7 +346,8 @@ def run(nifti_dir: str, out_dir: str, cfg: dict, *, overwrite: bool = False,
   channels = len(cfg["modalities"])
   formats = slice_sets.write_set(
       out_dir, builder.DATASET_NAME, builder.features(cfg["image_size"], channels),
-      builder.plan_generators({HEALTHY: entries}, load_case), cfg["formats"],
+      builder.plan_generators({HEALTHY: entries}, load_case,
+                              lambda _: provenance.PRIVATE), cfg["formats"],
       f"an institute's healthy slices, modalities {cfg['modalities']}, "
       f"{cfg['image_size']}x{cfg['image_size']}")
   manifest = {

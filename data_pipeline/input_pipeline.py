@@ -26,7 +26,7 @@ from dfgm_jax import errors
 
 READERS = ("tf", "grain", "synthetic")
 FORMAT_OF_READER = {"tf": "tfrecord", "grain": "array_record"}
-TEXT_FIELDS = ("key", "case_id", "center", "source", "healthy", "mode")
+TEXT_FIELDS = ("key", "case_id", "center", "source", "healthy", "mode", "origin")
 
 
 class SplitTooSmall(errors.UserError, ValueError):

@@ -437,7 +437,9 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
   formats = slice_sets.write_set(
       out_dir, builder.DATASET_NAME,
       builder.features(cfg["image_size"], channels),
-      builder.plan_generators(nonempty, load_case), cfg["formats"], description)
+      builder.plan_generators(nonempty, load_case,
+                              lambda case_id: origin_of(case_split[case_id])),
+      cfg["formats"], description)
 
   manifest = {
       "fingerprint": print_id,

@@ -207,3 +207,26 @@ def test_the_audit_reports_private_backgrounds_as_a_leak(research_workdir):
   assert res["private"] > 0 and res["unknown"] == 0
   assert res["fraction_not_public"] == res["private"] / res["n_backgrounds"]
   assert audit.background_verdict(res)[0] == "leak"
+
+
+def test_an_empty_healthy_split_is_refused_with_what_to_change(tmp_path):
+  # All-private data (e.g. BraTS 2021/2023 read as one center) has no public
+  # healthy slice: training and synthesis refuse it instead of reading
+  # private patients' slices, and say what to change.
+  import json
+  import types
+  from configs import tiny
+  from dfgm_jax.synthesis import stage
+  from launch import train_data
+  manifest = {"splits": {"healthy": {"num_slices": 0,
+                                     "origins": {"public": 0, "private": 0}}}}
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  config = tiny.get_config()
+  config.train.reader = "grain"
+  with pytest.raises(errors.ConfigError, match="'healthy' split is empty") as e:
+    train_data.load_healthy(config, str(tmp_path), shard=False)
+  assert provenance.RESEARCH_SWITCH in str(e.value) and str(tmp_path) in str(e.value)
+  data = types.SimpleNamespace(manifest=manifest, data_dir=str(tmp_path))
+  with pytest.raises(errors.ConfigError, match="holds no slice") as e:
+    stage.bank_verdict(data)
+  assert provenance.RESEARCH_SWITCH in str(e.value)

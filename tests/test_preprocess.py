@@ -76,6 +76,9 @@ def test_examples_hold_image_mask_labels_and_provenance(preprocessed_2020):
     assert ex["slice_index"] % 2 == 0
   assert all(ex["mask"].sum() > 0 for ex in tumor)
   assert all(ex["mask"].sum() == 0 for ex in healthy)
+  # Each example carries its origin: a private patient's, or a public volume's.
+  assert {ex["origin"] for ex in tumor} == {"private"}
+  assert {ex["origin"] for ex in healthy} == {"public"}
   assert all(ex["brain"].sum() > 0.15 * size * size * 0.5 for ex in healthy)
 
 

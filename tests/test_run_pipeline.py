@@ -76,9 +76,15 @@ def test_the_decentralized_stages_run_when_turned_on(tmp_path):
   card = json.loads((tmp_path / "g2_model" / "model_card.json").read_text())
   assert card["private_data"]["used"] is False
   assert str(tmp_path) not in (tmp_path / "g2_model" / "model_card.json").read_text()
-  # Center 2's local set is made by G2 and evaluated as run D_local (or listed).
+  # G2 saw public-origin healthy slices only; the shared set says it is shareable.
+  assert card["data"]["healthy_origins"]["private"] == 0
+  assert json.loads((tmp_path / "synthetic" / "manifest.json").read_text())["shareable"]
+  # Center 2's local set is made by G2 in center 2's own healthy slices and
+  # evaluated as run D_local (or listed); it is not shareable.
+  assert out["local synthesis"]["local healthy split"] == "TCIA_healthy"
   local = json.loads((tmp_path / "local" / "synthetic" / "summary.json").read_text())
   assert local["synthetic_total"] == out["local synthesis"]["local pairs"] > 0
+  assert local["shareable"] is False
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert "D_local" in results["runs"] or any(
       s["id"] == "D_local" for s in results["skipped"])
