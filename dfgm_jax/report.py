@@ -91,7 +91,7 @@ def _models(workdir: str) -> list[str]:
     found = True
     centers = [k[:-len("/loss")] for k in m if k.endswith("/loss")]
     how = (f"federated, {int(m['round'])} rounds over {', '.join(centers)}"
-           if "round" in m and centers else "public data only" if folder == "g2" else
+           if "round" in m and centers else "shareable data only" if folder == "g2" else
            "central")
     loss = m.get("loss")
     loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"

@@ -78,6 +78,6 @@ def test_the_decentralized_stages_are_reported(tmp_path):
       "images_per_s": 2.7}))
   text = report.build(w)
   assert "| G1 (dfgm) | g1 | federated, 3 rounds over CBICA, TCIA | 150 | 0.0800 |" in text
-  assert "| G2 (shared; export g2_model/ SHAREABLE) | g2 | public data only | 150 |" in text
+  assert "| G2 (shared; export g2_model/ SHAREABLE) | g2 | shareable data only | 150 |" in text
   assert "| local synthesis with G2 (the institute's own) | local/synthetic | dfgm | 108 |" in text
   assert "except `synthetic/`, `g2_model/` and `privacy/summary.json`" in text

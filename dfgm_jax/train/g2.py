@@ -1,4 +1,4 @@
-"""G2, the shared model: trained on public data only, exported with a model card.
+"""G2, the shared model: trained on shareable data only, exported with a model card.
 
 ALGORITHM.md 6, S4: the centers publish their synthetic sets; G2 is a fresh
 model (never initialised from G1) trained on those sets (tumor examples)
@@ -383,7 +383,8 @@ def model_card(g2_cfg, inputs_record: dict, privacy: dict | None,
       "format": CARD_FORMAT,
       "model": "G2",
       "description": ("The shared diffusion model of DFGM (ALGORITHM.md 6, S4): "
-                      "trained from a fresh initialisation on public data only, "
+                      "trained from a fresh initialisation on shareable data only (published "
+                      "synthetic sets and public-center healthy slices), "
                       "for local synthesis in harmonise and generate modes."),
       "initialisation": (f"fresh (seed {int(g2_cfg.seed)}); never initialised "
                          "from G1 or any model trained on private slices"),
