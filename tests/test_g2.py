@@ -362,6 +362,8 @@ def test_card_takes_only_a_finished_audit_of_its_own_synthetic_set(trained, tmp_
   assert "None on this card: the privacy audit given is of real split" in md
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_a_same_config_rerun_keeps_the_export_and_its_audit(trained):
   data_dir, _, root, config, *_, export = trained
   before = {f: open(os.path.join(export, f), "rb").read() for f in os.listdir(export)}

@@ -160,6 +160,8 @@ def research_workdir(phantom_2020, tiny_data_cfg, tmp_path_factory):
   return w, config, manifest, result
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_the_research_switch_makes_a_set_that_is_not_shareable(research_workdir):
   import json
   import os
@@ -197,6 +199,8 @@ def test_the_research_switch_makes_a_set_that_is_not_shareable(research_workdir)
   assert not os.path.exists(os.path.join(w, "g2"))
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_the_audit_reports_private_backgrounds_as_a_leak(research_workdir):
   from data_pipeline import slice_sets
   from dfgm_jax.privacy import audit

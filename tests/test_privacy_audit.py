@@ -339,6 +339,8 @@ def _g2_stand_in(workdir, out_dir):
   return test_g2.stand_in_synthetic_set(os.path.join(workdir, "slices"), out_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
     workdir, tmp_path, monkeypatch):
   """Fresh G1 and G2 exports (untrained: the attacks have nothing to find):
@@ -502,6 +504,8 @@ def test_record_names_the_audited_set_for_g2s_card(workdir, tmp_path):
   assert summary is None and f"real split '{CENTER}_train'" in note
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_a_killed_overwrite_leaves_no_finished_looking_audit(workdir, tmp_path):
   from data_pipeline import slice_sets
   from dfgm_jax.privacy import audit

@@ -174,6 +174,8 @@ def test_shared_folder_does_not_reveal_the_patients(trained):
   assert not [p for p in files if p.suffix in (".png", ".jpg", ".pdf")]
 
 
+@pytest.mark.slow
+@pytest.mark.privacy_e2e
 def test_provenance_per_slice_drops_patient_grouping_and_slice_index(trained, tmp_path):
   from dfgm_jax import config_checks
   from dfgm_jax.privacy import scan
