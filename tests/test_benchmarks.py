@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 SAMPLER_KEYS = {"preset", "image_size", "batch_size", "steps", "jump_length",
@@ -31,6 +33,8 @@ TINY = ("--config.model.preset=tiny --config.model.overrides.image_size=32 "
         "--config.data.image_size=32 --config.bench.reps=1")
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
   """launch/gpu_bench.sh end to end with tiny flags: the script the scarce GPU
   time goes to, checked here first. Each run leaves its JSON lines in OUT."""

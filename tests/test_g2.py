@@ -363,7 +363,7 @@ def test_card_takes_only_a_finished_audit_of_its_own_synthetic_set(trained, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_a_same_config_rerun_keeps_the_export_and_its_audit(trained):
   data_dir, _, root, config, *_, export = trained
   before = {f: open(os.path.join(export, f), "rb").read() for f in os.listdir(export)}

@@ -161,7 +161,7 @@ def research_workdir(phantom_2020, tiny_data_cfg, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_the_research_switch_makes_a_set_that_is_not_shareable(research_workdir):
   import json
   import os
@@ -200,7 +200,7 @@ def test_the_research_switch_makes_a_set_that_is_not_shareable(research_workdir)
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_the_audit_reports_private_backgrounds_as_a_leak(research_workdir):
   from data_pipeline import slice_sets
   from dfgm_jax.privacy import audit

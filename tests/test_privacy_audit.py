@@ -340,7 +340,7 @@ def _g2_stand_in(workdir, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_membership_checks_score_each_model_on_its_region_and_calibrate_g1(
     workdir, tmp_path, monkeypatch):
   """Fresh G1 and G2 exports (untrained: the attacks have nothing to find):
@@ -505,7 +505,7 @@ def test_record_names_the_audited_set_for_g2s_card(workdir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_a_killed_overwrite_leaves_no_finished_looking_audit(workdir, tmp_path):
   from data_pipeline import slice_sets
   from dfgm_jax.privacy import audit

@@ -175,7 +175,7 @@ def test_shared_folder_does_not_reveal_the_patients(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.privacy_e2e
+@pytest.mark.ci_slow
 def test_provenance_per_slice_drops_patient_grouping_and_slice_index(trained, tmp_path):
   from dfgm_jax import config_checks
   from dfgm_jax.privacy import scan

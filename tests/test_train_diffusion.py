@@ -69,6 +69,8 @@ def test_one_and_eight_devices_agree(tmp_path):
   _assert_same_params(one, eight, atol=2e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_two_processes_match_one(tmp_path):
   portpicker = pytest.importorskip("portpicker")
   port = portpicker.pick_unused_port()
@@ -118,6 +120,8 @@ def _params_of(workdir):
                 jax.tree_util.tree_leaves_with_path(state["params"])}
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_kill_then_resume_equals_uninterrupted(tmp_path):
   ref = subprocess.run(_binary(tmp_path / "ref"), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=600)
