@@ -113,6 +113,18 @@ def _check_chunk(name: str, value: int) -> None:
     raise errors.ConfigError(f"{name}={value}: must be >= 1")
 
 
+def _reference_chunks(refs: np.ndarray, chunk_r: int):
+  """(N, D) references as (n_chunks, chunk_r, D) on device, zero-padded, with
+  the (n_chunks, chunk_r) mask of the rows that are real."""
+  n_chunks = -(-refs.shape[0] // chunk_r)
+  pad_r = n_chunks * chunk_r - refs.shape[0]
+  ref_chunks = jnp.asarray(np.pad(refs, ((0, pad_r), (0, 0)))).reshape(
+      n_chunks, chunk_r, refs.shape[1])
+  valid = jnp.asarray(np.arange(n_chunks * chunk_r) < refs.shape[0]).reshape(
+      n_chunks, chunk_r)
+  return ref_chunks, valid
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _nearest_block(q, m, ref_chunks, valid, k):
   """k nearest squared RMSEs of a query chunk, scanning the reference chunks.
@@ -178,12 +190,7 @@ def nearest(queries,
   _check_chunk("chunk_r", chunk_r)
   chunk_q, chunk_r = int(chunk_q), int(chunk_r)
 
-  n_chunks = -(-r.shape[0] // chunk_r)
-  pad_r = n_chunks * chunk_r - r.shape[0]
-  ref_chunks = jnp.asarray(np.pad(r, ((0, pad_r), (0, 0)))).reshape(
-      n_chunks, chunk_r, r.shape[1])
-  valid = jnp.asarray(np.arange(n_chunks * chunk_r) < r.shape[0]).reshape(
-      n_chunks, chunk_r)
+  ref_chunks, valid = _reference_chunks(r, chunk_r)
 
   dists, idxs = [], []
   for start in range(0, q.shape[0], chunk_q):
@@ -468,13 +475,7 @@ def nearest_aligned(queries,
   chunk_q, chunk_r = int(chunk_q), int(chunk_r)
   orients = orientations(q.shape[1], q.shape[2], flips, rotations)
 
-  flat = r.reshape(r.shape[0], -1)
-  n_chunks = -(-flat.shape[0] // chunk_r)
-  pad_r = n_chunks * chunk_r - flat.shape[0]
-  ref_chunks = jnp.asarray(np.pad(flat, ((0, pad_r), (0, 0)))).reshape(
-      n_chunks, chunk_r, flat.shape[1])
-  valid = jnp.asarray(np.arange(n_chunks * chunk_r) < flat.shape[0]).reshape(
-      n_chunks, chunk_r)
+  ref_chunks, valid = _reference_chunks(r.reshape(r.shape[0], -1), chunk_r)
 
   dists, idxs, trans = [], [], []
   for start in range(0, q.shape[0], chunk_q):
