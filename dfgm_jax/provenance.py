@@ -67,10 +67,15 @@ def split_origins(manifest: dict, split: str) -> dict | None:
   return {o: int(origins.get(o, 0)) for o in ORIGINS}
 
 
+def all_public(origins: dict | None) -> bool:
+  """True when `origins` (split_origins) are recorded and none is private;
+  unrecorded origins are never taken for public."""
+  return origins is not None and origins[PRIVATE] == 0
+
+
 def is_public(manifest: dict, split: str) -> bool:
   """True when every slice of `split` is recorded as public-origin."""
-  origins = split_origins(manifest, split)
-  return origins is not None and origins[PRIVATE] == 0
+  return all_public(split_origins(manifest, split))
 
 
 def describe(origins: dict | None) -> str:
@@ -92,7 +97,7 @@ def bank_verdict(manifest: dict, split: str = HEALTHY, *, local: bool = False,
     baseline: an evaluation-only baseline set: never shareable.
   """
   origins = split_origins(manifest, split)
-  private_bank = origins is None or origins[PRIVATE] > 0
+  private_bank = not all_public(origins)
   if private_bank:
     reason = (f"its backgrounds come from split {split!r}, which holds "
               f"{describe(origins)}" + (

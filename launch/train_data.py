@@ -85,7 +85,7 @@ def check_dp_public_pool(config, data_dir: str) -> None:
   from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
   manifest = slice_sets.load_manifest(data_dir)
   origins = provenance.split_origins(manifest, provenance.HEALTHY)
-  if origins is None or origins[provenance.PRIVATE]:
+  if not provenance.all_public(origins):
     raise errors.ConfigError(
         f"config.dp.enabled=True: the {provenance.HEALTHY!r} split of {data_dir} "
         f"holds {provenance.describe(origins)}; DP-SGD uses the healthy slices "

@@ -177,7 +177,7 @@ def _check_provenance(i: PublicInput, allowed: str) -> None:
           f"shareable ({why}); as tumor examples G2 takes only {allowed}")
     return
   origins = provenance.split_origins(i.manifest, i.split)
-  if origins is None or origins[provenance.PRIVATE]:
+  if not provenance.all_public(origins):
     raise PrivateDataError(
         f"G2 trains on public data only: split {i.split!r} of {i.where} holds "
         f"{provenance.describe(origins)}; preprocess with "
