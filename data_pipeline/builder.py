@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dfgm_jax import provenance
+
 DATASET_NAME = "brats_slices"
 SYNTHETIC_NAME = "synthetic_slices"
 VERSION = "1.0.0"
@@ -132,7 +134,7 @@ def _plan_examples(entries, load_case, origin_of) -> Iterator:
       cached_id, arrays = case_id, load_case(case_id)
     z = int(arrays[f"{kind}_z"][index])
     label = arrays[f"{kind}_label"][index][..., None]
-    key = f"{case_id}/{z:03d}"
+    key = provenance.slice_key(case_id, z)
     yield key, {
         "image": arrays[f"{kind}_image"][index],
         "mask": (label > 0).astype(np.uint8),

@@ -58,6 +58,12 @@ class Verdict:
     return out
 
 
+def slice_key(case_id: str, z: int) -> str:
+  """A real slice's example key, "<case_id>/<z:03d>": what preprocessing
+  writes and what a synthetic set's salted background hash is taken of."""
+  return f"{case_id}/{int(z):03d}"
+
+
 def split_origins(manifest: dict, split: str) -> dict | None:
   """{"public": n, "private": m} of a split, None when not recorded."""
   info = manifest.get("splits", {}).get(split, {})

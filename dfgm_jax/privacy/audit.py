@@ -438,7 +438,7 @@ def background_check(cands: dict, manifest: dict, salt: str | None) -> dict:
     recorded = manifest.get("slice_origins", {}).get(split)
     for i, (case_id, z) in enumerate(entries):
       origin = recorded[i] if recorded else case_origin.get(case_id, "unknown")
-      origin_of[pipeline.salted_hash(f"{case_id}/{int(z):03d}", salt)] = origin
+      origin_of[pipeline.salted_hash(provenance.slice_key(case_id, z), salt)] = origin
   found = [origin_of.get(h, "unknown") for h in cands["healthy"]]
   n = len(found)
   counts = {o: found.count(o) for o in (*provenance.ORIGINS, "unknown")}
