@@ -1,9 +1,17 @@
 """BraTS folder layouts: versions, file names, labels, case discovery, centers.
 
-One loader accepts the BraTS 2020, 2021 and 2023-GLI training layouts (see
-shared/docs/BRATS_FORMAT.md sections 1 and 2), flat or nested (the Kaggle copy
-of 2020 nests the data folder twice), with `.nii` or `.nii.gz` files and the
+One loader accepts the BraTS 2018, 2019, 2020, 2021 and 2023-GLI training
+layouts (see shared/docs/BRATS_FORMAT.md sections 1 and 2), flat or nested (the
+Kaggle copy of 2020 nests the data folder twice; the 2018 and 2019 releases
+split cases into HGG/ and LGG/), with `.nii` or `.nii.gz` files and the
 case-355 seg-file quirk of the Kaggle 2020 copy.
+
+Centers: BraTS 2020 reads them from name_mapping.csv; BraTS 2018 and 2019 ids
+carry the contributing site (`Brats18_<site>_<local>_<n>`,
+`BraTS19_<site>_<local>_<n>`: CBICA, 2013, TMC, TCIA01..TCIA13); with
+`merge_site_numbers` (config.data.merge_site_numbers, the default) TCIA01..13
+become one center TCIA, as in BraTS 2020's mapping; without it each TCIA site
+is its own center.
 """
 
 from __future__ import annotations
@@ -27,23 +35,35 @@ MODALITY_ALIASES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"
 CANONICAL_LABELS = (0, 1, 2, 3)
 CANONICAL_LABEL_NAMES = ("background", "ncr_net", "edema", "enhancing")
 
-VERSIONS = ("2020", "2021", "2023")
+VERSIONS = ("2018", "2019", "2020", "2021", "2023")
+# Versions whose case ids name the contributing site (no name_mapping.csv).
+SITE_IN_ID_VERSIONS = ("2018", "2019")
+# The grade folders of the 2018 / 2019 training releases.
+GRADE_FOLDERS = ("HGG", "LGG")
 
 # Per version: case-folder regex, separator between id and suffix, allowed seg
 # labels, and the map from file labels to canonical labels.
 CASE_PATTERNS = {
+    # <site>_<local id>_<timepoint>; sites CBICA, 2013, TMC, TCIA01..13 (and
+    # other tokens in validation releases); lower-case "Brats18".
+    "2018": re.compile(r"^Brats18_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d+)$"),
+    "2019": re.compile(r"^BraTS19_([A-Za-z0-9]+)_([A-Za-z0-9]+)_(\d+)$"),
     "2020": re.compile(r"^BraTS20_Training_(\d{3})$"),
     "2021": re.compile(r"^BraTS2021_(\d{5})$"),
     "2023": re.compile(r"^BraTS-GLI-(\d{5})-(\d{3})$"),
 }
 DATA_FOLDER_NAMES = {
+    "2018": "MICCAI_BraTS_2018_Data_Training",
+    "2019": "MICCAI_BraTS_2019_Data_Training",
     "2020": "MICCAI_BraTS2020_TrainingData",
     "2021": "RSNA_ASNR_MICCAI_BraTS2021_TrainingData",
     "2023": "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData",
 }
 KAGGLE_OUTER_FOLDER = "BraTS2020_TrainingData"
-FILE_SEPARATOR = {"2020": "_", "2021": "_", "2023": "-"}
+FILE_SEPARATOR = {"2018": "_", "2019": "_", "2020": "_", "2021": "_", "2023": "-"}
 LABEL_MAPS = {
+    "2018": {0: 0, 1: 1, 2: 2, 4: 3},
+    "2019": {0: 0, 1: 1, 2: 2, 4: 3},
     "2020": {0: 0, 1: 1, 2: 2, 4: 3},
     "2021": {0: 0, 1: 1, 2: 2, 4: 3},
     "2023": {0: 0, 1: 1, 2: 2, 3: 3},
@@ -93,8 +113,35 @@ def file_stem(version: str, case_id: str, modality: str) -> str:
   return case_id + FILE_SEPARATOR[version] + modality_file_suffix(version, modality)
 
 
-def case_id_for(version: str, number: int, timepoint: int = 0) -> str:
-  """The case id (= folder name) of case `number` in a version's naming."""
+ID_PREFIX = {"2018": "Brats18", "2019": "BraTS19"}
+
+
+def local_id_for(site: str, number: int) -> str:
+  """A 2018/2019 local id for `number` in the style of `site`.
+
+  CBICA: three capitals (0 -> AAA, 1 -> AAB); TMC: five digits; others
+  (2013, TCIA..): the plain number.
+  """
+  if site == "CBICA":
+    if not 0 <= number < 26**3:
+      raise ValueError(f"CBICA local ids encode 0..{26**3 - 1}, got {number}")
+    return "".join(chr(65 + (number // 26**p) % 26) for p in (2, 1, 0))
+  if site == "TMC":
+    return f"{number:05d}"
+  return str(number)
+
+
+def case_id_for(version: str, number: int, timepoint: int = 0,
+                site: str = "CBICA") -> str:
+  """The case id (= folder name) of case `number` in a version's naming.
+
+  2018 / 2019 ids name a site (`site`, e.g. CBICA, TCIA01, 2013, TMC) and a
+  local id made from `number` (local_id_for); their timepoint is
+  `timepoint + 1` (the releases' `_1`).
+  """
+  if version in SITE_IN_ID_VERSIONS:
+    return (f"{ID_PREFIX[version]}_{site}_{local_id_for(site, number)}_"
+            f"{timepoint + 1}")
   if version == "2020":
     return f"BraTS20_Training_{number:03d}"
   if version == "2021":
@@ -105,10 +152,22 @@ def case_id_for(version: str, number: int, timepoint: int = 0) -> str:
 
 
 def case_number(version: str, case_id: str) -> int:
+  if version in SITE_IN_ID_VERSIONS:
+    raise ValueError(f"BraTS {version} ids carry a site and local id, not a "
+                     f"case number ({case_id!r}); see site_of_case_id")
   match = CASE_PATTERNS[version].match(case_id)
   if not match:
     raise ValueError(f"{case_id!r} is not a BraTS {version} case id")
   return int(match.group(1))
+
+
+def site_of_case_id(version: str, case_id: str) -> str:
+  """The site token of a 2018 / 2019 case id (CBICA, TCIA01, 2013, TMC...)."""
+  match = CASE_PATTERNS[version].match(case_id) if version in CASE_PATTERNS else None
+  if version not in SITE_IN_ID_VERSIONS or not match:
+    raise ValueError(f"{case_id!r} is not a BraTS {version} case id naming a "
+                     "site (Brats18_<site>_<id>_<n> or BraTS19_<site>_<id>_<n>)")
+  return match.group(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +176,13 @@ class Case:
 
   Attributes:
     case_id: folder name, e.g. BraTS20_Training_001.
-    version: '2020', '2021' or '2023'.
+    version: '2018', '2019', '2020', '2021' or '2023'.
     folder: the case folder.
     files: canonical modality name ('t1', ..., 'seg') -> path; a modality whose
       file is missing is absent from the dict.
     center: institution the case belongs to (e.g. CBICA, TCIA).
-    grade: HGG / LGG when the mapping says so, else ''.
+    grade: HGG / LGG when the mapping (2020) or the grade folder the case
+      sits in (2018 / 2019) says so, else ''.
   """
 
   case_id: str
@@ -205,7 +265,8 @@ def find_case_folders(root: str) -> list[tuple[str, str, str]]:
     raise BratsDataError(
         root,
         "no BraTS case folders found (expected folders named like "
-        "BraTS20_Training_001, BraTS2021_00000 or BraTS-GLI-00000-000)")
+        "Brats18_CBICA_AAB_1, BraTS19_TCIA01_425_1, BraTS20_Training_001, "
+        "BraTS2021_00000 or BraTS-GLI-00000-000)")
   versions = sorted({v for v, _, _ in found})
   if len(versions) > 1:
     raise BratsDataError(root, f"mixes BraTS versions {versions}; point "
@@ -276,10 +337,14 @@ def _find_mapping_file(root: str, case_folders: Sequence[str]) -> str | None:
 def discover_cases(root: str, merge_site_numbers: bool = True) -> list[Case]:
   """Finds every case below `root` and assigns it a center.
 
+  Centers: 2020 from name_mapping.csv (cases without a site there, and all
+  2021 / 2023 cases, get default_center); 2018 / 2019 from the site in the
+  case id (site_of_case_id).
+
   Args:
     root: a BraTS training-data folder in any supported layout.
     merge_site_numbers: map TCIA01..TCIA13 to one center TCIA (the paper's
-      TCIA = 167 cases, HGG and LGG).
+      TCIA = 167 cases, HGG and LGG); False keeps each TCIA site apart.
 
   Returns:
     Cases sorted by id.
@@ -295,7 +360,13 @@ def discover_cases(root: str, merge_site_numbers: bool = True) -> list[Case]:
                     NAME_MAPPING_FILE, default_center(version))
   cases = []
   for version, case_id, folder in found:
-    center, grade = mapping.get(case_id, (default_center(version), ""))
+    if version in SITE_IN_ID_VERSIONS:
+      parent = os.path.basename(os.path.dirname(folder))
+      center = site_to_center(site_of_case_id(version, case_id),
+                              merge_site_numbers)
+      grade = parent if parent in GRADE_FOLDERS else ""
+    else:
+      center, grade = mapping.get(case_id, (default_center(version), ""))
     cases.append(Case(case_id=case_id, version=version, folder=folder,
                       files=case_files(version, case_id, folder),
                       center=center, grade=grade))

@@ -98,7 +98,7 @@ def _advice(data_dir: str) -> str:
     return (f"it holds finished sets in {', '.join(n + '/' for n in finished)}: "
             "pass one of those folders")
   if any(n.endswith((".nii", ".nii.gz")) for n in names) or any(
-      n.startswith("BraTS") or n in brats.DATA_FOLDER_NAMES.values()
+      n.startswith(("BraTS", "Brats")) or n in brats.DATA_FOLDER_NAMES.values()
       or n == brats.KAGGLE_OUTER_FOLDER for n in names):
     return ("it looks like raw BraTS data: pass it to launch.preprocess "
             "--brats_dir and its --out_dir here")

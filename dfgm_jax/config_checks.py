@@ -57,7 +57,7 @@ READERS = ("tf", "grain", "synthetic")
 # data_pipeline.brats.MODALITIES
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # data_pipeline.brats.VERSIONS
-VERSIONS = ("2020", "2021", "2023")
+VERSIONS = ("2018", "2019", "2020", "2021", "2023")
 # data_pipeline.slices.to_output_grid
 SPATIAL = ("resize", "pad")
 # data_pipeline.builder.FORMAT_DIRS

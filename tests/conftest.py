@@ -31,10 +31,14 @@ def write_nifti(path, array, affine=BRATS_AFFINE):
 
 
 def make_case(root, version, number, shape=(24, 24, 20), seed=0, ext=".nii.gz",
-              tumor=True, labels=None):
-  """Writes one small synthetic case (ellipsoid brain, a blob tumor)."""
+              tumor=True, labels=None, site="CBICA", with_seg=True):
+  """Writes one small synthetic case (ellipsoid brain, a blob tumor).
+
+  `site` names the site of a 2018 / 2019 id (brats.case_id_for); without
+  `with_seg` the case has no seg file (a validation case).
+  """
   rng = np.random.default_rng([seed, number])
-  case_id = brats.case_id_for(version, number)
+  case_id = brats.case_id_for(version, number, site=site)
   folder = os.path.join(root, case_id)
   os.makedirs(folder, exist_ok=True)
   grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
@@ -53,8 +57,9 @@ def make_case(root, version, number, shape=(24, 24, 20), seed=0, ext=".nii.gz",
     vol = np.where(brain, rng.integers(100, 1000, shape), 0).astype(np.int16)
     write_nifti(os.path.join(folder, brats.file_stem(version, case_id, modality)
                              + ext), vol)
-  write_nifti(os.path.join(folder, brats.file_stem(version, case_id, "seg")
-                           + ext), seg)
+  if with_seg:
+    write_nifti(os.path.join(folder, brats.file_stem(version, case_id, "seg")
+                             + ext), seg)
   return case_id, folder
 
 

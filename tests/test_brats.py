@@ -17,7 +17,57 @@ def test_finds_cases_of_each_version(tmp_path, version):
   assert [c.case_id for c in cases] == [brats.case_id_for(version, n) for n in (1, 7)]
   assert all(c.version == version for c in cases)
   assert set(cases[0].files) == set(brats.MODALITIES) | {"seg"}
-  assert all(c.center == f"BraTS{version}" for c in cases)
+  want = "CBICA" if version in brats.SITE_IN_ID_VERSIONS else f"BraTS{version}"
+  assert all(c.center == want for c in cases)
+
+
+@pytest.mark.parametrize("version", brats.SITE_IN_ID_VERSIONS)
+def test_2018_2019_ids_name_the_site_and_grade_folders_the_grade(tmp_path, version):
+  # The official releases: <data folder>/{HGG,LGG}/<id>/<id>_<modality>.nii.gz.
+  root = tmp_path / brats.DATA_FOLDER_NAMES[version]
+  made = [make_case(str(root / "HGG"), version, 1, site="CBICA"),
+          make_case(str(root / "HGG"), version, 425, site="TCIA01"),
+          make_case(str(root / "LGG"), version, 101, site="TCIA09"),
+          make_case(str(root / "HGG"), version, 2, site="2013"),
+          make_case(str(root / "LGG"), version, 9043, site="TMC")]
+  prefix = "Brats18" if version == "2018" else "BraTS19"
+  assert [c for c, _ in made] == [f"{prefix}_CBICA_AAB_1", f"{prefix}_TCIA01_425_1",
+                                  f"{prefix}_TCIA09_101_1", f"{prefix}_2013_2_1",
+                                  f"{prefix}_TMC_09043_1"]
+  assert sorted(os.listdir(made[0][1])) == sorted(
+      f"{prefix}_CBICA_AAB_1_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg"))
+  cases = {c.case_id: c for c in brats.discover_cases(str(tmp_path))}
+  assert {i: (c.center, c.grade) for i, c in cases.items()} == {
+      f"{prefix}_CBICA_AAB_1": ("CBICA", "HGG"),
+      f"{prefix}_TCIA01_425_1": ("TCIA", "HGG"),
+      f"{prefix}_TCIA09_101_1": ("TCIA", "LGG"),
+      f"{prefix}_2013_2_1": ("2013", "HGG"),
+      f"{prefix}_TMC_09043_1": ("TMC", "LGG")}
+  assert all(set(c.files) == set(brats.MODALITIES) | {"seg"} for c in cases.values())
+  # Sites kept apart (config.data.merge_site_numbers=False).
+  apart = {c.case_id: c.center for c in
+           brats.discover_cases(str(tmp_path), merge_site_numbers=False)}
+  assert apart[f"{prefix}_TCIA01_425_1"] == "TCIA01"
+  assert apart[f"{prefix}_TCIA09_101_1"] == "TCIA09"
+  assert apart[f"{prefix}_CBICA_AAB_1"] == "CBICA"
+  assert brats.site_of_case_id(version, f"{prefix}_TCIA09_101_1") == "TCIA09"
+  with pytest.raises(ValueError, match="site"):
+    brats.case_number(version, f"{prefix}_TCIA09_101_1")
+
+
+def test_2018_flat_layout_and_validation_cases_without_seg(tmp_path):
+  # The real 11-case folder is flat (no HGG/LGG); validation cases have no seg.
+  make_case(str(tmp_path), "2018", 1, site="CBICA")
+  _, folder = make_case(str(tmp_path), "2018", 628, site="TCIA10", with_seg=False)
+  cases = {c.case_id: c for c in brats.discover_cases(str(tmp_path))}
+  assert cases["Brats18_CBICA_AAB_1"].grade == ""
+  assert cases["Brats18_TCIA10_628_1"].center == "TCIA"
+  assert "seg" not in cases["Brats18_TCIA10_628_1"].files
+  assert set(cases["Brats18_TCIA10_628_1"].files) == set(brats.MODALITIES)
+  # A 2018 and a 2019 folder side by side are two data sets.
+  make_case(str(tmp_path / "other"), "2019", 1)
+  with pytest.raises(brats.BratsDataError, match="mixes BraTS versions"):
+    brats.discover_cases(str(tmp_path))
 
 
 def test_2023_file_names_use_new_suffixes(tmp_path):
