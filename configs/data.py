@@ -20,6 +20,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   # names, 'all', or 'auto' (CBICA,TCIA when present, else every center).
   c.centers = "auto"
   # TCIA01..TCIA13 -> TCIA (the paper's TCIA = 167 cases, HGG and LGG).
+  # False keeps each TCIA site its own center (name them in `centers`). The
+  # site is name_mapping.csv's (2020) or the case id's (2018 / 2019).
   c.merge_site_numbers = True
   # Share of each center's patients in its test split, in [0, 1);
   # round-half-up: 103/26 of CBICA's 129, 134/33 of TCIA's 167.

@@ -1,9 +1,12 @@
 """Seeded generator of BraTS-format folders with real anatomy (test data).
 
-Writes the 2020, 2021 or 2023-GLI training layouts of BRATS_FORMAT.md sections
-1, 2 and 6: one folder per case with four int16 modalities and a uint8 seg,
-plus `name_mapping.csv` / `survival_info.csv` for 2020. Ids are real BraTS20
-ids, so the site read from the mapping equals the site the case was drawn for.
+Writes the 2018, 2019, 2020, 2021 or 2023-GLI training layouts of
+BRATS_FORMAT.md sections 1, 2 and 6: one folder per case with four int16
+modalities and a uint8 seg, plus `name_mapping.csv` / `survival_info.csv` for
+2020. Ids are real BraTS20 ids, so the site read from the mapping equals the
+site the case was drawn for. 2018 and 2019 cases take the Brats18 / BraTS19
+ids of the same mapping rows (mapping_rows), in HGG/ and LGG/ folders as in
+those releases, so the site in the id is the site the case was drawn for.
 
 Anatomy comes from the MNI152 2009 template and its GM / WM probability maps
 that ship inside the nilearn wheel (no download); CSF = brain - GM - WM. The
@@ -149,7 +152,7 @@ class PhantomCase(NamedTuple):
     case_id: folder name, e.g. BraTS20_Training_001.
     center: center as brats.discover_cases reports it (CBICA, TCIA, 2013,
       TMC, or BraTS<version> for cases without a site).
-    grade: HGG / LGG for 2020, '' otherwise.
+    grade: HGG / LGG for 2018 / 2019 / 2020, '' otherwise.
     tumor_voxels: voxels with label > 0.
   """
 
@@ -166,7 +169,7 @@ class PhantomInfo:
   Attributes:
     data_dir: the folder holding the case folders (and the 2020 csv files).
     cases: generated cases in id order.
-    version: '2020', '2021' or '2023'.
+    version: '2018', '2019', '2020', '2021' or '2023'.
     sites: case id -> unmerged site token (TCIA01, CBICA, NA, ...).
   """
 
@@ -196,14 +199,35 @@ def site_of_number(number: int) -> tuple[str, str]:
   raise ValueError(f"BraTS20 id {number} outside 1..{NUM_CASES_2020}")
 
 
+# Versions whose phantom cases are BraTS20 mapping rows (ids, sites, grades).
+MAPPED_VERSIONS = ("2018", "2019", "2020")
+# The mapping_rows column of each version's id.
+_ID_COLUMN = {"2018": 2, "2019": 4, "2020": 5}
+
+
 def center_of_number(version: str, number: int) -> str:
   """The center brats.discover_cases assigns to case `number`."""
-  if version != "2020":
+  if version not in MAPPED_VERSIONS:
     return brats.default_center(version)
   site, _ = site_of_number(number)
   if site == "NA":
     return brats.default_center(version)
   return brats.site_to_center(site)
+
+
+def case_id_of(version: str, number: int) -> str:
+  """The folder name of phantom case `number` (a BraTS20 id for 2018-2020).
+
+  2018 / 2019: the Brats18 / BraTS19 id of BraTS20 row `number`
+  (mapping_rows); ValueError where that release has none (TMC in 2018, the
+  cases new in 2020).
+  """
+  if version in brats.SITE_IN_ID_VERSIONS:
+    case_id = mapping_rows()[number - 1][_ID_COLUMN[version]]
+    if case_id == "NA":
+      raise ValueError(f"BraTS20 id {number} has no BraTS {version} id")
+    return case_id
+  return brats.case_id_for(version, number)
 
 
 def _ids_of_block(first: int, last: int) -> list[int]:
@@ -283,19 +307,26 @@ def select_case_numbers(version: str, num_cases: int,
 
   2020 draws real ids site by site (_PICK_HEAD, then _PICK_CYCLE), so CBICA
   and TCIA dominate (about 40 % each) and every site shows up within eight
-  cases. 2021 / 2023 draw spread 5-digit numbers.
+  cases. 2018 / 2019 draw the same way among the rows their release has
+  (no new-2020 cases; 2018 no TMC). 2021 / 2023 draw spread 5-digit numbers.
   """
   if num_cases < 1:
     raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-  if version != "2020":
+  if version not in MAPPED_VERSIONS:
     if num_cases > _ID_SPACE_2021:
       raise ValueError(f"num_cases must be <= {_ID_SPACE_2021} for {version}")
     rng = np.random.default_rng(2021)
     return [int(n) for n in rng.permutation(_ID_SPACE_2021)[:num_cases]]
-  if num_cases > NUM_CASES_2020:
-    raise ValueError(f"num_cases must be <= {NUM_CASES_2020} for 2020")
   queues = {g: _pick_order(g) for g in
             ("CBICA", "TCIA-HGG", "TCIA-LGG", "2013", "TMC", "NEW")}
+  if version in brats.SITE_IN_ID_VERSIONS:
+    rows = mapping_rows()
+    column = _ID_COLUMN[version]
+    queues = {g: [n for n in q if rows[n - 1][column] != "NA"]
+              for g, q in queues.items()}
+  available = sum(len(q) for q in queues.values())
+  if num_cases > available:
+    raise ValueError(f"num_cases must be <= {available} for {version}")
   if quirk_355:  # Move 355 to the front of the new-2020 queue.
     queues["NEW"].remove(_QUIRK_ID)
     queues["NEW"].insert(0, _QUIRK_ID)
@@ -553,8 +584,9 @@ def _tumor_kind(pick: int) -> str:
 def _case_specs(version: str, numbers: Sequence[int], seed: int) -> list[_CaseSpec]:
   specs = []
   for pick, number in enumerate(numbers):
-    grade = site_of_number(number)[1] if version == "2020" else ""
-    if version == "2020":
+    mapped = version in MAPPED_VERSIONS
+    grade = site_of_number(number)[1] if mapped else ""
+    if mapped:
       with_et = grade == "HGG"
     else:
       with_et = pick % 4 != 2
@@ -886,7 +918,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray, compressed: bool) -> byt
 def _write_case(spec: _CaseSpec, case_dir: str, scale: float, compressed: bool,
                 quirk_355: bool) -> PhantomCase:
   images, labels = _synthesize_case(spec, scale)
-  case_id = brats.case_id_for(spec.version, spec.number)
+  case_id = case_id_of(spec.version, spec.number)
   file_labels = {canonical: raw
                  for raw, canonical in brats.LABEL_MAPS[spec.version].items()}
   seg = np.zeros_like(labels)
@@ -928,7 +960,8 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
 
   Args:
     out_dir: where to put the data folder.
-    version: '2020', '2021' or '2023' (naming, labels, csv files).
+    version: '2018', '2019', '2020', '2021' or '2023' (naming, labels, csv
+      files; 2018 / 2019 put the cases in HGG/ and LGG/).
     num_cases: how many cases.
     seed: generation seed; the same seed gives identical arrays and files.
     compressed: .nii.gz (official release) or .nii (Kaggle copy).
@@ -957,8 +990,12 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
   os.makedirs(data_dir, exist_ok=True)
   # Built once here, so forked workers inherit the caches.
   _sampling_support(grid_shape(scale), float(scale))
-  jobs = [(spec, os.path.join(data_dir, brats.case_id_for(version, spec.number)),
-           scale, compressed, quirk_355) for spec in specs]
+  def case_dir(spec):
+    if version in brats.SITE_IN_ID_VERSIONS:  # the releases' grade folders.
+      return os.path.join(data_dir, spec.grade, case_id_of(version, spec.number))
+    return os.path.join(data_dir, case_id_of(version, spec.number))
+
+  jobs = [(spec, case_dir(spec), scale, compressed, quirk_355) for spec in specs]
   if num_workers > 1 and len(jobs) > 1:
     # fork reuses the caches built above, but is unsafe once a multithreaded
     # runtime (JAX, TensorFlow) lives in this process: then spawn.
@@ -975,10 +1012,10 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
     write_name_mapping(os.path.join(data_dir, brats.NAME_MAPPING_FILE),
                        None if full_mapping else numbers)
     write_survival_info(os.path.join(data_dir, brats.SURVIVAL_FILE), numbers, seed)
-  order = np.argsort(numbers)
-  cases = [cases[i] for i in order]
-  sites = {brats.case_id_for(version, n): (site_of_number(n)[0] if version == "2020"
-                                           else brats.default_center(version))
+  cases = sorted(cases, key=lambda case: case.case_id)
+  sites = {case_id_of(version, n): (site_of_number(n)[0]
+                                    if version in MAPPED_VERSIONS
+                                    else brats.default_center(version))
            for n in numbers}
   logging.info("phantom: %d %s cases in %s (%.1fs)", len(cases), version,
                data_dir, time.perf_counter() - t0)

@@ -18,7 +18,8 @@ from launch import common
 common.quiet_tensorflow()
 common.define_config_flag("default.py")
 _BRATS_DIR = flags.DEFINE_string("brats_dir", None, "BraTS training data folder "
-                                 "(2020, 2021 or 2023 layout, nested or flat).")
+                                 "(2018, 2019, 2020, 2021 or 2023 layout, nested "
+                                 "or flat).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes for the "
                                     "per-case work.")

@@ -16,8 +16,30 @@ from dfgm_jax import platform  # noqa: E402
 
 platform.apply_xla_flags()  # the binaries' XLA flags, for in-process tests too.
 
-REAL_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "brats_real_sample",
-                           "TCGA-DU-7294")
+# Real data beside the repo (../shared, read-only); absent on a bare clone.
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+REAL_SAMPLE = os.path.join(SHARED_DATA, "brats_real_sample", "TCGA-DU-7294")
+# A small derivative of REAL_SAMPLE kept in the repo (tests/data/README.md):
+# cropped to the brain, 2x downsampled, so real anatomy needs no ../shared.
+REAL_FIXTURE = os.path.join(ROOT, "tests", "data", "real_tcga_du_7294")
+REAL_ID = "TCGA-DU-7294"
+REQUIRE_SHARED_ENV = "DFGM_REQUIRE_SHARED"
+
+
+def require_shared(path, what):
+  """`path` (under ../shared) for a test that needs it, else skip the test.
+
+  On a bare clone ../shared is absent and the test is skipped with a reason;
+  with DFGM_REQUIRE_SHARED=1 (.ci/run, where ../shared is present) a missing
+  path fails the test instead.
+  """
+  if os.path.exists(path):
+    return path
+  reason = (f"{os.path.relpath(path, ROOT)} not found: {what} needs ../shared "
+            "beside the repo")
+  if os.environ.get(REQUIRE_SHARED_ENV) == "1":
+    pytest.fail(f"{reason} ({REQUIRE_SHARED_ENV}=1)")
+  pytest.skip(reason)
 BRATS_AFFINE = np.array([[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0],
                          [0, 0, 0, 1]], float)
 

@@ -18,16 +18,25 @@ from data_pipeline import volumes
 from tests.conftest import REAL_SAMPLE
 
 SCALE = 0.4  # 96 x 96 x 62 voxels of 2.5 mm: fast, still anatomical.
-SEG_VALUES = {"2020": {0, 1, 2, 4}, "2021": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}
-ET_LABEL = {"2020": 4, "2021": 4, "2023": 3}
+SEG_VALUES = {"2018": {0, 1, 2, 4}, "2019": {0, 1, 2, 4}, "2020": {0, 1, 2, 4},
+              "2021": {0, 1, 2, 4}, "2023": {0, 1, 2, 3}}
+ET_LABEL = {"2018": 4, "2019": 4, "2020": 4, "2021": 4, "2023": 3}
 
 
 def load(path):
   return np.asarray(nib.load(path).dataobj)
 
 
+def case_folder(info, case):
+  """2018 / 2019 cases sit in the releases' HGG/ and LGG/ folders."""
+  if info.version in brats.SITE_IN_ID_VERSIONS:
+    return os.path.join(info.data_dir, case.grade, case.case_id)
+  return os.path.join(info.data_dir, case.case_id)
+
+
 def case_volumes(info, case_id):
-  folder = os.path.join(info.data_dir, case_id)
+  case = {c.case_id: c for c in info.cases}[case_id]
+  folder = case_folder(info, case)
   files = brats.case_files(info.version, case_id, folder)
   return {name: load(path) for name, path in files.items()}
 
@@ -54,13 +63,16 @@ def full_size(tmp_path_factory):
 def test_file_names_per_version(tmp_path, version):
   info = phantom.generate(str(tmp_path), version=version, num_cases=2, scale=SCALE)
   assert info.data_dir == os.path.join(str(tmp_path), brats.DATA_FOLDER_NAMES[version])
-  folders = sorted(d for d in os.listdir(info.data_dir)
+  subdirs = sorted(d for d in os.listdir(info.data_dir)
                    if os.path.isdir(os.path.join(info.data_dir, d)))
-  assert folders == info.case_ids
+  if version in brats.SITE_IN_ID_VERSIONS:
+    assert set(subdirs) <= set(brats.GRADE_FOLDERS)
+    subdirs = sorted(c for g in subdirs for c in os.listdir(os.path.join(info.data_dir, g)))
+  assert subdirs == info.case_ids
   pattern = brats.CASE_PATTERNS[version]
   for case in info.cases:
     assert pattern.match(case.case_id)
-    names = sorted(os.listdir(os.path.join(info.data_dir, case.case_id)))
+    names = sorted(os.listdir(case_folder(info, case)))
     expected = sorted(brats.file_stem(version, case.case_id, m) + ".nii.gz"
                       for m in brats.MODALITIES + ("seg",))
     assert names == expected
@@ -69,10 +81,16 @@ def test_file_names_per_version(tmp_path, version):
   if version == "2023":
     assert any(n.endswith("-t2f.nii.gz") for n in names)
     assert all(c.center == "BraTS2023" for c in info.cases)
+  if version in brats.SITE_IN_ID_VERSIONS:  # the center and grade are the site's.
+    assert [(c.center, c.grade) for c in info.cases] == [
+        (brats.site_to_center(info.sites[c.case_id]), c.grade) for c in info.cases]
+    assert all(c.case_id.split("_")[1] == info.sites[c.case_id] for c in info.cases)
   csvs = {n for n in os.listdir(info.data_dir) if n.endswith(".csv")}
   assert csvs == ({brats.NAME_MAPPING_FILE, brats.SURVIVAL_FILE}
                   if version == "2020" else set())
-  assert [c.case_id for c in brats.discover_cases(str(tmp_path))] == info.case_ids
+  found = brats.discover_cases(str(tmp_path))
+  assert [c.case_id for c in found] == info.case_ids
+  assert [(c.center, c.grade) for c in found] == [(c.center, c.grade) for c in info.cases]
 
 
 def test_uncompressed_kaggle_nesting_and_quirk_355(tmp_path):
@@ -400,6 +418,22 @@ def test_case_selection():
   assert len(set(ids_2021)) == 20 and max(ids_2021) <= 1666
 
 
+def test_case_selection_2018_2019_keeps_to_each_release():
+  # 2019 has every BraTS20 row but the 34 new ones; 2018 has no TMC either.
+  assert sorted(phantom.select_case_numbers("2019", 335)) == list(range(1, 336))
+  all_2018 = phantom.select_case_numbers("2018", 326)
+  assert sorted(all_2018) == [n for n in range(1, 336)
+                              if phantom.site_of_number(n)[0] != "TMC"]
+  with pytest.raises(ValueError, match="<= 326"):
+    phantom.select_case_numbers("2018", 327)
+  first = phantom.select_case_numbers("2018", 8)
+  assert {phantom.center_of_number("2018", n) for n in first} == {"CBICA", "TCIA", "2013"}
+  assert phantom.case_id_of("2018", 158) == phantom.mapping_rows()[157][2]
+  assert phantom.case_id_of("2019", 270).startswith("BraTS19_TMC_")
+  with pytest.raises(ValueError, match="no BraTS 2018 id"):
+    phantom.case_id_of("2018", 270)
+
+
 def test_determinism(tmp_path, ph2020, volumes2020):
   same = phantom.generate(str(tmp_path / "same"), num_cases=2, seed=0, scale=SCALE)
   other = phantom.generate(str(tmp_path / "other"), num_cases=2, seed=1, scale=SCALE)
@@ -477,7 +511,7 @@ def test_stage_run_reuses_refuses_and_overwrites(tmp_path):
 @pytest.mark.parametrize("params,says", [
     ({"num_cases": 0}, "config.phantom.num_cases=0: must be a positive integer"),
     ({"scale": 1.5}, "config.phantom.scale=1.5: must be in (0, 1]"),
-    ({"version": "2019"}, "config.phantom.version='2019': must be one of"),
+    ({"version": "2017"}, "config.phantom.version='2017': must be one of"),
     ({"cases": 3}, "config.phantom.cases=3: not a phantom parameter"),
     ({"version": "2021", "quirk_355": True}, "config.phantom.quirk_355=True: 2020 only"),
 ])
