@@ -1,16 +1,17 @@
 """launch.evaluate at paper scale (configs/default.py) on real BraTS data.
 
-The one real case we hold (conftest.REAL_SAMPLE, a TCGA-LGG case in BraTS
-space) is linked under ten BraTS 2020 case ids, five CBICA and five TCIA
-(name_mapping.csv decides the center), so that every split the runs read
-(CBICA_train, CBICA_test, TCIA_train, TCIA_test) has patients: with 5 per
-center, round(0.2 x 5) = 1 is tested and 4 x <= 5 tumor slices train,
-at least the paper's segmenter batch of 16. Preprocessed with
-configs/default.py's data section (128 x 128 slices of the 240 x 240 grid),
-a stand-in synthetic set (tests/test_evaluate.py, no diffusion model), then
-the binary as a user runs it: the paper's image size and segmenter depth
-and batch (4 down-samplings, 16 slices), one epoch, one seed, and a
-narrower network (SEG_WIDTH) for CPU time.
+The one real case we hold (a TCGA-LGG case in BraTS space), as the repo's
+small derivative of it (conftest.REAL_FIXTURE: cropped to the brain, 3 mm
+voxels, tests/data/README.md; no ../shared needed), is linked under ten
+BraTS 2020 case ids, five CBICA and five TCIA (name_mapping.csv decides the
+center), so that every split the runs read (CBICA_train, CBICA_test,
+TCIA_train, TCIA_test) has patients: with 5 per center, round(0.2 x 5) = 1
+is tested and 4 x <= 5 tumor slices train, at least the paper's segmenter
+batch of 16. Preprocessed with configs/default.py's data section (128 x 128
+slices), a stand-in synthetic set (tests/test_evaluate.py, no diffusion
+model), then the binary as a user runs it: the paper's image size and
+segmenter depth and batch (4 down-samplings, 16 slices), one epoch, one
+seed, and a narrower network (SEG_WIDTH) for CPU time.
 """
 
 import json
@@ -24,7 +25,8 @@ from data_pipeline import brats
 from data_pipeline import phantom
 from data_pipeline import preprocess
 from data_pipeline import slice_sets
-from tests.conftest import REAL_SAMPLE
+from tests.conftest import REAL_FIXTURE
+from tests.conftest import REAL_ID
 from tests.conftest import ROOT
 from tests.test_evaluate import _stand_in_synthetic_set
 
@@ -32,7 +34,6 @@ from tests.test_evaluate import _stand_in_synthetic_set
 # case's own site), BRATS_FORMAT.md 1.5.
 CBICA_NUMBERS = (1, 2, 3, 4, 5)
 TCIA_NUMBERS = (282, 283, 284, 285, 286)
-REAL_ID = "TCGA-DU-7294"
 # The segmenter's width in the binary's run. The paper's 64 passed too, but
 # a width-64 step of 16 slices of 128 x 128 took 60-100 s on the shared
 # 2-core CPU (the 7 steps of runs A-E: 757 s for the binary, about 6 CPU
@@ -49,7 +50,7 @@ def _real_brats_2020(root: str) -> str:
     folder = os.path.join(data_dir, case_id)
     os.makedirs(folder)
     for part in brats.MODALITIES + ("seg",):
-      os.symlink(os.path.join(REAL_SAMPLE, f"{REAL_ID}_{part}.nii.gz"),
+      os.symlink(os.path.join(REAL_FIXTURE, f"{REAL_ID}_{part}.nii.gz"),
                  os.path.join(folder, brats.file_stem("2020", case_id, part)
                               + ".nii.gz"))
   phantom.write_name_mapping(os.path.join(data_dir, brats.NAME_MAPPING_FILE),

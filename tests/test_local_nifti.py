@@ -27,7 +27,7 @@ from dfgm_jax import errors
 from dfgm_jax import model_io
 from dfgm_jax.synthesis import pipeline
 from launch import healthy_nifti
-from tests.conftest import REAL_SAMPLE, ROOT, write_nifti
+from tests.conftest import REAL_FIXTURE, REAL_ID, ROOT, write_nifti
 
 
 @pytest.fixture
@@ -120,17 +120,21 @@ def test_a_volume_without_segmentation_gives_every_brain_slice(
 
 
 def test_the_real_case_folder_gives_tumor_free_slices(cfg, tmp_path):
-  """The real BraTS-space case (TCGA barcode folder, no name_mapping.csv)."""
+  """The real BraTS-space case (TCGA barcode folder, no name_mapping.csv).
+
+  The repo's small derivative of it (tests/data/README.md: 3 mm voxels).
+  """
   own = tmp_path / "own"
   own.mkdir()
-  os.symlink(REAL_SAMPLE, own / os.path.basename(REAL_SAMPLE))
+  os.symlink(REAL_FIXTURE, own / REAL_ID)
   manifest = healthy_volumes.run(str(own), str(tmp_path / "out"), cfg)
-  seg = nib.load(os.path.join(REAL_SAMPLE, "TCGA-DU-7294_seg.nii.gz")).get_fdata()
-  tumor_z = np.flatnonzero(seg.any(axis=(0, 1)))
+  seg_img = nib.load(os.path.join(REAL_FIXTURE, f"{REAL_ID}_seg.nii.gz"))
+  tumor_z = np.flatnonzero(seg_img.get_fdata().any(axis=(0, 1)))
+  dz = seg_img.header.get_zooms()[2]
   got = [z for _, z in manifest["slices"]["healthy"]]
   assert got and manifest["cases"][0]["segmentation"]
-  # Tumor-free and at least healthy_min_gap_mm (1 mm slices) from the tumor.
-  assert all(np.min(np.abs(tumor_z - z)) >= cfg["healthy_min_gap_mm"] for z in got)
+  # Tumor-free and at least healthy_min_gap_mm from the tumor.
+  assert all(np.min(np.abs(tumor_z - z)) * dz >= cfg["healthy_min_gap_mm"] for z in got)
   images = slice_sets.load_split(str(tmp_path / "out"), "healthy")["image"]
   assert images.shape[1:] == (cfg["image_size"],) * 2 + (1,)
   assert images.min() == -1.0 and images.max() <= 1.0

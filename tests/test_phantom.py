@@ -15,7 +15,7 @@ from data_pipeline import brats
 from data_pipeline import phantom
 from data_pipeline import tumor_contrast
 from data_pipeline import volumes
-from tests.conftest import REAL_SAMPLE
+from tests.conftest import REAL_SAMPLE, require_shared
 
 SCALE = 0.4  # 96 x 96 x 62 voxels of 2.5 mm: fast, still anatomical.
 SEG_VALUES = {"2018": {0, 1, 2, 4}, "2019": {0, 1, 2, 4}, "2020": {0, 1, 2, 4},
@@ -216,9 +216,13 @@ def _canonical(vol, version="2020"):
 
 @pytest.fixture(scope="module")
 def real_sample():
-  """The real BraTS case's four modalities and canonical labels."""
-  if not os.path.isdir(REAL_SAMPLE):
-    pytest.fail(f"{REAL_SAMPLE} is missing: ../shared must sit beside the repo")
+  """The real BraTS case's four modalities and canonical labels.
+
+  The full-size case: the documented ratios and fractions were measured on it
+  (the small fixture in tests/data measures differently).
+  """
+  require_shared(REAL_SAMPLE, "the full-size real case the phantom's tumor "
+                 "contrasts were measured on")
   vol = {m: load(os.path.join(REAL_SAMPLE, f"TCGA-DU-7294_{m}.nii.gz"))
          for m in brats.MODALITIES + ("seg",)}
   return {m: vol[m] for m in brats.MODALITIES}, _canonical(vol)

@@ -10,7 +10,8 @@ import pytest
 from data_pipeline import brats
 from data_pipeline import case_slices
 from data_pipeline import volumes
-from tests.conftest import REAL_SAMPLE, make_case, write_nifti
+from tests.conftest import (REAL_FIXTURE, REAL_ID, REAL_SAMPLE, make_case,
+                            require_shared, write_nifti)
 
 T2 = ("t2",)
 
@@ -175,18 +176,28 @@ def test_normalise_maps_brain_to_unit_range_background_minus_one():
   assert stats.brain_voxels == 216 and stats.lo < 0
 
 
-@pytest.fixture(scope="module")
-def real_case(tmp_path_factory):
-  """The real BraTS-space case copied into a BraTS 2020 layout."""
-  if not os.path.isdir(REAL_SAMPLE):
-    pytest.fail(f"{REAL_SAMPLE} is missing: ../shared must sit beside the repo")
-  root = tmp_path_factory.mktemp("real") / "MICCAI_BraTS2020_TrainingData"
+def _as_brats_2020(source, root):
+  """The real case's files at `source` copied into a BraTS 2020 layout."""
+  root = root / "MICCAI_BraTS2020_TrainingData"
   folder = root / "BraTS20_Training_042"
   folder.mkdir(parents=True)
   for m in brats.MODALITIES + ("seg",):
-    shutil.copy(os.path.join(REAL_SAMPLE, f"TCGA-DU-7294_{m}.nii.gz"),
+    shutil.copy(os.path.join(source, f"{REAL_ID}_{m}.nii.gz"),
                 folder / f"BraTS20_Training_042_{m}.nii.gz")
   return brats.discover_cases(str(root.parent))[0]
+
+
+@pytest.fixture(scope="module")
+def real_case(tmp_path_factory):
+  """The full-size real BraTS-space case (../shared) in a BraTS 2020 layout."""
+  require_shared(REAL_SAMPLE, "the full-size real case (shape, voxel counts)")
+  return _as_brats_2020(REAL_SAMPLE, tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="module")
+def real_fixture_case(tmp_path_factory):
+  """The repo's small derivative of the real case (tests/data, 3 mm voxels)."""
+  return _as_brats_2020(REAL_FIXTURE, tmp_path_factory.mktemp("real_fixture"))
 
 
 def test_real_case_loads_and_keeps_negative_brain_voxels(real_case):
@@ -200,12 +211,21 @@ def test_real_case_loads_and_keeps_negative_brain_voxels(real_case):
   assert set(np.unique(vols.labels)) == {0, 1, 2}
 
 
-def test_real_case_slices(real_case, tiny_data_cfg):
+def test_real_fixture_keeps_the_real_values(real_fixture_case):
+  vols = volumes.load_case(real_fixture_case, T2)
+  t2 = vols.images["t2"]
+  assert t2.shape == (45, 56, 46)  # tests/data/README.md.
+  assert t2.min() < 0  # the real case's negative brain voxels survive.
+  assert np.count_nonzero(vols.brain) == np.count_nonzero(t2 != 0)
+  assert set(np.unique(vols.labels)) == {0, 1, 2}
+
+
+def test_real_case_slices(real_fixture_case, tiny_data_cfg):
   cfg = dict(tiny_data_cfg, image_size=128)
-  arrays, meta = case_slices.extract(real_case, cfg)
+  arrays, meta = case_slices.extract(real_fixture_case, cfg)
   assert 1 <= meta["num_tumor_slices"] <= 5
   assert meta["num_healthy_slices"] >= 1
-  assert all(z % 5 == 0 for z in arrays["tumor_z"])
+  assert all(z % 2 == 0 for z in arrays["tumor_z"])  # 5 mm of 3 mm voxels.
   image = arrays["tumor_image"]
   assert image.shape[1:] == (128, 128, 1)
   assert image.min() >= -1.0 - 1e-6 and image.max() <= 1.0 + 1e-6
