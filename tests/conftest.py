@@ -35,8 +35,8 @@ def require_shared(path, what):
   """
   if os.path.exists(path):
     return path
-  reason = (f"{os.path.relpath(path, ROOT)} not found: {what} needs ../shared "
-            "beside the repo")
+  reason = (f"{os.path.relpath(path, ROOT)} not found: {what}; ../shared must "
+            "sit beside the repository")
   if os.environ.get(REQUIRE_SHARED_ENV) == "1":
     pytest.fail(f"{reason} ({REQUIRE_SHARED_ENV}=1)")
   pytest.skip(reason)
