@@ -644,8 +644,8 @@ def _floor_words(center: str, fl: dict) -> list[str]:
     elif v == "within":
       words = WITHIN
     else:
-      words = (f"FD and KID disagree at the {CONFIDENCE:.0%} level: no verdict "
-               "(treat as within the real-vs-real range)")
+      words = (f"FD and KID disagree at the {CONFIDENCE:.0%} level: no verdict (a "
+               "difference from real slices is not established)")
     src = "" if r.get("by_source") else (
         " (its sources are unknown: its subsamples may hold tumors of the reference "
         "half, which favours it)")
