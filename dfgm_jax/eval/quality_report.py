@@ -549,7 +549,9 @@ COLUMNS = (
     ("KID", "kid", "kernel inception distance on the same features: the unbiased "
      "MMD^2 with the cubic kernel (x.y/d + 1)^3, mean ± std over random subsets of "
      "equal size; 0 on average for two samples of one distribution (so it can be "
-     "negative) and not biased by n. Lower = closer to real."),
+     "negative) and not biased by n. Lower = closer to real. The ± is the spread "
+     "over subsets of the same slices (0 when every slice is in each subset), not "
+     "the sampling noise: for that see the real-vs-real rows."),
     ("Frechet (ring)", "frechet_ring", "the same on the boundary ring "
      "dilate(M) minus M only (everything else blanked): the region dfgm "
      "regenerates. Lower is better."),
