@@ -74,4 +74,16 @@ def get_evaluation_config() -> ml_collections.ConfigDict:
   # Slices per synthetic set (a fixed subsample) the quality table's VGG16
   # features are computed on; 0: all.
   c.quality_max_slices = 512
+  # KID (kernel inception distance, issue 20) on the same features: the
+  # unbiased MMD^2 averaged over this many random subsets of
+  # min(n_real, n_synthetic, quality_kid_subset_size) slices a side (a kernel
+  # on at most 2 x 512 rows, computed once: the subsets cost next to nothing
+  # beside the VGG16 features).
+  c.quality_kid_subsets = 100
+  c.quality_kid_subset_size = 1000
+  # The real-vs-real noise floor: random splits of the real patients into
+  # halves, each set's FD and KID against the same half at the same n; a set
+  # is called above the noise (or ahead of another) only in >= 90 % of them.
+  # 20 splits give the fraction in steps of 5 %.
+  c.quality_real_splits = 20
   return c

@@ -290,6 +290,9 @@ _SEG = {
 _EVALUATION = {
     "baselines": _names(("cutpaste", "anomalydiffusion"), allow_empty=True),
     "quality_max_slices": _int_at_least(0),
+    "quality_kid_subsets": _int_at_least(1),
+    "quality_kid_subset_size": _int_at_least(2),
+    "quality_real_splits": _int_at_least(1),
 }
 
 _BENCH = {

@@ -177,3 +177,116 @@ def test_set_quality():
   assert same["seam_score"] == pytest.approx(1.0)
   assert "preservation_mae" not in same
   assert same["diversity"] == pytest.approx(same["real_diversity"])
+
+
+# --- KID and the real-vs-real noise floor (issue 20) ----------------------------
+
+
+def brute_mmd2(x, y):
+  """The unbiased MMD^2 with KID's kernel, pair by pair."""
+  d = x.shape[1]
+  k = lambda u, v: (float(np.dot(u, v)) / d + 1.0) ** 3
+  m, n = len(x), len(y)
+  sxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  syy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+  sxy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+  return sxx + syy - 2 * sxy
+
+
+def test_kid_matches_brute_force():
+  rng = np.random.default_rng(5)
+  a, b = rng.normal(size=(9, 4)), rng.normal(0.3, 1.2, size=(7, 4))
+  # All slices in one subset: the full-set estimate, whatever the draw's order.
+  full = quality.kernel_inception_distance(a[:7], b, n_subsets=3, subset_size=50)
+  assert full["subset_size"] == 7 and full["std"] == pytest.approx(0.0, abs=1e-12)
+  assert full["mean"] == pytest.approx(brute_mmd2(a[:7], b), rel=1e-12)
+  # Subsets of 5, drawn as documented: a's rows, then b's, per subset.
+  kid = quality.kernel_inception_distance(a, b, n_subsets=4, subset_size=5, seed=3)
+  draw = np.random.default_rng(3)
+  values = []
+  for _ in range(4):
+    ia, ib = draw.choice(9, 5, replace=False), draw.choice(7, 5, replace=False)
+    values.append(brute_mmd2(a[ia], b[ib]))
+  assert kid["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+  assert kid["std"] == pytest.approx(np.std(values), rel=1e-9)
+  # Unequal sizes through mmd2_unbiased.
+  kxx = quality.polynomial_kernel(a, a)
+  kyy, kxy = quality.polynomial_kernel(b, b), quality.polynomial_kernel(a, b)
+  assert quality.mmd2_unbiased(kxx, kyy, kxy) == pytest.approx(brute_mmd2(a, b), rel=1e-12)
+  with pytest.raises(ValueError, match="at least 2"):
+    quality.kernel_inception_distance(a, b, subset_size=1)
+
+
+def test_kid_is_unbiased_at_small_n_and_grows_with_a_shift():
+  rng = np.random.default_rng(6)
+  d = 8
+  same, shifted = [], []
+  for _ in range(200):
+    x, y = rng.normal(size=(10, d)), rng.normal(size=(10, d))
+    same.append(quality.mmd2_unbiased(quality.polynomial_kernel(x, x),
+                                      quality.polynomial_kernel(y, y),
+                                      quality.polynomial_kernel(x, y)))
+    z = y + 0.7
+    shifted.append(quality.mmd2_unbiased(quality.polynomial_kernel(x, x),
+                                         quality.polynomial_kernel(z, z),
+                                         quality.polynomial_kernel(x, z)))
+  same, shifted = np.asarray(same), np.asarray(shifted)
+  # 0 in expectation at n = 10 (within 4 standard errors), often negative.
+  assert abs(same.mean()) < 4 * same.std() / np.sqrt(len(same))
+  assert (same < 0).mean() > 0.2
+  assert shifted.mean() > same.mean() + 4 * shifted.std() / np.sqrt(len(shifted))
+  # The Frechet distance of the same samples is biased upwards at small n.
+  fd = [quality.frechet_distance(rng.normal(size=(10, d)), rng.normal(size=(10, d)))
+        for _ in range(20)]
+  assert min(fd) > 0
+
+
+def clustered(rng, n_patients, per, d=6, shift=0.0, prefix="p"):
+  """Features with a patient effect: slices of one patient are alike."""
+  f, g = [], []
+  for p in range(n_patients):
+    f.append(rng.normal(0, 0.5, d) + rng.normal(size=(per, d)) + shift)
+    g += [f"{prefix}{p}"] * per
+  return np.concatenate(f), np.asarray(g)
+
+
+def test_patient_halves_split_patients_not_slices():
+  rng = np.random.default_rng(7)
+  _, groups = clustered(rng, 5, 3)
+  a, b = quality.patient_halves(groups, rng)
+  assert not set(groups[a]) & set(groups[b])
+  assert len(set(groups[a])) == 2 and len(set(groups[b])) == 3
+  assert sorted(np.concatenate([a, b])) == list(range(15))
+  with pytest.raises(ValueError, match="2 patients"):
+    quality.patient_halves(["p0"] * 4, rng)
+
+
+def test_noise_floor_compares_at_equal_n_without_the_reference_patients():
+  rng = np.random.default_rng(8)
+  real, groups = clustered(rng, 12, 6)
+  # A copy of the real slices: drawn from half A only, it is one more real half.
+  # Unsourced, the same copy may hold the reference half's own slices.
+  out = quality.noise_floor(real, groups, {"copy": (real, groups), "unsourced": (real, None)},
+                            n_splits=10, seed=1)
+  assert out["n_splits"] == 10 and out["n"] == [36] * 10 and out["n_reference"] == [36] * 10
+  assert out["sets"]["copy"]["by_source"] and not out["sets"]["unsourced"]["by_source"]
+  below = quality.fraction_below(out["sets"]["unsourced"]["frechet"], out["real"]["frechet"])
+  assert below == 1.0  # sharing slices with the reference favours a set
+  # Here m = |A|: the copy's eligible slices are exactly half A, as real's.
+  np.testing.assert_allclose(out["sets"]["copy"]["frechet"], out["real"]["frechet"], rtol=1e-9)
+  np.testing.assert_allclose(out["sets"]["copy"]["kid"], out["real"]["kid"], rtol=1e-9)
+  # A set with fewer eligible slices (its sources: 3 of the 12 patients) sets
+  # every row's n: the slices of its patients that fall in A.
+  few = (real[:18], groups[:18])
+  out = quality.noise_floor(real, groups, {"few": few}, n_splits=8, seed=1)
+  assert 0 < out["n_splits"] <= 8 and max(out["n"]) <= 18
+  assert all(n % 6 == 0 for n in out["n"])  # whole patients of A
+  assert len(out["sets"]["few"]["frechet"]) == len(out["real"]["kid"]) == out["n_splits"]
+
+
+def test_spread_and_fraction_below():
+  s = quality.spread([1.0, 2.0, 3.0, None])
+  assert (s["mean"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+  assert quality.spread([]) is None
+  assert quality.fraction_below([1, 2, 3, 4], [2, 2, 2, 2]) == 0.25  # ties are not below
+  assert quality.fraction_below([], []) is None

@@ -226,3 +226,97 @@ def test_vgg_features_by_default(sets, tmp_path):
   assert copy["n_features"] == result["reference"][CENTER]["n_features"] == 2
   assert np.isfinite([copy["frechet"], copy["frechet_ring"]]).all() and copy["diversity"] > 0
   assert result["settings"]["r_out"] == 1  # 6 px at 240 -> 1 px at 32
+
+
+# --- KID and the real-vs-real noise floor (issue 20) ----------------------------
+
+
+def test_kid_and_the_real_vs_real_row_are_in_the_table(measured):
+  _, _, result = measured
+  fl = result["floor"][CENTER]
+  assert "reason" not in fl and fl["splits"] == quality_report.REAL_SPLITS
+  assert result["settings"]["real_splits"] == quality_report.REAL_SPLITS
+  copy, cut = result["sets"]["real_copy"][CENTER], result["sets"]["cutpaste"][CENTER]
+  # Unbiased: the real slices against themselves are not at 0 (a slice's
+  # kernel with itself is left out on one side only), but near it.
+  assert abs(copy["kid"]) < cut["kid"] and copy["kid_std"] >= 0
+  # The copy, drawn from the other half's patients, is one more real half.
+  assert fl["sets"]["real_copy"]["by_source"]
+  assert quality_report.set_verdict(fl["sets"]["real_copy"]["above_real"]) == "within"
+  text = quality_report.table(result)
+  assert "| real vs real (halves of the patients) | CBICA |" in text
+  assert "| Frechet | KID | Frechet (ring) |" in text
+  assert "| real: one half of the patients | CBICA |" in text
+  # The phantom's CBICA_train has 2 patients: one split and its mirror image,
+  # no evidence for a verdict either way.
+  assert fl["patients"] == 2 and fl["distinct_splits"] == 2
+  assert "only 2 distinct halves" in text
+  assert quality_report.WITHIN not in text and "no ranking" not in text
+  assert not [l for l in text.splitlines() if l.startswith(("- cutpaste (", "- dfgm vs"))]
+
+
+def _floor_record(rng, sets, n_splits=20):
+  """A quality.json with only the noise floor: real patients with a patient
+  effect, and sets made by the same recipe (optionally shifted)."""
+  from tests.test_quality import clustered  # pylint: disable=g-import-not-at-top
+  real, groups = clustered(rng, 16, 8, d=12)
+  feats = {}
+  for name, shift in sets.items():
+    f, _ = clustered(rng, 16, 8, d=12, shift=shift)
+    feats[name] = (f, groups)  # each synthetic slice's source patient
+  fl = quality_report.floor_numbers(real, groups, feats, n_splits)
+  return {"settings": {"real_splits": n_splits}, "sets": {}, "floor": {CENTER: fl}}
+
+
+def test_a_set_like_real_is_within_the_noise_and_a_shifted_one_above():
+  record = _floor_record(np.random.default_rng(11), {"like_real": 0.0, "shifted": 0.6})
+  fl = record["floor"][CENTER]
+  assert quality_report.set_verdict(fl["sets"]["like_real"]["above_real"]) == "within"
+  assert quality_report.set_verdict(fl["sets"]["shifted"]["above_real"]) == "above"
+  text = quality_report.table(record)
+  like = next(l for l in text.splitlines() if l.startswith(f"- like_real ({CENTER})"))
+  shifted = next(l for l in text.splitlines() if l.startswith(f"- shifted ({CENTER})"))
+  assert quality_report.WITHIN in like and "above the real-vs-real range" in shifted
+  pair = next(l for l in text.splitlines() if l.startswith("- like_real vs shifted"))
+  assert "like_real ranks ahead of shifted: closer to real in 100%" in pair
+
+
+def test_no_ranking_between_two_sets_of_the_same_distribution():
+  record = _floor_record(np.random.default_rng(12), {"one": 0.0, "two": 0.0})
+  (pair,) = record["floor"][CENTER]["ahead"]
+  assert quality_report.pair_verdict(pair) is None
+  text = quality_report.table(record)
+  line = next(l for l in text.splitlines() if l.startswith("- one vs two"))
+  assert line.endswith("no ranking.") and "ranks ahead" not in text
+
+
+def test_verdict_rules_at_the_confidence_level():
+  assert quality_report.set_verdict({"frechet": 0.9, "kid": 0.95}) == "above"
+  assert quality_report.set_verdict({"frechet": 0.85, "kid": 0.6}) == "within"
+  assert quality_report.set_verdict({"frechet": 1.0, "kid": 0.5}) == "disagree"
+  pair = {"set": "a", "other": "b", "frechet": 0.6, "kid": 0.6,
+          "other_closer": {"frechet": 0.4, "kid": 0.4}}
+  assert quality_report.pair_verdict(pair) is None  # the issue's 60 %: no ranking
+  assert quality_report.pair_verdict({**pair, "frechet": 0.95, "kid": 0.9}) == "a"
+  assert quality_report.pair_verdict({**pair, "frechet": 0.0, "kid": 0.05, "other_closer": {
+      "frechet": 1.0, "kid": 0.95}}) == "b"
+
+
+def test_a_record_without_a_floor_says_so_and_settings_come_from_the_config():
+  old = {"settings": {"features": "f", "r_out": 1, "max_slices": 0}, "reference": {},
+         "sets": {"dfgm": {CENTER: {"n": 3, "n_features": 3, "frechet": 1.0,
+                                    "preservation_left_out": {}}}}}
+  text = quality_report.table(old)
+  assert "No real-vs-real noise floor was measured" in text and "| dfgm |" in text
+  config = tiny.get_config()
+  assert quality_report.floor_settings(config) == {
+      "kid_subsets": config.evaluation.quality_kid_subsets,
+      "kid_subset_size": config.evaluation.quality_kid_subset_size,
+      "real_splits": config.evaluation.quality_real_splits}
+  config.evaluation.quality_real_splits = 3
+  assert quality_report.floor_settings(config)["real_splits"] == 3
+  del config["evaluation"]
+  assert quality_report.floor_settings(config) == {
+      "kid_subsets": quality_report.KID_SUBSETS,
+      "kid_subset_size": quality_report.KID_SUBSET_SIZE,
+      "real_splits": quality_report.REAL_SPLITS}

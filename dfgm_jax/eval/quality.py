@@ -275,3 +275,174 @@ def set_quality(images, masks, real_images, real_masks, sources=None,
   if sources is not None:
     out["preservation_mae"] = float(np.nanmean(tumor_preservation(images, sources, masks)))
   return out
+
+
+# --- Kernel distance and the real-vs-real noise floor (issue 20) ---------------
+#
+# A Frechet distance alone cannot say whether two sets differ: it is biased by
+# the sample size and noisy at a few hundred slices (two halves of the same
+# center's real slices were further apart than any synthetic set from the
+# whole). KID adds an unbiased distance; `noise_floor` measures both between
+# halves of the real patients and puts every synthetic set on the same footing
+# (the same reference half, the same number of slices).
+
+
+def polynomial_kernel(x, y) -> np.ndarray:
+  """KID's cubic kernel k(x, y) = (x . y / d + 1)^3 between the rows of x and
+  y: (N_x, N_y) float64."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(kxx, kyy, kxy) -> float:
+  """The unbiased estimate of MMD^2 from kernel matrices (Gretton et al. 2012):
+
+  sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (n (n - 1))
+  - 2 sum_{i, j} k(x_i, y_j) / (m n),
+
+  kxx (m, m), kyy (n, n), kxy (m, n). Its expectation is 0 for two samples of
+  one distribution, so it is negative about half the time then.
+  """
+  kxx, kyy, kxy = (np.asarray(k, np.float64) for k in (kxx, kyy, kxy))
+  m, n = kxx.shape[0], kyy.shape[0]
+  if m < 2 or n < 2:
+    raise ValueError(f"mmd2_unbiased needs at least 2 samples a side, got {m} and {n}")
+  sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+  syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+  return float(sxx + syy - 2.0 * kxy.mean())
+
+
+# Above this many rows in all, KID computes the kernel of each subset instead
+# of one Gram matrix of everything (6,000^2 float64 is 288 MB).
+_GRAM_MAX_ROWS = 6000
+
+
+def kernel_inception_distance(features_a, features_b, n_subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> dict:
+  """KID (Binkowski et al. 2018) between two feature sets, over subsets.
+
+  m = min(n_a, n_b, subset_size); for each of n_subsets subsets, drawn by
+  rng = np.random.default_rng(seed) as rng.choice(n_a, m, replace=False)
+  then rng.choice(n_b, m, replace=False), the unbiased MMD^2
+  (`mmd2_unbiased`) with the cubic `polynomial_kernel`. Unbiased at any m, so
+  unlike the Frechet distance it does not grow when fewer slices are
+  compared; it can be negative (two samples of one distribution: 0 on
+  average). The kernel between all rows is computed once and the subsets
+  index into it (for at most _GRAM_MAX_ROWS rows in all).
+
+  Returns:
+    {mean, std (over the subsets), n_subsets, subset_size (m)}.
+  """
+  a, b = _features(features_a, "features_a"), _features(features_b, "features_b")
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+  if n_subsets < 1:
+    raise ValueError(f"n_subsets must be at least 1, got {n_subsets}")
+  na, nb = len(a), len(b)
+  m = min(na, nb, int(subset_size))
+  if m < 2:
+    raise ValueError(f"subset_size {subset_size}: KID needs at least 2 samples a side")
+  both = np.concatenate([a, b])
+  gram = polynomial_kernel(both, both) if na + nb <= _GRAM_MAX_ROWS else None
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(int(n_subsets)):
+    ia = rng.choice(na, m, replace=False)
+    ib = na + rng.choice(nb, m, replace=False)
+    if gram is not None:
+      k = lambda i, j: gram[np.ix_(i, j)]  # pylint: disable=cell-var-from-loop
+    else:
+      k = lambda i, j: polynomial_kernel(both[i], both[j])
+    values.append(mmd2_unbiased(k(ia, ia), k(ib, ib), k(ia, ib)))
+  values = np.asarray(values)
+  return {"mean": float(values.mean()), "std": float(values.std()),
+          "n_subsets": int(n_subsets), "subset_size": int(m)}
+
+
+def spread(values) -> dict | None:
+  """{mean, min, max, p5, p95, n} of a list of numbers (None when empty)."""
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if not len(v):
+    return None
+  p5, p95 = np.percentile(v, [5, 95])
+  return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+          "p5": float(p5), "p95": float(p95), "n": int(len(v))}
+
+
+def patient_halves(groups, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Row indices of two halves of the patients: floor(P / 2) patients, drawn
+  by rng, and the others. groups: (N,) a patient id per row, P >= 2 of them."""
+  groups = np.asarray([str(g) for g in groups])
+  patients = np.unique(groups)
+  if len(patients) < 2:
+    raise ValueError(f"patient_halves needs at least 2 patients, got {len(patients)}")
+  in_a = np.isin(groups, patients[rng.permutation(len(patients))[:len(patients) // 2]])
+  return np.flatnonzero(in_a), np.flatnonzero(~in_a)
+
+
+def noise_floor(real, real_groups, sets, n_splits: int = 20, seed: int = 0) -> dict:
+  """FD and KID between halves of the real patients, and of every synthetic
+  set against the same halves at the same number of slices.
+
+  For each of n_splits random splits of the real patients into halves A and
+  B (`patient_halves`), B is the reference. Compared with it, at one size m:
+    - real: m slices of A (real against real, no patient on both sides);
+    - each set: m of its slices whose source patient is in A (so that no
+      tumor of a B patient is compared with itself), or of all its slices
+      when its sources are not known (groups None).
+  m = the smallest of |A| and every set's eligible count: every row of a
+  split has the same n, so the Frechet distance's bias by n is the same for
+  all. KID is the unbiased MMD^2 between the m slices and all of B. A split
+  where m or |B| is under 2 is skipped.
+
+  Args:
+    real: (N, D) real features; real_groups: (N,) patient id per row.
+    sets: name -> (features (M, D), source patient per row (M,) or None).
+    n_splits: random splits; seed: their generator's seed.
+
+  Returns:
+    {n_splits (done), n (m per split), n_reference (|B| per split),
+    real: {frechet: [...], kid: [...]}, sets: {name: {frechet, kid,
+    by_source (bool)}}}, one value per split done, in the same order.
+  """
+  real = _features(real, "real")
+  real_groups = np.asarray([str(g) for g in real_groups])
+  feats = {k: _features(f, k) for k, (f, _) in sets.items()}
+  groups = {k: None if g is None else np.asarray([str(x) for x in g])
+            for k, (_, g) in sets.items()}
+  k_rr = polynomial_kernel(real, real)
+  k_ss = {k: polynomial_kernel(f, f) for k, f in feats.items()}
+  k_sr = {k: polynomial_kernel(f, real) for k, f in feats.items()}
+  rng = np.random.default_rng(seed)
+  out = {"n": [], "n_reference": [], "real": {"frechet": [], "kid": []},
+         "sets": {k: {"frechet": [], "kid": [], "by_source": groups[k] is not None}
+                  for k in sorted(feats)}}
+  for _ in range(int(n_splits)):
+    a, b = patient_halves(real_groups, rng)
+    in_a = set(real_groups[a])
+    eligible = {k: (np.arange(len(f)) if groups[k] is None
+                    else np.flatnonzero(np.isin(groups[k], list(in_a))))
+                for k, f in feats.items()}
+    m = min([len(a), *[len(e) for e in eligible.values()]])
+    if m < 2 or len(b) < 2:
+      continue
+    out["n"].append(int(m))
+    out["n_reference"].append(int(len(b)))
+    ref, k_bb = real[b], k_rr[np.ix_(b, b)]
+    pick = np.sort(rng.choice(a, m, replace=False))
+    out["real"]["frechet"].append(frechet_distance(real[pick], ref))
+    out["real"]["kid"].append(mmd2_unbiased(k_rr[np.ix_(pick, pick)], k_bb,
+                                            k_rr[np.ix_(pick, b)]))
+    for k in sorted(feats):
+      rows = np.sort(rng.choice(eligible[k], m, replace=False))
+      out["sets"][k]["frechet"].append(frechet_distance(feats[k][rows], ref))
+      out["sets"][k]["kid"].append(mmd2_unbiased(k_ss[k][np.ix_(rows, rows)], k_bb,
+                                                 k_sr[k][np.ix_(rows, b)]))
+  out["n_splits"] = len(out["n"])
+  return out
+
+
+def fraction_below(x, y) -> float | None:
+  """The fraction of paired values with x[i] < y[i] (None when there are none)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return float(np.mean(x < y)) if len(x) else None
