@@ -42,7 +42,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   # takes public-origin slices only (volumes of non-private centers); with
   # fewer than healthy_max it holds those there are (logged, manifest
   # `healthy`). Each private center's training patients' healthy slices go to
-  # its own private <center>_healthy split (that center's local synthesis).
+  # its own private <center>_healthy split (that center's local synthesis);
+  # its test patients' go to <center>_test_healthy (all of them; the
+  # evaluation's false positives only).
   c.healthy_slices_per_volume = 5
   # Grid of the healthy slices in mm (0 = slice_stride_mm): a finer grid
   # gives more public backgrounds from few public volumes.

@@ -258,7 +258,11 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
     public-origin slices only unless cfg['healthy_include_private'] (then
     filled up to healthy_max from private training patients); and each
     private center's own <center>_healthy (its training patients' healthy
-    slices, private). A slice's origin is its case's split (`origin_of`).
+    slices, private), and its <center>_test_healthy: the tumor-free slices
+    of its TEST patients (the same per-volume selection as every healthy
+    slice; all of them, healthy_max caps banks, not this), private, for the
+    evaluation's false-positive measure only: never a bank, never training.
+    A slice's origin is its case's split (`origin_of`).
   """
   plan, case_split = {}, {}
   by_center = {}
@@ -279,11 +283,16 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
                     for i in range(len(arrays_z[case_id]["tumor"]))]
       plan[split_name(center, part)] = entries
 
-  # Healthy slices: never from test patients (BRATS_FORMAT.md 5).
+  # Healthy slices: never from test patients (BRATS_FORMAT.md 5); those of
+  # the test patients form the evaluation's own <center>_test_healthy.
   public, private_by_center = [], {}
+  test_by_center = {c: [] for c in by_center if c in centers}
   for case_id in sorted(metas):
     split = case_split[case_id]
     if split == "test":
+      test_by_center[metas[case_id]["center"]] += [
+          (case_id, metas[case_id]["center"], "healthy", i)
+          for i in range(len(arrays_z[case_id]["healthy"]))]
       continue
     center = metas[case_id]["center"]
     pool = public if split == "public" else private_by_center.setdefault(center, [])
@@ -309,6 +318,8 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
     # Its own stream, so that the public selection above does not depend on it.
     own = np.random.default_rng([cfg["healthy_seed"], *center.encode()])
     plan[split_name(center, "healthy")] = by_case(sample(own, pool, cap))
+  for center, entries in sorted(test_by_center.items()):
+    plan[split_name(center, provenance.TEST_HEALTHY)] = by_case(entries)
   return plan, case_split
 
 

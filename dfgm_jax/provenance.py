@@ -3,7 +3,8 @@
 Preprocessing records, per slice of every split, its origin:
   public   a volume of a non-private center (BraTS's 2013, TMC, new-2020
            cases beside the private CBICA and TCIA): public data;
-  private  a private center's training patient (never a test patient).
+  private  a private center's patient: a training patient, or in the
+           evaluation-only <center>_test and <center>_test_healthy a test patient.
 The manifest holds the origin of each slice (`slice_origins`, aligned with
 `slices`) and the counts per split (`splits[name]["origins"]`).
 
@@ -28,6 +29,11 @@ HEALTHY = "healthy"
 # A private center's own healthy slices (its training patients'): private,
 # for that center's local synthesis.
 CENTER_HEALTHY_SUFFIX = "_healthy"
+# A private center's TEST patients' tumor-free slices, "<center>_test_healthy":
+# private, for the evaluation's false-positive measure only (never a bank,
+# never training data). It ends in CENTER_HEALTHY_SUFFIX, so every guard that
+# refuses <center>_healthy refuses it too.
+TEST_HEALTHY = "test_healthy"
 # The config field that lets private slices into the `healthy` split.
 RESEARCH_SWITCH = "config.data.healthy_include_private"
 

@@ -42,10 +42,12 @@ class _BorrowedTest:
     self.data = data
     self.data_dir = data.data_dir
     self.manifest = json.loads(json.dumps(data.manifest))
-    self.manifest["splits"]["CBICA_test"] = self.manifest["splits"]["TCIA_test"]
+    for part in ("test", "test_healthy"):  # the tumor-free test slices too.
+      self.manifest["splits"][f"CBICA_{part}"] = self.manifest["splits"][f"TCIA_{part}"]
 
   def _split(self, split):
-    return "TCIA_test" if split == "CBICA_test" else split
+    return {"CBICA_test": "TCIA_test",
+            "CBICA_test_healthy": "TCIA_test_healthy"}.get(split, split)
 
   def split_size(self, split):
     return self.data.split_size(self._split(split))
@@ -171,7 +173,15 @@ def test_figures_are_drawn_listed_and_linked(evaluated):
   assert workdir not in json.dumps(results) + text  # no local absolute path.
 
 
-def test_stored_predictions_are_the_first_seeds_masks(evaluated):
+def test_representative_seed_is_the_median_dice_seed():
+  seeds = {"3": {"dice": 0.9}, "1": {"dice": 0.2}, "7": {"dice": 0.5}}
+  assert runs.representative_seed(seeds) == "7"
+  # An even number: the lower of the two middle ones (never the best).
+  assert runs.representative_seed({"0": {"dice": 0.6}, "1": {"dice": 0.4}}) == "1"
+  assert runs.representative_seed({"0": {"dice": 0.4}, "1": {"dice": 0.4}}) == "0"
+
+
+def test_stored_predictions_are_the_median_dice_seeds_masks(evaluated):
   config, workdir, real, _, _ = evaluated
   for rid, split in (("B", "CBICA_test"), ("C", "TCIA_test")):
     run_dir = os.path.join(workdir, "eval", "runs", rid)
@@ -179,22 +189,65 @@ def test_stored_predictions_are_the_first_seeds_masks(evaluated):
       record = json.load(f)
     stored = runs.read_predictions(os.path.join(run_dir, runs.PREDICTIONS),
                                    record["identity"]["test"])
-    assert stored is not None and stored["seed"] == "0"
+    seed = runs.representative_seed(record["seeds"])
+    assert stored is not None and stored["seed"] == seed
     test = real.load_split(split)
     assert stored["mask"].dtype == np.uint8 and stored["mask"].shape == test["mask"].shape[:3]
-    # What the loaded first seed predicts (the probability to 1/255, and
-    # thresholded as the evaluator does), and not what the second does.
-    models = segmentation.load(config, os.path.join(run_dir, "seg"))
-    probs = [segmentation.predict(m, test["image"][:2])[..., 0] for m in models]
-    np.testing.assert_array_equal(stored["mask"][:2], (probs[0] > 0.5).astype(np.uint8))
+    # What the loaded seed predicts (the probability to 1/255, and
+    # thresholded as the evaluator does), and not what the other does.
+    models = {str(m.seed): m for m in segmentation.load(config, os.path.join(run_dir, "seg"))}
+    other = next(s for s in models if s != seed)
+    probs = {s: segmentation.predict(m, test["image"][:2])[..., 0] for s, m in models.items()}
+    np.testing.assert_array_equal(stored["mask"][:2], (probs[seed] > 0.5).astype(np.uint8))
     assert stored["prob"].dtype == np.uint8
-    np.testing.assert_allclose(stored["prob"][:2] / 255.0, probs[0], atol=0.5 / 255 + 1e-6)
-    assert np.abs(stored["prob"][:2] / 255.0 - probs[1]).max() > 2.0 / 255
-    # Every stored slice scores the per-slice Dice the run recorded for seed 0.
+    np.testing.assert_allclose(stored["prob"][:2] / 255.0, probs[seed],
+                               atol=0.5 / 255 + 1e-6)
+    assert np.abs(stored["prob"][:2] / 255.0 - probs[other]).max() > 2.0 / 255
+    # Every stored slice scores the per-slice Dice the run recorded for it.
     ev = segmentation_metrics.SegmentationEvaluator(kind="probs")
     ev.update(stored["mask"][..., None].astype(np.float32), test["mask"],
               [str(c) for c in test["case_id"]])
-    np.testing.assert_allclose(ev.per_slice()["dice"], record["per_slice"]["0"]["dice"])
+    np.testing.assert_allclose(ev.per_slice()["dice"], record["per_slice"][seed]["dice"])
+
+
+def test_false_positives_on_tumor_free_test_slices_are_recorded_and_reported(evaluated):
+  config, workdir, real, _, result = evaluated
+  healthy = real.load_split("TCIA_test_healthy")
+  n = len(healthy["image"])
+  assert n > 0 and all(healthy["mask"].sum(axis=(1, 2, 3)) == 0)  # tumor-free.
+  for rid in "ABCDE":
+    fp = result["runs"][rid]["false_positives"]
+    split = result["runs"][rid]["test"]["split"] + "_healthy"
+    assert fp["split"] == split and fp["n_slices"] == n
+    assert fp["n_patients"] == len(set(healthy["case_id"]))
+    assert sorted(fp["seeds"]) == ["0", "1"] and fp["spacing_mm"] is None
+    for v in fp["seeds"].values():
+      assert 0 <= v["slices_with_fp"] <= 1 and v["fp_mm2"] is None
+      assert v["fp_fraction"] == pytest.approx(v["fp_pixels"] / healthy["image"][0, ..., 0].size)
+    assert fp["mean"]["fp_pixels"] == pytest.approx(
+        np.mean([v["fp_pixels"] for v in fp["seeds"].values()]))
+    assert fp["mean"]["fp_mm2"] is None
+  # The record carries them with the set they were measured on; the stored
+  # bits are each seed's predictions, which the counts come from.
+  run_dir = os.path.join(workdir, "eval", "runs", "C")
+  with open(os.path.join(run_dir, "record.json")) as f:
+    record = json.load(f)
+  stored = record["false_positives"]
+  assert stored["test_healthy"]["split"] == "TCIA_test_healthy"
+  assert stored["test_healthy"]["num_slices"] == n
+  assert "test_healthy" not in json.dumps(record["identity"])  # not the run's identity.
+  masks = runs.read_false_positive_masks(run_dir)
+  assert masks["seeds"] == ["0", "1"] and masks["mask"].shape == (2,) + healthy["image"].shape[:3]
+  assert masks["test_healthy_sha256"] == stored["test_healthy"]["sha256"]
+  for i, seed in enumerate(masks["seeds"]):
+    assert masks["mask"][i].sum(axis=(1, 2)).tolist() == stored["per_slice"][seed]
+  models = segmentation.load(config, os.path.join(run_dir, "seg"))
+  probs = segmentation.predict(models[0], healthy["image"])[..., 0]
+  np.testing.assert_array_equal(masks["mask"][0], probs > 0.5)
+  text = open(os.path.join(workdir, "eval", "results.md")).read()
+  assert "| run | tumor-free slices (patients) | FP area per slice" in text
+  assert "B's false-positive area per tumor-free slice is" in text
+  assert "D's false-positive area per tumor-free slice is" in text
 
 
 def test_pick_slices_takes_the_largest_tumors_one_patient_first():
@@ -230,6 +283,61 @@ def test_a_rerun_reuses_the_runs_without_training(evaluated, monkeypatch):
   _check_figures(workdir, again)
   with np.load(stored) as f:
     np.testing.assert_array_equal(f["mask"], before)
+
+
+def test_a_run_recorded_without_false_positives_gets_them_from_its_checkpoints(
+    evaluated, monkeypatch):
+  config, workdir, real, synthetic, first = evaluated
+  monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))
+  run_dir = os.path.join(workdir, "eval", "runs", "A")
+  record_path = os.path.join(run_dir, "record.json")
+  with open(record_path) as f:
+    record = json.load(f)
+  measured = record.pop("false_positives")
+  with open(record_path, "w") as f:  # as a run recorded before the measure.
+    json.dump(record, f)
+  os.remove(os.path.join(run_dir, runs.FP_PREDICTIONS))
+  again = runs.run(config, workdir, real, synthetic, progress=False)
+  assert again["reused"] == ["A", "B", "C", "D", "E"] and again["trained"] == []
+  with open(record_path) as f:
+    restored = json.load(f)
+  assert restored["identity"] == record["identity"] and restored["seeds"] == record["seeds"]
+  assert restored["false_positives"] == measured
+  assert again["runs"]["A"]["false_positives"] == first["runs"]["A"]["false_positives"]
+  assert os.path.exists(os.path.join(run_dir, runs.FP_PREDICTIONS))
+
+
+class _OldSlices(_BorrowedTest):
+  """Slices preprocessed before <center>_test_healthy existed."""
+
+  def __init__(self, data):
+    super().__init__(data)
+    for center in ("CBICA", "TCIA"):
+      del self.manifest["splits"][f"{center}_test_healthy"]
+
+  def split_size(self, split):
+    if split not in self.manifest["splits"]:
+      raise slice_sets.UnknownSplit(f"no split {split!r}")
+    return super().split_size(split)
+
+
+def test_old_slices_without_test_healthy_skip_false_positives_with_the_reason(
+    evaluated, monkeypatch):
+  config, workdir, real, synthetic, _ = evaluated
+  monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))
+  monkeypatch.setattr(segmentation, "load", lambda *a, **k: pytest.fail("loaded"))
+  result = runs.run(config, workdir, _OldSlices(real.data), synthetic, progress=False)
+  assert result["reused"] == ["A", "B", "C", "D", "E"]
+  for rid, center in (("A", "CBICA"), ("C", "TCIA")):
+    assert result["runs"][rid]["false_positives"] == {
+        "split": f"{center}_test_healthy",
+        "skipped": f"false positives not measured: no {center}_test_healthy split "
+                   "(rebuild the slices with --overwrite)"}
+  text = runs.report(result)
+  assert "B vs A: false positives not compared (B: false positives not measured: no " in text
+  # The runs' records keep what was measured before.
+  with open(os.path.join(workdir, "eval", "runs", "A", "record.json")) as f:
+    assert "false_positives" in json.load(f)
 
 
 def test_another_seg_config_is_refused_without_overwrite(evaluated, monkeypatch):
@@ -315,3 +423,72 @@ def test_runs_smaller_than_one_batch_are_skipped_not_fatal(evaluated, monkeypatc
   assert [s["id"] for s in result["skipped"]] == ["A", "B", "C", "D", "E"]
   assert all("fewer than config.seg.batch_size=10000" in s["reason"]
              for s in result["skipped"])
+
+
+def _drawn(monkeypatch):
+  """Spies on figures._save: the figures drawn, before they are closed."""
+  from matplotlib import collections  # pylint: disable=g-import-not-at-top
+  seen = []
+  save = figures._save
+
+  def spy(fig, path, dpi=110):
+    seen.append({"legends": [t.get_text() for lg in fig.legends for t in lg.get_texts()],
+                 "axes_legends": [[t.get_text() for t in ax.get_legend().get_texts()]
+                                  if ax.get_legend() else [] for ax in fig.axes],
+                 "texts": [t.get_text() for t in fig.texts],
+                 "titles": [ax.get_title() for ax in fig.axes],
+                 "points": sum(len(c.get_offsets()) for ax in fig.axes  # scatter dots.
+                               for c in ax.collections
+                               if isinstance(c, collections.PathCollection))})
+    return save(fig, path, dpi)
+
+  monkeypatch.setattr(figures, "_save", spy)
+  return seen
+
+
+def test_overlay_figure_has_a_legend_and_names_the_seeds(tmp_path, monkeypatch):
+  seen = _drawn(monkeypatch)
+  image = np.zeros((2, 16, 16, 1), np.float32)
+  ref = np.zeros((2, 16, 16, 1), np.uint8)
+  ref[:, 4:9, 4:9] = 1
+  path = str(tmp_path / "o.png")
+  figures.overlay_figure(path, image, ref, ref, ref[:, ::-1], [1.0, 1.0], [0.2, 0.3],
+                         ["p/1", "p/2"], ("A", "B"), seeds=("1", "0"))
+  assert os.path.getsize(path) > 0
+  [drawn] = seen
+  assert drawn["legends"] == ["reference (filled)", "reference outline",
+                              "prediction (probability > 0.5)"]
+  assert "before (A, seed 1)\nDice 1.000" in drawn["titles"]
+  assert "after (B, seed 0)\nDice 0.200" in drawn["titles"]
+
+
+def test_dice_figure_keeps_the_papers_values_apart_from_phantom_dice(tmp_path, monkeypatch):
+  seen = _drawn(monkeypatch)
+  run = {"seeds": {"0": {"dice": 0.4}, "1": {"dice": 0.6}}, "mean": {"dice": 0.5},
+         "std": {"dice": 0.1}, "paper_dice": 0.51}
+  for kind in ("phantom", "real", "unknown"):
+    figures.dice_figure(str(tmp_path / f"{kind}.png"), {"A": run, "E": dict(run, paper_dice=None)},
+                        source_kind=kind)
+    assert os.path.exists(tmp_path / f"{kind}.png")
+  phantom, real, unknown = seen
+  # Phantom: the seeds' 4 dots only, no paper diamond, and the note says why.
+  assert phantom["points"] == 4 and "paper (BraTS)" not in phantom["axes_legends"][0]
+  assert phantom["texts"] == [figures.PHANTOM_NOTE]
+  assert real["points"] == 5 and "paper (BraTS)" in real["axes_legends"][0]
+  assert real["texts"] == []
+  assert unknown["points"] == 5 and unknown["texts"] == [figures.UNKNOWN_NOTE]
+
+
+def test_training_curves_put_each_gains_runs_on_one_axis(tmp_path, monkeypatch):
+  seen = _drawn(monkeypatch)
+  curves = {"A": {"0": ([1, 2], [1.0, 0.5]), "1": ([1, 2], [0.9, 0.6])},
+            "B": {"0": ([1, 2, 3, 4], [1.0, 0.7, 0.5, 0.4]), "1": ([1, 2, 3, 4], [1, .8, .6, .5])},
+            "E": {}}
+  panels = runs.curve_panels(curves, [("B", "A"), ("D", "C")])
+  assert list(panels) == ["B vs A", "run E"] and list(panels["B vs A"]) == ["A", "B"]
+  figures.curves_figure(str(tmp_path / "c.png"), panels)
+  [drawn] = seen
+  assert drawn["titles"][:2] == ["B vs A", "run E"]
+  # The budgets show: each run's mean line names its last optimizer step.
+  assert drawn["axes_legends"][0] == ["A: 2 seeds, 2 steps (mean)",
+                                      "B: 2 seeds, 4 steps (mean)"]

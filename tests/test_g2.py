@@ -196,6 +196,12 @@ def test_guard_judges_by_provenance_not_by_split_name():
       # A private center's own healthy split.
       (g2.PublicInput("healthy", "/d", _real_manifest(), "CBICA_healthy"),
        "'CBICA_healthy' of /d .* is a private split"),
+      # Its test patients' tumor-free slices (the evaluation's false positives),
+      # as healthy or as tumor examples.
+      (g2.PublicInput("healthy", "/d", _real_manifest(), "CBICA_test_healthy"),
+       "'CBICA_test_healthy' of /d .* is a private split"),
+      (g2.PublicInput("tumor", "/d", _real_manifest(), "CBICA_test_healthy"),
+       "'CBICA_test_healthy' of /d .* is a private split"),
   ]
   for bad, why in cases:
     others = [i for i in (tumor, healthy) if i.role != bad.role]

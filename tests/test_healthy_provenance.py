@@ -49,6 +49,28 @@ def test_healthy_split_is_public_origin_only_by_default():
   assert test_patients and not test_patients & {e[0] for e in own}
 
 
+def test_test_patients_healthy_slices_form_the_private_test_healthy_split():
+  metas, zs = _metas_and_zs()
+  plan, case_split = preprocess.plan_splits(metas, zs, ["CBICA"], _cfg())
+  test_patients = sorted(c for c, s in case_split.items() if s == "test")
+  # Every healthy slice the per-volume selection kept of each test patient
+  # (healthy_max caps banks, not the evaluation's set), by case then z.
+  assert plan["CBICA_test_healthy"] == [
+      (c, "CBICA", "healthy", i) for c in test_patients
+      for i in range(len(zs[c]["healthy"]))]
+  # Test patients only, and never in a bank: `healthy` nor CBICA_healthy.
+  held = {e[0] for e in plan["CBICA_test_healthy"]}
+  assert held == set(test_patients)
+  for bank in ("healthy", "CBICA_healthy"):
+    assert not held & {e[0] for e in plan[bank]}
+  with_private = preprocess.plan_splits(metas, zs, ["CBICA"],
+                                        _cfg(healthy_include_private=True))[0]
+  assert not held & {e[0] for e in with_private["healthy"]}
+  # Private by origin; public centers get no such split.
+  assert {preprocess.origin_of(case_split[c]) for c in held} == {provenance.PRIVATE}
+  assert f"{PUBLIC_CENTER}_test_healthy" not in plan
+
+
 def test_too_few_public_slices_are_reported(caplog):
   metas, zs = _metas_and_zs()
   cfg = _cfg()

@@ -28,7 +28,8 @@ def test_manifest_splits_and_centers(preprocessed_2020, phantom_2020,
   assert manifest["skipped"] == []
   assert set(manifest["splits"]) == {"CBICA_train", "CBICA_test", "TCIA_train",
                                      "TCIA_test", "healthy", "CBICA_healthy",
-                                     "TCIA_healthy"}
+                                     "TCIA_healthy", "CBICA_test_healthy",
+                                     "TCIA_test_healthy"}
   split_of = _splits_of(manifest)
   for center in ("CBICA", "TCIA"):
     ids = [c for c, k in centers.items() if k == center]
@@ -153,7 +154,7 @@ def test_other_versions(tmp_path, tiny_data_cfg, version):
   center = f"BraTS{version}"
   assert manifest["version"] == version
   assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy",
-                                     f"{center}_healthy"}
+                                     f"{center}_healthy", f"{center}_test_healthy"}
   assert manifest["splits"][f"{center}_test"]["num_cases"] == 1
   # One private center and no public volume: no public background, said so;
   # its training patients' healthy slices are its own private split.

@@ -473,6 +473,15 @@ def test_backgrounds_are_checked_through_the_salt(workdir):
   status, text = audit.background_verdict(res)
   assert status == "leak" and "not public-origin" in text
   assert audit.overall({"backgrounds": {"status": status}}) == "fail"
+  # A test patient's tumor-free slice (<center>_test_healthy, the evaluation's
+  # false positives) is a private patient's too.
+  test_healthy = [s for name in real.manifest["slices"] if name.endswith("_test_healthy")
+                  for s in real.manifest["slices"][name]]
+  assert test_healthy
+  key, z = test_healthy[0]
+  planted = dict(cands, healthy=[pipeline.salted_hash(f"{key}/{z:03d}", salt)]
+                 + list(cands["healthy"][1:]))
+  assert audit.background_check(planted, real.manifest, salt)["private"] == 1
   # A hash of nothing the preprocessing wrote: unknown, not public either.
   res = audit.background_check(dict(cands, healthy=["0" * 16] * n), real.manifest, salt)
   assert res["unknown"] == n and res["fraction_not_public"] == 1.0

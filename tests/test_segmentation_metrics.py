@@ -183,3 +183,24 @@ def test_evaluator_accumulates_batches():
   assert probs.result()["dice"] == 1.0
   with pytest.raises(ValueError, match="no slices"):
     sm.SegmentationEvaluator().result()
+
+
+def test_false_positives_on_tumor_free_slices_exact():
+  # 4 tumor-free 8 x 8 slices of 2 patients: 0, 6, 0 and 10 predicted pixels.
+  pred = np.zeros((4, 8, 8, 1), np.uint8)
+  pred[1, 0, :6] = 1
+  pred[3, 2:4, 1:6] = 1
+  out = sm.false_positives(pred, ["p1", "p1", "p2", "p2"])
+  assert out["per_slice"] == [0, 6, 0, 10]
+  assert out["fp_pixels"] == 4.0                 # (6 + 10) / 4
+  assert out["fp_fraction"] == 4.0 / 64          # of the 64-pixel slice
+  assert out["slices_with_fp"] == 0.5            # 2 of 4 slices
+  assert out["fp_mm2"] is None                   # no spacing given
+  assert (out["n_slices"], out["n_patients"]) == (4, 2)
+  # With a pixel spacing, the area in mm^2: 4 px of 1.5 x 2 mm.
+  assert sm.false_positives(pred, list("abcd"), spacing_mm=(1.5, 2.0))["fp_mm2"] == 12.0
+  # No prediction at all: no false positive.
+  clean = sm.false_positives(np.zeros((3, 8, 8), bool), ["a", "a", "b"])
+  assert clean["fp_pixels"] == 0.0 and clean["slices_with_fp"] == 0.0
+  with pytest.raises(ValueError, match="no tumor-free slices"):
+    sm.false_positives(np.zeros((0, 8, 8), bool), [])

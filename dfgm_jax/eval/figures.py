@@ -3,9 +3,13 @@
   comparison_figure   the synthesis stage's grid in the style of the paper's
                       Figure 2 (tumor slice, healthy matches, synthetic ones).
   overlay_figure      the paper's Figure 3/4 style: test slices with the
-                      reference and two runs' predictions (before, after).
-  dice_figure         mean Dice per run with its seeds and the paper's value.
-  curves_figure       the segmenter's training loss per run and seed.
+                      reference and two runs' predictions (before, after),
+                      with a legend of the colours.
+  dice_figure         mean Dice per run with its seeds, and the paper's value
+                      unless the data is phantom (not comparable).
+  curves_figure       the segmenter's training loss against optimizer step,
+                      one panel per gain (its before and after runs on one
+                      axis, so that their budgets show) or per run.
 
 Every figure is written atomically (a temporary file, then a rename), so a
 stage stopped while drawing never leaves half a PNG. The evaluation's
@@ -144,7 +148,8 @@ def overlay_figure(path: str, image: np.ndarray, reference: np.ndarray,
                    before: np.ndarray, after: np.ndarray,
                    dice_before: Sequence[float], dice_after: Sequence[float],
                    row_labels: Sequence[str], names: tuple[str, str],
-                   modality: str = "image", title: str = "") -> str:
+                   modality: str = "image", title: str = "",
+                   seeds: tuple = (None, None)) -> str:
   """Test slices with the reference and the predictions of two runs.
 
   Columns: the image, the reference (filled red), the prediction before and
@@ -160,9 +165,11 @@ def overlay_figure(path: str, image: np.ndarray, reference: np.ndarray,
     names: the two runs' names, e.g. ("A", "B").
     modality: the shown channel's name.
     title: figure title.
+    seeds: the seed whose predictions each run shows (in the column titles).
   """
   plt = _pyplot()
   rows = len(image)
+  tags = [f", seed {s}" if s is not None else "" for s in seeds]
   fig, axes = plt.subplots(rows, 4, squeeze=False, figsize=(8.0, 2.1 * rows + 0.5))
   for i in range(rows):
     ref = _plane(reference[i])
@@ -172,18 +179,40 @@ def overlay_figure(path: str, image: np.ndarray, reference: np.ndarray,
     _overlay(axes[i, 3], image[i], fill=_plane(after[i]), contour=ref)
     axes[i, 0].set_title(f"{modality}\n{row_labels[i]}", fontsize=7)
     axes[i, 1].set_title("reference", fontsize=7)
-    axes[i, 2].set_title(f"before ({names[0]})\nDice {dice_before[i]:.3f}", fontsize=7)
-    axes[i, 3].set_title(f"after ({names[1]})\nDice {dice_after[i]:.3f}", fontsize=7)
+    axes[i, 2].set_title(f"before ({names[0]}{tags[0]})\nDice {dice_before[i]:.3f}",
+                         fontsize=7)
+    axes[i, 3].set_title(f"after ({names[1]}{tags[1]})\nDice {dice_after[i]:.3f}",
+                         fontsize=7)
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+  _overlay_legend(fig)
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
   return _save(fig, path)
+
+
+def _overlay_legend(fig) -> None:
+  """What the colours mean, below the panels."""
+  from matplotlib import lines, patches  # pylint: disable=g-import-not-at-top
+  handles = [patches.Patch(facecolor=_REF_COLOR, alpha=0.45, label="reference (filled)"),
+             lines.Line2D([], [], color=_REF_COLOR, linewidth=0.9,
+                          label="reference outline"),
+             patches.Patch(facecolor=_PRED_COLOR, alpha=0.45,
+                           label="prediction (probability > 0.5)")]
+  fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
 
 
 # --- Dice per run ------------------------------------------------------------------
 
 
-def dice_figure(path: str, runs: Mapping[str, dict], title: str = "") -> str:
+# What the Dice chart says beside the paper's values, per data source.
+PHANTOM_NOTE = ("phantom Dice is not comparable with the paper's BraTS Dice:\n"
+                "the paper's values are not shown")
+UNKNOWN_NOTE = ("data source unknown: the paper's values (diamonds) are\n"
+                "BraTS Dice, comparable only on BraTS")
+
+
+def dice_figure(path: str, runs: Mapping[str, dict], title: str = "",
+                source_kind: str = "unknown") -> str:
   """Mean Dice per run: a bar, one dot per seed, the std as an error bar.
 
   Args:
@@ -191,6 +220,9 @@ def dice_figure(path: str, runs: Mapping[str, dict], title: str = "") -> str:
     runs: run id -> {"seeds": {seed: {"dice": ...}}, "mean": {"dice"},
       "std": {"dice"}, "paper_dice": float or None} (results.json's runs).
     title: figure title.
+    source_kind: the data's source ("phantom", "real", "unknown"): phantom
+      Dice is not drawn beside the paper's BraTS Dice (a note says why);
+      unknown draws them with a note.
   """
   plt = _pyplot()
   ids = list(runs)
@@ -210,9 +242,13 @@ def dice_figure(path: str, runs: Mapping[str, dict], title: str = "") -> str:
                label="one seed" if i == 0 else None)
   paper = [(i, runs[r]["paper_dice"]) for i, r in enumerate(ids)
            if runs[r].get("paper_dice") is not None]
-  if paper:
+  note = {"phantom": PHANTOM_NOTE, "real": ""}.get(source_kind, UNKNOWN_NOTE)
+  if paper and source_kind != "phantom":
     ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="D", s=28,
-               facecolors="none", edgecolors="red", zorder=4, label="paper")
+               facecolors="none", edgecolors="red", zorder=4, label="paper (BraTS)")
+  if note:
+    fig.set_size_inches(max(fig.get_size_inches()[0], 5.0), 3.9)
+    fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=7)
   ax.set_xticks(x)
   ax.set_xticklabels(ids, fontsize=8, rotation=30 if len(ids) > 5 else 0)
   ax.set_ylim(0.0, 1.0)
@@ -220,44 +256,63 @@ def dice_figure(path: str, runs: Mapping[str, dict], title: str = "") -> str:
   ax.legend(fontsize=7, loc="upper right")
   if title:
     ax.set_title(title, fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.09 if note else 0, 1, 1))
   return _save(fig, path)
 
 
 # --- Training curves ------------------------------------------------------------
 
 
-def curves_figure(path: str, curves: Mapping[str, Mapping[str, tuple]],
+def curves_figure(path: str, panels: Mapping[str, Mapping[str, Mapping[str, tuple]]],
                   title: str = "") -> str:
-  """Training loss against step: one panel per run, one line per seed.
+  """Training loss against optimizer step: runs compared on one axis.
+
+  Each panel holds some runs (a gain's before and after), one colour per
+  run: each seed a thin line, their mean (when the seeds share their steps)
+  a thick one labelled with the run's last step, so that a difference of
+  budget between the runs is visible.
 
   Args:
     path: output .png path.
-    curves: run id -> seed -> (steps, losses); a run without rows gets an
-      empty panel that says so.
+    panels: panel title -> run id -> seed -> (steps, losses); a run without
+      rows is named in its panel as having none.
     title: figure title.
   """
   plt = _pyplot()
-  ids = list(curves)
-  cols = min(len(ids), 4)
-  rows = -(-len(ids) // cols)
+  names = list(panels)
+  cols = min(len(names), 3)
+  rows = -(-len(names) // cols)
   fig, axes = plt.subplots(rows, cols, squeeze=False,
-                           figsize=(3.0 * cols, 2.4 * rows + 0.4))
+                           figsize=(3.6 * cols, 2.8 * rows + 0.4))
   for k, ax in enumerate(axes.flat):
-    if k >= len(ids):
+    if k >= len(names):
       ax.axis("off")
       continue
-    ax.set_title(f"run {ids[k]}", fontsize=8)
-    if not curves[ids[k]]:
-      ax.text(0.5, 0.5, "no metrics", ha="center", va="center",
-              transform=ax.transAxes, fontsize=8)
-    for seed, (steps, loss) in curves[ids[k]].items():
-      ax.plot(steps, loss, marker="." if len(steps) < 20 else None,
-              linewidth=1, label=f"seed {seed}")
-    ax.set_xlabel("step", fontsize=7)
+    ax.set_title(names[k], fontsize=8)
+    empty = []
+    for j, (rid, seeds) in enumerate(panels[names[k]].items()):
+      color = f"C{j}"
+      if not seeds:
+        empty.append(rid)
+        continue
+      for steps, loss in seeds.values():
+        ax.plot(steps, loss, color=color, linewidth=0.6, alpha=0.45)
+      step_lists = [list(st) for st, _ in seeds.values()]
+      last = max(st[-1] for st in step_lists if st)
+      label = f"{rid}: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, {last} steps"
+      if all(st == step_lists[0] for st in step_lists):
+        mean = np.mean([np.asarray(l, np.float64) for _, l in seeds.values()], axis=0)
+        ax.plot(step_lists[0], mean, color=color, linewidth=1.6,
+                marker="." if len(step_lists[0]) < 20 else None, label=label + " (mean)")
+      else:
+        ax.plot([], [], color=color, linewidth=1.6, label=label)
+    if empty:
+      ax.text(0.5, 0.5, f"no metrics: run {', '.join(empty)}", ha="center",
+              va="center", transform=ax.transAxes, fontsize=8)
+    ax.set_xlabel("optimizer step", fontsize=7)
     ax.set_ylabel("loss", fontsize=7)
     ax.tick_params(labelsize=7)
-    if curves[ids[k]]:
+    if len(empty) < len(panels[names[k]]):
       ax.legend(fontsize=6)
   if title:
     fig.suptitle(title, fontsize=9)

@@ -18,13 +18,20 @@ set: `plan` adds them when `synthetic` holds such a set (see BASELINES).
 
 Layout under W/eval/:
   runs/<id>/seg/       the segmenter's workdir (seed groups, checkpoints)
-  runs/<id>/predictions.npz  the first seed's predicted masks and
-                       probabilities of every test slice (uint8,
-                       compressed), so that a reused run still draws its
-                       figures without retraining.
+  runs/<id>/predictions.npz  the representative seed's (representative_seed)
+                       predicted masks and probabilities of every test slice
+                       (uint8, compressed), so that a reused run still draws
+                       its figures without retraining.
+  runs/<id>/false_positives.npz  every seed's predicted masks of the
+                       tumor-free test slices (<center>_test_healthy; bits,
+                       compressed): what the record's false positives count.
   runs/<id>/record.json  written last: the run's identity (defining seg
                        config, the training and test sets' fingerprints)
-                       and its per-seed metrics and per-slice Dice/HD95;
+                       and its per-seed metrics and per-slice Dice/HD95,
+                       and `false_positives` on the tumor-free slices of the
+                       test patients (not part of the identity: a run
+                       recorded without them, or for another such set, is
+                       reused and measured again from its checkpoints);
                        a rerun with the same identity reuses it, another
                        identity is refused (errors.RunMismatch) unless
                        overwrite.
@@ -58,6 +65,7 @@ import numpy as np
 
 from dfgm_jax import errors
 from dfgm_jax import parallel
+from dfgm_jax import provenance
 from dfgm_jax import stage_io
 from dfgm_jax.eval import figures as figures_lib
 from dfgm_jax.eval import segmentation_metrics as metrics_lib
@@ -85,6 +93,11 @@ METRICS = ("dice", "dice_pooled", "dice_patient", "hd95", "hd95_median")
 # stored test predictions.
 FIGURES = "figures"
 PREDICTIONS = "predictions.npz"
+# W/eval/runs/<id>/FP_PREDICTIONS: every seed's masks of the tumor-free test slices.
+FP_PREDICTIONS = "false_positives.npz"
+# False-positive measures per seed (segmentation_metrics.false_positives)
+# that get a mean and std over seeds.
+FP_METRICS = ("fp_pixels", "fp_fraction", "fp_mm2", "slices_with_fp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +233,8 @@ def seg_identity(config) -> dict:
 
 def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
                        test_set: dict, *, overwrite: bool = False,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, healthy_set: dict | None = None,
+                       spacing_mm=None) -> dict:
   """Trains the segmenter's seeds on the union of `train_sets`, tests each.
 
   Args:
@@ -230,12 +244,16 @@ def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
     test_set: a loaded real split (image, mask, case_id).
     overwrite: replace another run's seed groups in `seg_dir`.
     progress: progress bars.
+    healthy_set: tumor-free real slices of the test patients (image,
+      case_id), or None: every seed's false positives on them.
+    spacing_mm: their pixel size, when known (false positives in mm^2).
 
   Returns:
     dict: seeds (seed -> SegmentationEvaluator.result()), per_slice (seed ->
     {dice, hd95} lists in test-slice order), patients (test slice ->
-    case_id), prediction (the first seed's, as _prediction stores it),
-    preempted.
+    case_id), prediction (the representative seed's, as _prediction stores
+    it), preempted; with healthy_set, false_positives and fp_masks
+    (measure_false_positives).
   """
   image = np.concatenate([np.asarray(d["image"], np.float32) for d in train_sets])
   mask = np.concatenate([np.asarray(d["mask"], np.float32) for d in train_sets])
@@ -245,6 +263,7 @@ def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
          "preempted": bool(result["preempted"])}
   if out["preempted"]:
     return out
+  all_probs = {}
   for model in result["models"]:
     probs = segmentation.predict(model, test_set["image"])
     ev = metrics_lib.SegmentationEvaluator(kind="probs")
@@ -253,9 +272,21 @@ def train_and_evaluate(config, seg_dir: str, train_sets: Sequence[dict],
     out["seeds"][str(model.seed)] = ev.result()
     out["per_slice"][str(model.seed)] = {"dice": s["dice"].tolist(),
                                          "hd95": s["hd95"].tolist()}
-    if "prediction" not in out:
-      out["prediction"] = _prediction(model.seed, probs)
+    all_probs[str(model.seed)] = probs
+  seed = representative_seed(out["seeds"])
+  out["prediction"] = _prediction(int(seed), all_probs[seed])
+  if healthy_set is not None:
+    out["false_positives"], out["fp_masks"] = measure_false_positives(
+        result["models"], healthy_set, spacing_mm)
   return out
+
+
+def representative_seed(seeds: Mapping[str, dict]) -> str:
+  """The seed whose mean Dice is the median over seeds (an even number: the
+  lower of the two middle ones; ties keep config order): the one the
+  overlays show, neither the best nor the first."""
+  order = sorted(seeds, key=lambda s: seeds[s]["dice"])
+  return order[(len(order) - 1) // 2]
 
 
 # --- Stored predictions (for the figures) ----------------------------------------
@@ -285,15 +316,17 @@ def write_predictions(path: str, prediction: dict, test_sha256: str) -> None:
   stage_io.write_bytes(path, buf.getvalue())
 
 
-def read_predictions(path: str, test: dict) -> dict | None:
+def read_predictions(path: str, test: dict, seed: str | None = None) -> dict | None:
   """{seed, mask, prob} stored at `path` for the test set `test` (a run
-  identity's test entry), or None when there is none or it was made for
-  another test set."""
+  identity's test entry), or None when there is none, it was made for
+  another test set, or (seed given) of another seed."""
   if not os.path.exists(path):
     return None
   try:
     with np.load(path) as f:
       if str(f["test_sha256"]) != test["sha256"] or len(f["mask"]) != test["num_slices"]:
+        return None
+      if seed is not None and str(f["seed"]) != str(seed):
         return None
       return {"seed": str(f["seed"]), "mask": np.asarray(f["mask"]),
               "prob": np.asarray(f["prob"])}
@@ -301,10 +334,11 @@ def read_predictions(path: str, test: dict) -> dict | None:
     return None  # unreadable or of another format: made again from checkpoints.
 
 
-def _predict_stored(config, seg_dir: str, test_set: dict) -> dict:
-  """The first seed's prediction from the run's checkpoints (a run recorded
-  before predictions were stored)."""
-  model = segmentation.load(config, seg_dir)[0]
+def _predict_stored(config, seg_dir: str, test_set: dict, seed: str | None = None) -> dict:
+  """A seed's prediction (default the first) from the run's checkpoints (a
+  run recorded before predictions were stored, or with another seed's)."""
+  models = segmentation.load(config, seg_dir)
+  model = next((m for m in models if str(m.seed) == str(seed)), models[0])
   probs = segmentation.predict(model, test_set["image"])
   return _prediction(model.seed, probs)
 
@@ -399,7 +433,7 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
   base = seg_identity(config)
 
   # Inputs and identities of every run first: a refusal comes before any work.
-  todo, skipped = [], []
+  todo, skipped, fp = [], [], {}
   for r in runs:
     needed = {r.test} | {c for _, c in r.train}
     if max(needed) >= len(names):
@@ -423,10 +457,12 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
     identity = {**base, "train": train,
                 "test": _describe(REAL, test_split, sets.load(REAL, test_split))}
     todo.append((r, inputs, identity))
+    fp[r.id] = _plan_false_positives(sets, names[r.test])
 
   records = {}
   # 0: train, 1: reuse, 2: refused, 3: reuse, its stored predictions missing.
   code = np.zeros(len(todo), np.int32)
+  fp_code = np.zeros(len(todo), np.int32)  # 1: measure a reused run's false positives.
   refusal = None
   if parallel.is_main():
     for i, (r, _, identity) in enumerate(todo):
@@ -439,9 +475,12 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
       else:
         if rec is not None:
           stored = read_predictions(
-              os.path.join(paths["runs"], r.id, PREDICTIONS), identity["test"])
+              os.path.join(paths["runs"], r.id, PREDICTIONS), identity["test"],
+              seed=representative_seed(rec["seeds"]))
           code[i], records[r.id] = (1 if stored is not None else 3), rec
+          fp_code[i] = _false_positives_stale(rec, fp[r.id])
   code = parallel.broadcast(code)
+  fp_code = parallel.broadcast(fp_code)
   if (code == 2).any():
     raise refusal or errors.RunMismatch(
         f"{paths['eval']} holds evaluation runs of another config (see process 0)")
@@ -450,28 +489,41 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
   for i, (r, inputs, identity) in enumerate(todo):
     if code[i] == 3:
       _restore_predictions(config, os.path.join(paths["runs"], r.id), sets.load(*inputs[-1]),
-                           identity["test"])
+                           identity["test"], representative_seed(records[r.id]["seeds"])
+                           if r.id in records else None)
+    if fp_code[i]:
+      _restore_false_positives(config, os.path.join(paths["runs"], r.id), sets, fp[r.id],
+                               records)
     if code[i] in (1, 3):
       reused.append(r.id)
       continue
     out = train_and_evaluate(
         config, os.path.join(paths["runs"], r.id, "seg"),
         [sets.load(n, s) for n, s in inputs[:-1]], sets.load(*inputs[-1]),
-        overwrite=overwrite, progress=progress)
+        overwrite=overwrite, progress=progress,
+        healthy_set=sets.load(REAL, fp[r.id]["split"]) if "set" in fp[r.id] else None,
+        spacing_mm=fp[r.id].get("spacing_mm"))
     if out["preempted"]:
       return {"paths": paths, "trained": trained, "reused": reused, "stopped": True}
     trained.append(r.id)
     if parallel.is_main():
       write_predictions(os.path.join(paths["runs"], r.id, PREDICTIONS),
                         out["prediction"], identity["test"]["sha256"])
+      extra = {}
+      if "false_positives" in out:
+        extra["false_positives"] = _store_false_positives(
+            os.path.join(paths["runs"], r.id), fp[r.id], out["false_positives"],
+            out["fp_masks"])
       records[r.id] = stage_io.mark_done(
           os.path.join(paths["runs"], r.id, "record.json"), identity,
-          seeds=out["seeds"], per_slice=out["per_slice"], patients=out["patients"])
+          seeds=out["seeds"], per_slice=out["per_slice"], patients=out["patients"],
+          **extra)
 
   done = {"paths": paths, "trained": trained, "reused": reused, "stopped": False}
   if not parallel.is_main():
     return done
   results = _results(config, names, gains, todo, records, skipped)
+  add_false_positives(results, records, fp)
   results["figures"], results["figures_skipped"] = draw_figures(
       config, paths, gains, todo, records, results, sets)
   stage_io.write_json(paths["results_json"], results)
@@ -479,18 +531,224 @@ def run(config, workdir: str, real, synthetic: Mapping[str, Any] | None = None, 
   return {**results, **done}
 
 
-def _restore_predictions(config, run_dir: str, test_set: dict, test: dict) -> None:
+def _restore_predictions(config, run_dir: str, test_set: dict, test: dict,
+                         seed: str | None = None) -> None:
   """Stores a reused run's predictions from its checkpoints (every process
   restores; process 0 writes). A run whose checkpoints are gone keeps no
   predictions: its overlays are skipped with the reason, the stage goes on."""
   try:
-    prediction = _predict_stored(config, os.path.join(run_dir, "seg"), test_set)
+    prediction = _predict_stored(config, os.path.join(run_dir, "seg"), test_set, seed)
   except Exception as e:  # pylint: disable=broad-except
     # No checkpoint (errors.UserError) or an unreadable one: only a figure lost.
     logging.warning("no stored predictions for %s: %s", run_dir, e)
     return
   if parallel.is_main():
     write_predictions(os.path.join(run_dir, PREDICTIONS), prediction, test["sha256"])
+
+
+# --- False positives on tumor-free test slices -----------------------------------
+#
+# Dice on tumor slices cannot see a segmenter that finds tumors everywhere
+# (what pasted tumors may teach it). Every run's seeds also predict the
+# tumor-free slices of its test patients (<center>_test_healthy, private,
+# never trained on); any predicted pixel there is a false positive. Not part
+# of a run's identity: the models do not depend on it, so a run recorded
+# without it (or for another such set) is reused and measured again from its
+# checkpoints, never retrained.
+
+
+def test_healthy_split(center: str) -> str:
+  """The tumor-free slices of `center`'s test patients (preprocessing)."""
+  return f"{center}_{provenance.TEST_HEALTHY}"
+
+
+def pixel_spacing_mm(manifest: dict):
+  """The slices' pixel size in mm when the manifest states it, else None.
+
+  Preprocessing resamples each volume's grid to image_size without
+  recording the output pixel size, so today this is None and false
+  positives are given in pixels and as a fraction of the slice.
+  """
+  value = manifest.get("pixel_spacing_mm")
+  return None if value is None else value
+
+
+def _plan_false_positives(sets: _Sets, center: str) -> dict:
+  """{split, set (its _describe), spacing_mm}, or {split, reason} when the
+  slice set cannot give the measure."""
+  split = test_healthy_split(center)
+  real = sets._sets[REAL]  # pylint: disable=protected-access
+  if split not in real.manifest.get("splits", {}):
+    return {"split": split, "reason": f"false positives not measured: no {split} split "
+                                      "(rebuild the slices with --overwrite)"}
+  if not real.split_size(split):
+    return {"split": split, "reason": f"false positives not measured: {split} is empty "
+                                      "(the test patients have no tumor-free slice)"}
+  return {"split": split, "set": _describe(REAL, split, sets.load(REAL, split)),
+          "spacing_mm": pixel_spacing_mm(real.manifest)}
+
+
+def measure_false_positives(models, healthy_set: dict, spacing_mm=None
+                            ) -> tuple[dict, np.ndarray]:
+  """Every seed's false positives on tumor-free slices.
+
+  Returns:
+    ({seeds: seed -> segmentation_metrics.false_positives without
+    per_slice, per_slice: seed -> predicted pixels per slice, patients:
+    slice -> case id}, masks (n_seeds, N, S, S) bool), thresholded as the
+    evaluator does (probability > 0.5).
+  """
+  patients = [str(c) for c in healthy_set["case_id"]]
+  entry = {"seeds": {}, "per_slice": {}, "patients": patients}
+  masks = []
+  for model in models:
+    probs = np.asarray(segmentation.predict(model, healthy_set["image"]))[..., 0]
+    pred = probs > 0.5
+    res = metrics_lib.false_positives(pred, patients, spacing_mm)
+    entry["per_slice"][str(model.seed)] = res.pop("per_slice")
+    entry["seeds"][str(model.seed)] = res
+    masks.append(pred)
+  return entry, np.stack(masks)
+
+
+def _store_false_positives(run_dir: str, plan: dict, entry: dict,
+                           masks: np.ndarray) -> dict:
+  """Writes the masks (bits, compressed) beside the record; returns the
+  record's `false_positives` entry (naming the set it was measured on)."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, mask=np.packbits(masks.astype(bool), axis=-1),
+                      shape=np.asarray(masks.shape), seeds=np.asarray(list(entry["seeds"])),
+                      test_healthy_sha256=np.asarray(plan["set"]["sha256"]))
+  stage_io.write_bytes(os.path.join(run_dir, FP_PREDICTIONS), buf.getvalue())
+  return {"test_healthy": plan["set"], "spacing_mm": plan.get("spacing_mm"), **entry}
+
+
+def read_false_positive_masks(run_dir: str) -> dict | None:
+  """{seeds, mask (n_seeds, N, S, S) bool, test_healthy_sha256} stored by a
+  run, or None."""
+  path = os.path.join(run_dir, FP_PREDICTIONS)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    shape = tuple(int(x) for x in f["shape"])
+    mask = np.unpackbits(f["mask"], axis=-1, count=shape[-1]).astype(bool)
+    return {"seeds": [str(s) for s in f["seeds"]], "mask": mask.reshape(shape),
+            "test_healthy_sha256": str(f["test_healthy_sha256"])}
+
+
+def _false_positives_stale(record: dict, plan: dict) -> int:
+  """1 when a reused run lacks the false positives of the set planned."""
+  if "set" not in plan:
+    return 0
+  stored = record.get("false_positives") or {}
+  same = (stored.get("test_healthy", {}).get("sha256") == plan["set"]["sha256"]
+          and sorted(stored.get("seeds", {})) == sorted(record.get("seeds", {})))
+  return 0 if same else 1
+
+
+def _restore_false_positives(config, run_dir: str, sets: _Sets, plan: dict,
+                             records: dict) -> None:
+  """Measures a reused run's false positives from its checkpoints (every
+  process predicts; process 0 writes them into the run's record). Without
+  readable checkpoints the measure is skipped with the reason."""
+  try:
+    models = segmentation.load(config, os.path.join(run_dir, "seg"))
+    entry, masks = measure_false_positives(models, sets.load(REAL, plan["split"]),
+                                           plan.get("spacing_mm"))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("false positives of %s not measured: %s", run_dir, e)
+    plan["reason"] = (f"false positives not measured: the run's checkpoints cannot be "
+                      f"read ({e}); rerun it with --overwrite")
+    return
+  if parallel.is_main():
+    rid = os.path.basename(os.path.normpath(run_dir))
+    record = dict(records[rid])
+    record["false_positives"] = stage_io.normalise(
+        _store_false_positives(run_dir, plan, entry, masks))
+    stage_io.write_json(os.path.join(run_dir, "record.json"), record)
+    records[rid] = record
+
+
+def summarise_false_positives(stored: dict) -> dict:
+  """results.json's false positives of a run: per seed, mean and std."""
+  seeds = stored["seeds"]
+  first = next(iter(seeds.values()))
+  mean, std = {}, {}
+  for m in FP_METRICS:
+    values = [v.get(m) for v in seeds.values()]
+    if any(v is None for v in values):
+      mean[m] = std[m] = None
+      continue
+    mean[m], std[m] = float(np.mean(values)), float(np.std(values))
+  return {"split": stored["test_healthy"]["split"],
+          "sha256": stored["test_healthy"]["sha256"],
+          "n_slices": first["n_slices"], "n_patients": first["n_patients"],
+          "spacing_mm": stored.get("spacing_mm"), "seeds": seeds, "mean": mean, "std": std}
+
+
+def add_false_positives(results: dict, records: dict, fp: dict) -> None:
+  """Each run of `results` gets `false_positives`: the summary of what its
+  record holds for the planned set, or {split, skipped: reason}."""
+  for rid, r in results["runs"].items():
+    plan = fp.get(rid, {})
+    stored = (records.get(rid) or {}).get("false_positives")
+    if (stored and "set" in plan and "reason" not in plan
+        and stored.get("test_healthy", {}).get("sha256") == plan["set"]["sha256"]):
+      r["false_positives"] = summarise_false_positives(stored)
+    else:
+      r["false_positives"] = {"split": plan.get("split"),
+                              "skipped": plan.get("reason", "false positives not measured")}
+
+
+def _fp_area(f: dict, stat: str = "mean") -> str:
+  m = f[stat]
+  text = f"{m['fp_pixels']:.1f} px"
+  if m.get("fp_mm2") is not None:
+    text += f" ({m['fp_mm2']:.1f} mm²)"
+  return text
+
+
+def _fp_sentence(g: dict, runs_: dict) -> str:
+  a, b = g["after_run"], g["before_run"]
+  fa, fb = (runs_[x].get("false_positives") or {} for x in (a, b))
+  why = [f"{x}: {f.get('skipped', 'not measured')}" for x, f in ((a, fa), (b, fb))
+         if "mean" not in f]
+  if why:
+    return f"{a} vs {b}: false positives not compared ({'; '.join(why)})."
+  verdict = ("more" if fa["mean"]["fp_pixels"] > fb["mean"]["fp_pixels"] else
+             "less" if fa["mean"]["fp_pixels"] < fb["mean"]["fp_pixels"] else "as much")
+  return (f"{a}'s false-positive area per tumor-free slice is {_fp_area(fa)} against "
+          f"{b}'s {_fp_area(fb)} (any false positive on "
+          f"{100 * fa['mean']['slices_with_fp']:.0f} % against "
+          f"{100 * fb['mean']['slices_with_fp']:.0f} % of the {fa['n_slices']} tumor-free "
+          f"slices of {fa['n_patients']} test patients): {a} predicts {verdict} tumor "
+          "where there is none.")
+
+
+def _false_positive_lines(results: dict) -> list[str]:
+  """results.md's false-positive table and one sentence per gain."""
+  runs_ = results["runs"]
+  if not any("false_positives" in r for r in runs_.values()):
+    return []
+  lines = ["", "False positives on the test patients' tumor-free slices "
+           "(`<center>_test_healthy`: any predicted tumor pixel there is one), mean ± std "
+           "over seeds:", "",
+           "| run | tumor-free slices (patients) | FP area per slice | FP % of the slice "
+           "| slices with any FP |", "|---|---|---|---|---|"]
+  for rid, r in runs_.items():
+    f = r.get("false_positives") or {}
+    if "mean" not in f:
+      lines.append(f"| {rid} | - | {f.get('skipped', 'not measured')} | - | - |")
+      continue
+    m, s = f["mean"], f["std"]
+    lines.append(
+        f"| {rid} | {f['n_slices']} ({f['n_patients']}) | {_fp_area(f)} ± "
+        f"{s['fp_pixels']:.1f} | {100 * m['fp_fraction']:.2f} % | "
+        f"{100 * m['slices_with_fp']:.0f} % ± {100 * s['slices_with_fp']:.0f} |")
+  lines.append("")
+  for g in results["gains"].values():
+    lines.append(f"- {_fp_sentence(g, runs_)}")
+  return lines
 
 
 def _results(config, names, gains, todo, records, skipped) -> dict:
@@ -551,7 +809,7 @@ def draw_figures(config, paths: dict, gains, todo, records: dict, results: dict,
         path, config, paths, by_id[a], by_id[b], records, sets)))
   jobs.append(("dice_per_run", lambda path: _dice(path, results)))
   jobs.append(("training_curves", lambda path: _curves(
-      path, paths, config, [r.id for r, _, _ in todo])))
+      path, paths, config, [r.id for r, _, _ in todo], gains)))
   figures = {}
   for name, draw in jobs:
     try:
@@ -575,10 +833,12 @@ def _overlays(path: str, config, paths: dict, after, before, records: dict,
   (ra, inputs, ida), (rb, _, idb) = after, before
   if ida["test"]["sha256"] != idb["test"]["sha256"]:
     raise _NoFigure(f"runs {rb.id} and {ra.id} were tested on different sets")
-  pred = {}
+  pred, shown = {}, []
   for r, identity in ((rb, idb), (ra, ida)):
     pred[r.id] = read_predictions(os.path.join(paths["runs"], r.id, PREDICTIONS),
                                   identity["test"])
+    if pred[r.id] is not None:
+      shown.append(_seed_shown(r.id, pred[r.id]["seed"], records[r.id]["seeds"]))
     if pred[r.id] is None:
       raise _NoFigure(f"run {r.id} has no stored predictions of its test set "
                       "(its checkpoints are gone; rerun it with --overwrite)")
@@ -595,16 +855,30 @@ def _overlays(path: str, config, paths: dict, after, before, records: dict,
       path, np.asarray(test["image"])[idx], np.asarray(test["mask"])[idx],
       pred[rb.id]["mask"][idx], pred[ra.id]["mask"][idx], dice[rb.id], dice[ra.id],
       labels, (rb.id, ra.id), modality=str(config.data.modalities[0]),
-      title=(f"{ra.id} vs {rb.id} on {ida['test']['split']} (seed {pred[ra.id]['seed']}): "
-             f"{rb.description} -> {ra.description}"))
+      title=(f"{ra.id} vs {rb.id} on {ida['test']['split']}: {rb.description} -> "
+             f"{ra.description}\n{'; '.join(shown)}"),
+      seeds=(pred[rb.id]["seed"], pred[ra.id]["seed"]))
+
+
+def _seed_shown(rid: str, seed: str, seeds: dict) -> str:
+  """Which seed an overlay shows for a run, and whether it is the
+  representative one (median Dice over seeds)."""
+  want = representative_seed(seeds)
+  if str(seed) == want:
+    return f"{rid}: seed {seed}, the median-Dice seed of {len(seeds)}"
+  return (f"{rid}: seed {seed}, not the median-Dice seed {want} (its predictions "
+          "could not be made: no checkpoint)")
 
 
 def _dice(path: str, results: dict) -> None:
   if not results["runs"]:
     raise _NoFigure("no run finished")
+  source = results.get("source")
+  kind = source.get("kind", "unknown") if isinstance(source, dict) else "unknown"
   figures_lib.dice_figure(
       path, results["runs"],
-      title=f"mean per-slice Dice of the real test split, seeds {results['seeds']}")
+      title=f"mean per-slice Dice of the real test split, seeds {results['seeds']}",
+      source_kind=kind)
 
 
 def loss_curves(seg_dir: str, seeds: Sequence[int]) -> dict:
@@ -630,13 +904,28 @@ def loss_curves(seg_dir: str, seeds: Sequence[int]) -> dict:
   return out
 
 
-def _curves(path: str, paths: dict, config, ids: Sequence[str]) -> None:
+def _curves(path: str, paths: dict, config, ids: Sequence[str], gains=()) -> None:
   seeds = [int(s) for s in config.seg.seeds]
   curves = {rid: loss_curves(os.path.join(paths["runs"], rid, "seg"), seeds)
             for rid in ids}
   if not any(curves.values()):
     raise _NoFigure("no run has metrics.jsonl rows")
-  figures_lib.curves_figure(path, curves, title=f"segmenter training loss ({config.seg.loss})")
+  figures_lib.curves_figure(path, curve_panels(curves, gains),
+                            title=f"segmenter training loss ({config.seg.loss})")
+
+
+def curve_panels(curves: Mapping[str, dict], gains) -> dict:
+  """Panel title -> run id -> seed -> (steps, losses): one panel per gain
+  (before, then after, on one axis), then one per run in no gain."""
+  panels, placed = {}, set()
+  for after, before in gains:
+    if after in curves and before in curves:
+      panels[f"{after} vs {before}"] = {before: curves[before], after: curves[after]}
+      placed |= {after, before}
+  for rid, c in curves.items():
+    if rid not in placed:
+      panels[f"run {rid}"] = {rid: c}
+  return panels
 
 
 # --- Report --------------------------------------------------------------------
@@ -697,13 +986,17 @@ def report(results: dict) -> str:
                  f"{modes}, not dfgm.")
   for s in results["skipped"]:
     lines.append(f"- Run {s['id']} skipped: {s['reason']}.")
+  lines += _false_positive_lines(results)
   return "\n".join(lines + _figures_section(results)) + "\n"
 
 
 _FIGURE_CAPTIONS = {
     "dice_per_run": "Dice per run: mean over seeds (bar), each seed (dot), std "
-                    "(error bar), the paper's Dice (red diamond)",
-    "training_curves": "Training loss of the segmenter per run and seed",
+                    "(error bar), the paper's BraTS Dice (red diamond; not shown on "
+                    "phantom data)",
+    "training_curves": "Training loss of the segmenter against optimizer step, a "
+                       "gain's before and after runs on one axis (thin: seeds, "
+                       "thick: their mean)",
 }
 
 
@@ -716,7 +1009,8 @@ def _figures_section(results: dict) -> list[str]:
            "The overlays show private test slices: keep this folder private."]
   for name, rel in figures.items():
     caption = _FIGURE_CAPTIONS.get(name) or (
-        "Test slices: image, reference, prediction before and after, " +
+        "Test slices: image, reference, prediction before and after (each run's "
+        "median-Dice seed), " +
         name.replace("overlay_", "").replace("_vs_", " vs "))
     lines += ["", f"![{caption}]({rel})"]
   if skipped:

@@ -276,3 +276,38 @@ class SegmentationEvaluator:
             "dice_patient": float(patient.mean()),
             "hd95": float(s["hd95"].mean()), "hd95_median": float(np.median(s["hd95"])),
             "n_slices": int(n), "n_patients": int(len(keys))}
+
+
+def false_positives(pred, patient_ids: Sequence, spacing_mm=None) -> dict:
+  """False positives on tumor-free slices: any predicted pixel is one.
+
+  A segmenter trained on tumors pasted into healthy slices may learn to see
+  tumors everywhere; Dice on tumor slices cannot tell. On slices without
+  tumor every predicted tumor pixel is a false positive.
+
+  Args:
+    pred: binary predictions (B,H,W[,1]) of tumor-free slices.
+    patient_ids: (B,) patient of each slice.
+    spacing_mm: pixel size in mm (a scalar or (row, col)) when known; the
+      area is then also given in mm^2. None: pixels and fractions only.
+
+  Returns:
+    fp_pixels (mean predicted pixels per slice), fp_fraction (that over the
+    slice's pixels), fp_mm2 (None without spacing_mm), slices_with_fp
+    (fraction of slices with any predicted pixel), per_slice (fp pixels per
+    slice, a list), n_slices, n_patients.
+  """
+  pred = _as_masks(pred, "pred")
+  n = pred.shape[0]
+  if n == 0:
+    raise ValueError("false_positives: no tumor-free slices")
+  keys, _ = _group(patient_ids, n)
+  counts = pred.sum(axis=(1, 2)).astype(np.int64)
+  mean = float(counts.mean())
+  mm2 = None
+  if spacing_mm is not None:
+    sy, sx = _spacing(spacing_mm, pred.shape[1:])
+    mm2 = mean * sy * sx
+  return {"fp_pixels": mean, "fp_fraction": mean / float(pred.shape[1] * pred.shape[2]),
+          "fp_mm2": mm2, "slices_with_fp": float(np.mean(counts > 0)),
+          "per_slice": counts.tolist(), "n_slices": int(n), "n_patients": int(len(keys))}
