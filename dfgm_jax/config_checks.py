@@ -273,6 +273,8 @@ _SEG = {
     "lr": _real(0, low_open=True),
     "loss": _one_of(("bce", "bce_dice")),
     "batch_size": _int_at_least(1),
+    "budget": _one_of(("steps", "epochs")),
+    "steps": _int_at_least(1),
     "epochs": _int_at_least(1),
     "hflip": _real(0, 1),
     "seeds": ((lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
@@ -290,6 +292,7 @@ _SEG = {
 _EVALUATION = {
     "baselines": _names(("cutpaste", "anomalydiffusion"), allow_empty=True),
     "quality_max_slices": _int_at_least(0),
+    "min_test_patients": _int_at_least(1),
 }
 
 _BENCH = {
