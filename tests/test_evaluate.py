@@ -352,6 +352,8 @@ def test_too_few_test_patients_give_no_interval(n_patients):
   assert g["gain"] == pytest.approx(0.3) and g["n_patients"] == n_patients
   assert g["low"] is None and g["high"] is None
   assert g["verdict"] == f"too few test patients to tell (n = {n_patients} < 5)"
+  assert runs.gain_summary(g) == (
+      f"+30.0 %: too few test patients to tell (n = {n_patients} < 5)")
   # The JSON says so too (null, not a zero-width interval).
   assert json.loads(json.dumps(g))["low"] is None
 
@@ -378,6 +380,8 @@ def test_opposite_seeds_widen_the_runs_interval_to_include_0():
                    patients, seeds=("0", "1"))
   assert g["per_seed"] == pytest.approx({"0": 0.2, "1": -0.16})
   assert g["low"] < 0 < g["high"] and g["verdict"] == "no evidence of a difference"
+  assert runs.gain_summary(g).startswith("+2.0 % [-") and runs.gain_summary(g).endswith(
+      "%]: no evidence of a difference")
 
 
 def _metrics_rows(path, curve, seeds=(0, 1)):

@@ -414,6 +414,13 @@ def gain_verdict(g: dict) -> str:
   return "no evidence of a difference"
 
 
+def gain_summary(g: dict) -> str:
+  """One line of a gain: '+3.9 % [-1.2 %, +8.0 %]: <verdict>' (no interval
+  below min_test_patients)."""
+  interval = f" [{_pct(g['low'])}, {_pct(g['high'])}]" if g["low"] is not None else ""
+  return f"{_pct(g['gain'])}{interval}: {g['verdict']}"
+
+
 def convergence(steps: Sequence[int], losses: Sequence[float],
                 window: float = CONVERGENCE_WINDOW,
                 tolerance: float = CONVERGENCE_TOLERANCE) -> dict:
