@@ -87,9 +87,13 @@ _FREE_FIELDS = ("log_every", "checkpoint_every_epochs", "checkpoints_to_keep",
 # The convergence check of a run's loss curve (convergence): flat at the end
 # when the mean logged loss of the last CONVERGENCE_WINDOW of its steps
 # differs by less than CONVERGENCE_TOLERANCE (relative) from the mean of the
-# window before. The rows are single-step losses every seg.log_every steps,
-# so the means carry batch noise: 5 % is above the noise of a flat curve at
-# the demo's 6 rows per window, well below a curve still learning.
+# window before (the rows are single-step losses every seg.log_every steps,
+# so the means carry some batch noise). It reads the training loss, which
+# on a small set keeps falling towards 0 as the network memorises it:
+# measured on the demo's run A (54 slices, 2-core CPU), -20 to -25 % over
+# the last 20 % at 300 steps, -47 % at 1200, while the test Dice did not
+# improve (0.68 / 0.73 at 300 steps, 0.67 / 0.68 at 1200). "Not flat" thus
+# says the budget may be too small, not that it is.
 CONVERGENCE_WINDOW = 0.2
 CONVERGENCE_TOLERANCE = 0.05
 # Metrics of SegmentationEvaluator.result() that get a mean and std over seeds.
@@ -805,8 +809,11 @@ def _convergence_sentence(rid: str, run: dict) -> str | None:
     return text + ": flatness unknown (log the loss more often)."
   if c["converged"]:
     return text + f": flat (within {round(100 * c['tolerance'])} %)."
-  return text + (f": not flat (beyond {round(100 * c['tolerance'])} %): the budget "
-                 "is too small to compare.")
+  tol = round(100 * c["tolerance"])
+  if any((v["change"] or 0) > 0 for v in c["seeds"].values()):
+    return text + f": not flat (rising by more than {tol} %): unstable training."
+  return text + (f": not flat (still falling by more than {tol} %): the budget may be "
+                 "too small to compare.")
 
 
 _SOURCE = {
@@ -843,8 +850,10 @@ def report(results: dict) -> str:
         f"{r['mean']['dice_pooled']:.3f} | {r['mean']['hd95']:.1f} | {paper} |")
   lines += ["", "The paper reports 0.51 -> 0.53 on CBICA (A -> B, +3.9 %) and "
             "0.65 -> 0.68 on TCIA (C -> D, +4.6 %).", ""]
-  befores = list(dict.fromkeys(g["before_run"] for g in results["gains"].values()))
-  for rid in befores:
+  # The before runs (A, C, ...), also when their after run did not run.
+  befores = [g["before_run"] for g in results["gains"].values()]
+  befores += [b for _, b in GAINS if b in results["runs"]]
+  for rid in dict.fromkeys(befores):
     sentence = _convergence_sentence(rid, results["runs"][rid])
     if sentence:
       lines.append(f"- {sentence}")
