@@ -505,3 +505,16 @@ def test_training_longer_on_the_same_slices_is_no_gain_once_steps_are_matched(tm
   assert "phantom data: its Dice is not the paper's Dice (BraTS)" in text
   assert "| A | center 1 real | 32 | 64 | TOY_test | 6 / 24 |" in text
   assert "no evidence of a difference" in text and "reproduce" not in text
+
+
+def test_the_budget_and_its_length_define_an_evaluation_run():
+  config = _toy_config("steps", steps=300, epochs=15)
+  ident = runs.seg_identity(config)["seg"]
+  assert ident["budget"] == "steps" and ident["steps"] == 300 and "epochs" not in ident
+  # The unused length trains nothing: the same identity.
+  other = _toy_config("steps", steps=300, epochs=40)
+  assert runs.seg_identity(other) == runs.seg_identity(config)
+  # Another step count or rule is another run (refused without --overwrite).
+  assert runs.seg_identity(_toy_config("steps", steps=600, epochs=15)) != runs.seg_identity(config)
+  epochs = runs.seg_identity(_toy_config("epochs", steps=300, epochs=15))["seg"]
+  assert epochs["budget"] == "epochs" and epochs["epochs"] == 15 and "steps" not in epochs
