@@ -39,7 +39,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # every private center of the slices a client.
   config.fed = federated.get_fed_config()
   # The evaluation's segmenter at paper scale: the standard UNet (width 64,
-  # 4 down-samplings), 50 epochs, 3 seeds (ALGORITHM.md 7).
+  # 4 down-samplings), 1500 optimizer steps for every run (budget=steps;
+  # budget=epochs: the paper's 50 epochs), 3 seeds (ALGORITHM.md 7).
   config.seg = segmentation.get_seg_config()
   if variant == "paper":
     # The two private centers of the paper (BraTS 2020 name_mapping.csv).

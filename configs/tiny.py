@@ -62,12 +62,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.fed.rounds = 2
   config.fed.local_steps = 3
 
-  # The segmenter of the evaluation: a narrow, shallow UNet, one epoch, two
-  # stacked seeds (enough to test the mean, std and stacking).
+  # The segmenter of the evaluation: a narrow, shallow UNet, 6 steps per
+  # run (the equal-steps budget), two stacked seeds (enough to test the
+  # mean, std and stacking).
   config.seg = segmentation.get_seg_config()
   config.seg.width = 8
   config.seg.depth = 2
   config.seg.batch_size = 4
+  config.seg.budget = "steps"
+  config.seg.steps = 6
   config.seg.epochs = 1
   config.seg.seeds = (0, 1)
   config.seg.log_every = 5

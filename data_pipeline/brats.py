@@ -72,6 +72,11 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 # name_mapping.csv of BraTS 2020 (exact header, BRATS_FORMAT.md 1.5).
 NAME_MAPPING_FILE = "name_mapping.csv"
+# A small JSON file the phantom (data_pipeline/phantom.py) writes in the data
+# folder it returns, so that preprocessing can record that the slices are
+# phantom, not BraTS (their Dice is not the paper's). Discovery reads folders
+# only (find_case_folders), so the file is ignored there.
+PHANTOM_MARKER = "dfgm_phantom.json"
 NAME_MAPPING_HEADER = (
     "Grade",
     "BraTS_2017_subject_ID",

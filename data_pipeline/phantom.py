@@ -1012,6 +1012,8 @@ def generate(out_dir: str, version: str = "2020", num_cases: int = 8,
     write_name_mapping(os.path.join(data_dir, brats.NAME_MAPPING_FILE),
                        None if full_mapping else numbers)
     write_survival_info(os.path.join(data_dir, brats.SURVIVAL_FILE), numbers, seed)
+  stage_io.write_json(os.path.join(data_dir, brats.PHANTOM_MARKER),
+                      {"kind": "phantom", "version": version, "num_cases": len(numbers)})
   cases = sorted(cases, key=lambda case: case.case_id)
   sites = {case_id_of(version, n): (site_of_number(n)[0]
                                     if version in MAPPED_VERSIONS

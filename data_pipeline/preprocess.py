@@ -179,6 +179,32 @@ def identity(brats_dir: str, cases, cfg: dict) -> dict:
                      if k not in ("formats", "num_shards_hint")}}
 
 
+# Folders above a case folder searched for the phantom's marks (the phantom's
+# data folder nests at most this deep below the folder holding its record).
+_SOURCE_DEPTH = 4
+
+
+def data_source(brats_dir: str, cases) -> dict:
+  """{"kind": "phantom" | "real"}: whether the input is the phantom.
+
+  Phantom when the folder holding a case folder, or one above it, holds the
+  phantom's marker (brats.PHANTOM_MARKER) or its stage record
+  (phantom_done.json, for phantoms made before the marker); else real.
+  """
+  marks = (brats.PHANTOM_MARKER, "phantom_done.json")
+  folders = {os.path.dirname(os.path.abspath(c.folder)) for c in cases}
+  folders.add(os.path.abspath(brats_dir))
+  for folder in folders:
+    for _ in range(_SOURCE_DEPTH):
+      if any(os.path.exists(os.path.join(folder, m)) for m in marks):
+        return {"kind": "phantom"}
+      parent = os.path.dirname(folder)
+      if parent == folder:
+        break
+      folder = parent
+  return {"kind": "real"}
+
+
 def read_manifest(out_dir: str) -> dict | None:
   return stage_io.read_json(os.path.join(out_dir, MANIFEST))
 
@@ -457,6 +483,8 @@ def run(brats_dir: str, out_dir: str, cfg: dict, *, num_workers: int = 1,
       "created": started.isoformat(timespec="seconds"),
       "brats_dir": os.path.abspath(brats_dir),
       "version": cases[0].version,
+      # phantom or real (an older manifest has none: unknown to the readers).
+      "source": data_source(brats_dir, cases),
       "image_size": cfg["image_size"],
       "channels": channels,
       "modalities": cfg["modalities"],

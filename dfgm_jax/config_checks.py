@@ -273,6 +273,8 @@ _SEG = {
     "lr": _real(0, low_open=True),
     "loss": _one_of(("bce", "bce_dice")),
     "batch_size": _int_at_least(1),
+    "budget": _one_of(("steps", "epochs")),
+    "steps": _int_at_least(1),
     "epochs": _int_at_least(1),
     "hflip": _real(0, 1),
     "seeds": ((lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
@@ -293,6 +295,7 @@ _EVALUATION = {
     "quality_kid_subsets": _int_at_least(1),
     "quality_kid_subset_size": _int_at_least(2),
     "quality_real_splits": _int_at_least(1),
+    "min_test_patients": _int_at_least(1),
 }
 
 _BENCH = {

@@ -72,15 +72,24 @@ def _data(workdir: str) -> list[str]:
   return lines
 
 
+def _training(m: dict, folder: str) -> tuple[str, int | None]:
+  """How a model trained (from its last metrics row) and its optimizer steps
+  in all. Federated rows carry the round and the steps per client ((r + 1)
+  * local steps); in all = per client x clients, as central steps count."""
+  centers = [k[:-len("/loss")] for k in m if k.endswith("/loss")]
+  step = m.get("step")
+  if not isinstance(step, (int, float)):
+    return ("central" if folder != "g2" else "shareable data only"), None
+  if "round" in m and centers:
+    rounds, per_client = int(m["round"]), int(step)
+    return (f"federated, {rounds} rounds of {per_client // max(rounds, 1)} local steps "
+            f"over {', '.join(centers)} ({per_client} steps per client)",
+            per_client * len(centers))
+  return ("shareable data only" if folder == "g2" else "central"), int(step)
+
+
 def _models(workdir: str) -> list[str]:
-  lines = ["Diffusion models: G1 (dfgm, trained to regenerate the boundary ring; "
-           "federated when the run says so), when the anomalydiffusion baseline is made "
-           "its own model trained the same number of steps on the dilated tumor region "
-           "(the fair baseline, ALGORITHM.md 8), and the shared model G2 (fresh, trained "
-           "on the public synthetic set and the healthy slices only). Loss: the last "
-           "logged training loss.", "",
-           "| model | folder | training | step | last loss |", "|---|---|---|---|---|"]
-  found = False
+  rows, steps = [], {}
   for name, folder in (("G1 (dfgm)", "g1"),
                        ("anomalydiffusion", os.path.join("baselines", "anomalydiffusion",
                                                          "g1")),
@@ -88,15 +97,28 @@ def _models(workdir: str) -> list[str]:
     m = _last_metrics(os.path.join(workdir, folder, "metrics.jsonl"))
     if not m:
       continue
-    found = True
-    centers = [k[:-len("/loss")] for k in m if k.endswith("/loss")]
-    how = (f"federated, {int(m['round'])} rounds over {', '.join(centers)}"
-           if "round" in m and centers else "shareable data only" if folder == "g2" else
-           "central")
+    how, steps[folder] = _training(m, folder)
     loss = m.get("loss")
     loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "?"
-    lines.append(f"| {name} | {folder} | {how} | {m.get('step', '?')} | {loss} |")
-  return lines if found else ["No diffusion model was trained."]
+    total = steps[folder] if steps[folder] is not None else "?"
+    rows.append(f"| {name} | {folder} | {how} | {total} | {loss} |")
+  if not rows:
+    return ["No diffusion model was trained."]
+  lines = ["Diffusion models: G1 (dfgm, trained to regenerate the boundary ring; "
+           "federated when the run says so), when the anomalydiffusion baseline is made "
+           "its own model trained on the dilated tumor region (ALGORITHM.md 8), and the "
+           "shared model G2 (fresh, trained on the public synthetic set and the healthy "
+           "slices only). Steps: optimizer steps in all (federated: steps per client x "
+           "clients); loss: the last logged training loss.", "",
+           "| model | folder | training | steps in all | last loss |", "|---|---|---|---|---|",
+           *rows]
+  g1, ad = steps.get("g1"), steps.get(os.path.join("baselines", "anomalydiffusion", "g1"))
+  if g1 is not None and ad is not None:
+    lines += ["", f"The anomalydiffusion model trained {ad} steps, G1 {g1}: " + (
+        "the same budget (the fair baseline)." if ad == g1 else
+        "not the same budget; its synthetic set's quality and Dice are not a like-for-"
+        "like comparison with dfgm's.")]
+  return lines
 
 
 def _synthetic(workdir: str) -> list[str]:

@@ -331,8 +331,7 @@ def evaluate(run: Run) -> dict:
   result = runs.run(run.config, run.workdir, real, synthetic, overwrite=run.overwrite)
   if result["stopped"]:
     raise Stopped("evaluation stopped by a preemption; rerun to resume")
-  gains = {f"Dice gain {k}": f"{g['gain']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}]"
-           for k, g in result["gains"].items()}
+  gains = {f"Dice gain {k}": runs.gain_summary(g) for k, g in result["gains"].items()}
   return {"evaluation results": result["paths"]["results_md"], **gains}
 
 

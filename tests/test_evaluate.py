@@ -128,14 +128,31 @@ def test_results_hold_runs_a_to_e_per_seed_with_gains(evaluated):
   assert results["runs"]["D"]["train"][1]["split"] == "CBICA_synthetic"
   assert results["runs"]["C"]["test"]["split"] == "TCIA_test"
   assert set(results["gains"]) == {"B_vs_A", "D_vs_C"}
+  for rid in "ABCDE":
+    r = results["runs"][rid]
+    # Every run the same optimizer steps (tiny: budget=steps, 6), whatever
+    # its training set's size.
+    assert r["steps"] == 6 and r["train_slices"] == sum(t["num_slices"] for t in r["train"])
+    assert (r["test_patients"], r["test_slices"]) == (1, r["test"]["num_slices"])
+    assert set(r["convergence"]) == {"converged", "window", "tolerance", "seeds"}
+  assert results["budget"] == {"rule": "steps", "steps": 6}
+  # Preprocessing recorded that the slices come from the phantom.
+  assert results["data_source"] == "phantom"
   for g in results["gains"].values():
-    assert g["low"] <= g["high"] and g["n_boot"] > 0
+    # One test patient: no interval, and the verdict says why.
+    assert g["n_patients"] == 1 and g["low"] is None and g["high"] is None
+    assert g["verdict"] == "too few test patients to tell (n = 1 < 5)"
+    assert g["n_boot"] > 0 and set(g["per_seed"]) == {"0", "1"}
     # The seed-averaged per-slice means are the runs' mean Dice.
     assert g["before"] == pytest.approx(results["runs"][g["before_run"]]["mean"]["dice"])
     assert g["after"] == pytest.approx(results["runs"][g["after_run"]]["mean"]["dice"])
   text = open(os.path.join(workdir, "eval", "results.md")).read()
   assert "0.51 -> 0.53" in text and "0.65 -> 0.68" in text
-  assert text.count("interval") >= 2 and "cutpaste" in text  # the stand-in is said.
+  assert text.count("too few test patients to tell") == 2 and "interval" not in text
+  assert "cutpaste" in text  # the stand-in is said.
+  assert "phantom data: its Dice is not the paper's Dice (BraTS)" in text
+  assert "| test patients / slices |" in text and "reproduce" not in text
+  assert "A's loss changed by" in text and "C's loss changed by" in text
 
 
 FIGURES = {"overlay_B_vs_A", "overlay_D_vs_C", "dice_per_run", "training_curves"}
@@ -356,7 +373,10 @@ def test_runs_without_their_inputs_are_skipped_and_listed(evaluated, monkeypatch
   assert result["reused"] == ["A", "C"]
   assert [s["id"] for s in result["skipped"]] == ["B", "D", "E"]
   assert set(result["runs"]) == {"A", "C"} and result["gains"] == {}
-  assert "Run B skipped" in runs.report(result)
+  text = runs.report(result)
+  assert "Run B skipped" in text
+  # The before runs' convergence is said without their after runs.
+  assert "A's loss changed by" in text and "C's loss changed by" in text
   # The overlays of runs not run are listed, not drawn (and an old one removed).
   assert set(result["figures"]) == {"dice_per_run", "training_curves"}
   assert {s["figure"] for s in result["figures_skipped"]} == {"overlay_B_vs_A",
@@ -492,3 +512,196 @@ def test_training_curves_put_each_gains_runs_on_one_axis(tmp_path, monkeypatch):
   # The budgets show: each run's mean line names its last optimizer step.
   assert drawn["axes_legends"][0] == ["A: 2 seeds, 2 steps (mean)",
                                       "B: 2 seeds, 4 steps (mean)"]
+
+
+# --- Equal budgets, intervals, verdicts (issue 20) --------------------------------
+
+
+def _gain_record(before, after, patients, seeds=("0",)):
+  """A hand-made gain from per-slice Dice (seeds x slices) of two runs."""
+  rec = lambda d: {"per_slice": {s: {"dice": list(map(float, row))} for s, row in zip(seeds, d)},
+                   "patients": list(patients)}
+  return runs._gain(rec(np.atleast_2d(after)), rec(np.atleast_2d(before)), list(seeds), 5)
+
+
+@pytest.mark.parametrize("n_patients", [1, 2])
+def test_too_few_test_patients_give_no_interval(n_patients):
+  patients = [f"p{i % n_patients}" for i in range(8)]
+  before = np.linspace(0.3, 0.6, 8)
+  g = _gain_record(before, before * 1.3, patients)
+  assert g["gain"] == pytest.approx(0.3) and g["n_patients"] == n_patients
+  assert g["low"] is None and g["high"] is None
+  assert g["verdict"] == f"too few test patients to tell (n = {n_patients} < 5)"
+  assert runs.gain_summary(g) == (
+      f"+30.0 %: too few test patients to tell (n = {n_patients} < 5)")
+  # The JSON says so too (null, not a zero-width interval).
+  assert json.loads(json.dumps(g))["low"] is None
+
+
+def test_the_verdict_reads_each_interval_plainly():
+  base = {"n_patients": 6, "min_test_patients": 5, "gain": 0.1}
+  verdict = lambda low, high, **kw: runs.gain_verdict({**base, "low": low, "high": high, **kw})
+  assert verdict(0.02, 0.2) == "consistent with a gain"
+  assert verdict(-0.05, 0.2) == "no evidence of a difference"
+  assert verdict(0.0, 0.0) == "no evidence of a difference"
+  assert verdict(-0.3, -0.01) == "consistent with a loss (the synthetic data hurt here)"
+  assert verdict(None, None, n_patients=4) == "too few test patients to tell (n = 4 < 5)"
+  assert verdict(float("nan"), float("nan"), gain=float("nan")) == (
+      "undefined (a mean Dice of 0 before)")
+  # The old sentence's claim is gone from every outcome.
+  for low, high in ((0.02, 0.2), (-0.05, 0.2), (-0.3, -0.01)):
+    assert "reproduce" not in verdict(low, high)
+
+
+def test_opposite_seeds_widen_the_runs_interval_to_include_0():
+  patients = np.repeat([f"p{i}" for i in range(6)], 3)
+  before = np.random.default_rng(0).uniform(0.4, 0.6, 18)
+  g = _gain_record(np.stack([before, before]), np.stack([before * 1.2, before * 0.84]),
+                   patients, seeds=("0", "1"))
+  assert g["per_seed"] == pytest.approx({"0": 0.2, "1": -0.16})
+  assert g["low"] < 0 < g["high"] and g["verdict"] == "no evidence of a difference"
+  assert runs.gain_summary(g).startswith("+2.0 % [-") and runs.gain_summary(g).endswith(
+      "%]: no evidence of a difference")
+
+
+def _metrics_rows(path, curve, seeds=(0, 1)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    for step, losses in curve:
+      f.write(json.dumps({"step": step, **{f"loss_seed{s}": l for s, l in zip(seeds, losses)}})
+              + "\n")
+
+
+def test_the_convergence_check_on_a_hand_made_metrics_file(tmp_path):
+  seg_dir = str(tmp_path / "seg")
+  # Seed 0 falls to 0.20 by step 40, then flat (+- noise); seed 1 still
+  # falling; logged every 10 of 100 steps: 2 rows per 20 % window.
+  rows = [(s, (max(0.2, 1.0 - 0.02 * s) + (0.004 * (-1) ** (s // 10) if s > 40 else 0.0),
+               1.0 - 0.008 * s)) for s in range(10, 101, 10)]
+  _metrics_rows(os.path.join(seg_dir, "seeds_0_1", "metrics.jsonl"), rows)
+  c = runs.run_convergence(seg_dir, [0, 1])
+  flat, falling = c["seeds"]["0"], c["seeds"]["1"]
+  assert flat["converged"] and abs(flat["share"]) < 0.05 and flat["steps"] == 100
+  # Steps 90, 100 against 70, 80: (0.24 - 0.4) / 0.4 = -40 %, which is
+  # (0.4 - 0.24) / (0.92 - 0.24) = 23.5 % of its fall since step 10.
+  assert not falling["converged"] and falling["change"] == pytest.approx(-0.4)
+  assert falling["share"] == pytest.approx(0.16 / 0.68)
+  assert c["converged"] is False and c["tolerance"] == runs.CONVERGENCE_TOLERANCE
+  text = runs._convergence_sentence("A", {"convergence": c, "steps": 100})
+  assert "A's loss changed by" in text and "-40.0 % (seed 1; 23.5 % of its fall" in text
+  assert "not flat (still falling by more than 5 % of its fall): the budget may be" in text
+  flat_only = {**c, "converged": True, "seeds": {"0": flat}}
+  assert runs._convergence_sentence("A", {"convergence": flat_only, "steps": 100}).endswith(
+      ": flat (under 5 % of its fall).")
+  # A loss that falls towards 0 as a small set is memorised: -25 % in the
+  # last window, yet a sliver of its whole fall: flat.
+  steps = list(range(10, 301, 10))
+  memorising = [0.7 * 0.8 ** (s / 10) + 0.01 for s in steps]
+  m = runs.convergence(steps, memorising)
+  assert m["change"] < -0.2 and m["converged"]
+  # Too few logged losses to tell: unknown, not flat.
+  assert runs.convergence([5, 10], [0.5, 0.4])["converged"] is None
+  # A loss that never fell: unknown.
+  assert runs.convergence(steps, [0.5 + 0.001 * i for i in range(len(steps))])["converged"] is None
+
+
+def test_the_data_source_is_read_from_the_manifest():
+  assert runs.data_source({"source": {"kind": "phantom"}}) == "phantom"
+  assert runs.data_source({"source": {"kind": "real"}}) == "real"
+  assert runs.data_source({}) == "unknown"  # slices made before it was recorded.
+
+
+class _ToySet:
+  """A SliceData-like set of in-memory splits (toy squares, 32 x 32)."""
+
+  def __init__(self, splits, manifest=None):
+    self.splits = splits
+    self.data_dir = "toy"
+    self.manifest = manifest or {}
+
+  def split_size(self, split):
+    if split not in self.splits:
+      raise errors.UserError(f"no split {split}")
+    return len(self.splits[split]["image"])
+
+  def load_split(self, split):
+    return self.splits[split]
+
+
+def _toy_config(budget, **seg):
+  import ml_collections
+  from configs import data as data_cfg
+  from configs import segmentation as seg_cfg
+  config = ml_collections.ConfigDict()
+  config.data = data_cfg.get_data_config()
+  config.data.image_size = 32
+  config.data.centers = "TOY"
+  config.seg = seg_cfg.get_seg_config()
+  config.seg.update(width=4, depth=1, lr=1e-2, batch_size=8, seeds=(0, 1), log_every=2,
+                    checkpoint_every_epochs=0, async_checkpoints=False, tensorboard=False,
+                    budget=budget, **seg)
+  config.evaluation = seg_cfg.get_evaluation_config()
+  return config
+
+
+def test_training_longer_on_the_same_slices_is_no_gain_once_steps_are_matched(tmp_path):
+  """The done-when of issue 20: the "synthetic" set is a copy of the real
+  training split, so the after run only trains longer on the same slices.
+  The epoch rule gives it twice the steps of an under-trained before run
+  (16 against 32) and reads a gain; with both at 64 steps there is none."""
+  from tests.test_segmentation_train import toy_set
+  image, mask = toy_set(32, seed=0)
+  test_image, test_mask = toy_set(24, seed=1)
+  train = {"image": image, "mask": mask}
+  real = _ToySet({"TOY_train": train,
+                  "TOY_test": {"image": test_image, "mask": test_mask,
+                               "case_id": np.repeat([f"p{i}" for i in range(6)], 4)}},
+                 manifest={"source": {"kind": "phantom"}})
+  copy = _ToySet({"TOY_synthetic": {k: v.copy() for k, v in train.items()}})
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    out = {budget: runs.run(_toy_config(budget, epochs=4, steps=64), str(tmp_path / budget),
+                            real, {"cutpaste": copy}, progress=False)
+           for budget in ("epochs", "steps")}
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    compilation_cache.reset_cache()
+  for budget, result in out.items():
+    assert result["trained"] == ["A", "B_cutpaste"], budget
+  epochs, steps = (out[b]["gains"]["B_cutpaste_vs_A"] for b in ("epochs", "steps"))
+  assert [out["epochs"]["runs"][r]["steps"] for r in ("A", "B_cutpaste")] == [16, 32]
+  assert [out["steps"]["runs"][r]["steps"] for r in ("A", "B_cutpaste")] == [64, 64]
+  # The epoch rule: a gain from the steps alone, its interval above 0.
+  assert epochs["n_patients"] == 6 and epochs["low"] > 0.05
+  assert epochs["verdict"] == "consistent with a gain"
+  # Matched steps: no gain, the interval includes 0.
+  assert steps["low"] <= 0 <= steps["high"] and abs(steps["gain"]) < 0.02
+  assert steps["verdict"] == "no evidence of a difference"
+  assert epochs["gain"] > steps["gain"] + 0.05
+  # A's loss is still falling after 16 steps (measured: -11 % and -14 %
+  # over its last 20 %; at 64 steps, with Dice saturated at 0.99, the BCE
+  # still falls by 30-45 %: the check is about the loss, not the Dice).
+  assert out["epochs"]["runs"]["A"]["convergence"]["converged"] is False
+  text = runs.report(out["steps"])
+  assert "Every run trained 64 optimizer steps" in text
+  assert "phantom data: its Dice is not the paper's Dice (BraTS)" in text
+  assert "| A | center 1 real | 32 | 64 | TOY_test | 6 / 24 |" in text
+  assert "no evidence of a difference" in text and "reproduce" not in text
+
+
+def test_the_budget_and_its_length_define_an_evaluation_run():
+  config = _toy_config("steps", steps=300, epochs=15)
+  ident = runs.seg_identity(config)["seg"]
+  assert ident["budget"] == "steps" and ident["steps"] == 300 and "epochs" not in ident
+  # The unused length trains nothing: the same identity.
+  other = _toy_config("steps", steps=300, epochs=40)
+  assert runs.seg_identity(other) == runs.seg_identity(config)
+  # Another step count or rule is another run (refused without --overwrite).
+  assert runs.seg_identity(_toy_config("steps", steps=600, epochs=15)) != runs.seg_identity(config)
+  epochs = runs.seg_identity(_toy_config("epochs", steps=300, epochs=15))["seg"]
+  assert epochs["budget"] == "epochs" and epochs["epochs"] == 15 and "steps" not in epochs

@@ -99,12 +99,13 @@ def test_evaluate_binary_runs_a_to_e_at_paper_scale(real_paper_scale, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  # The segmenter's length is cut (one epoch, one seed) and its width
+  # The segmenter's length is cut (one epoch of each run's set, one seed) and its width
   # (SEG_WIDTH); its depth, batch and the image size are the paper's.
   r = subprocess.run(
       [sys.executable, "-m", "launch.evaluate", "--config=configs/default.py",
        f"--workdir={workdir}", f"--data_dir={slices_dir}",
-       f"--synthetic_dir={synthetic_dir}", "--config.seg.epochs=1",
+       f"--synthetic_dir={synthetic_dir}", "--config.seg.budget=epochs",
+       "--config.seg.epochs=1",
        "--config.seg.seeds=0,", f"--config.seg.width={SEG_WIDTH}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

@@ -466,6 +466,13 @@ def test_parallel_matches_serial(tmp_path, volumes2020):
       np.testing.assert_array_equal(vol[name], volumes2020[case_id][name])
 
 
+def _case_folders(data_dir):
+  """The data folder's entries but the phantom's marker (which it must hold)."""
+  names = os.listdir(data_dir)
+  assert brats.PHANTOM_MARKER in names
+  return [n for n in names if n != brats.PHANTOM_MARKER]
+
+
 def test_cli(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
@@ -474,7 +481,7 @@ def test_cli(tmp_path):
       cwd=repo, capture_output=True, text=True, check=True)
   data_dir = result.stdout.strip().splitlines()[-1]
   assert data_dir == os.path.join(str(tmp_path), brats.DATA_FOLDER_NAMES["2023"])
-  (case_id,) = os.listdir(data_dir)
+  (case_id,) = _case_folders(data_dir)
   assert sorted(os.listdir(os.path.join(data_dir, case_id))) == sorted(
       f"{case_id}-{s}.nii" for s in ("t1n", "t1c", "t2w", "t2f", "seg"))
 
@@ -487,7 +494,7 @@ def test_stage_run_reuses_refuses_and_overwrites(tmp_path):
   assert data_dir == os.path.join(out, brats.DATA_FOLDER_NAMES["2023"])
   assert sorted(os.listdir(out)) == [brats.DATA_FOLDER_NAMES["2023"],
                                      phantom.DONE_FILE]  # .build is gone.
-  (case_id,) = os.listdir(data_dir)
+  (case_id,) = _case_folders(data_dir)
   seg = os.path.join(data_dir, case_id, f"{case_id}-seg.nii.gz")
   stamp = os.path.getmtime(seg)
   # Same parameters (defaults spelt out or not): reused, nothing rewritten.
@@ -497,12 +504,12 @@ def test_stage_run_reuses_refuses_and_overwrites(tmp_path):
   with pytest.raises(errors.RunMismatch, match="num_cases: 1 -> 2"):
     phantom.run(dict(params, num_cases=2), out)
   assert phantom.run(dict(params, num_cases=2), out, overwrite=True) == data_dir
-  assert len(os.listdir(data_dir)) == 2
+  assert len(_case_folders(data_dir)) == 2
   # Another layout replaces the old one rather than sitting beside it.
   data_2021 = phantom.run(dict(params, version="2021"), out, overwrite=True)
   assert sorted(os.listdir(out)) == [brats.DATA_FOLDER_NAMES["2021"],
                                      phantom.DONE_FILE]
-  assert len(os.listdir(data_2021)) == 1
+  assert len(_case_folders(data_2021)) == 1
   # The record of the pipeline's earlier stage ({params, data_dir}) is honoured.
   with open(os.path.join(out, phantom.DONE_FILE), "w") as f:
     f.write('{"params": {"version": "2021", "num_cases": 1, "seed": 0, '

@@ -153,6 +153,12 @@ def test_other_versions(tmp_path, tiny_data_cfg, version):
                             progress=False)
   center = f"BraTS{version}"
   assert manifest["version"] == version
+  # The phantom's marker in its data folder: the slices are phantom. The
+  # same volumes without it (a real BraTS folder) read as real.
+  assert manifest["source"] == {"kind": "phantom"}
+  os.remove(os.path.join(info.data_dir, brats.PHANTOM_MARKER))
+  cases = brats.discover_cases(info.data_dir)
+  assert preprocess.data_source(info.data_dir, cases) == {"kind": "real"}
   assert set(manifest["splits"]) == {f"{center}_train", f"{center}_test", "healthy",
                                      f"{center}_healthy", f"{center}_test_healthy"}
   assert manifest["splits"][f"{center}_test"]["num_cases"] == 1

@@ -77,7 +77,26 @@ def test_the_decentralized_stages_are_reported(tmp_path):
       "mode": "dfgm", "synthetic_total": 108, "centers": {"CBICA": {"synthetic": 108}},
       "images_per_s": 2.7}))
   text = report.build(w)
-  assert "| G1 (dfgm) | g1 | federated, 3 rounds over CBICA, TCIA | 150 | 0.0800 |" in text
+  # Steps in all: 150 per client x 2 clients.
+  assert ("| G1 (dfgm) | g1 | federated, 3 rounds of 50 local steps over CBICA, TCIA "
+          "(150 steps per client) | 300 | 0.0800 |") in text
   assert "| G2 (shared; export g2_model/ SHAREABLE) | g2 | shareable data only | 150 |" in text
+  assert "anomalydiffusion model trained" not in text  # no such model here.
   assert "| local synthesis with G2 (the institute's own) | local/synthetic | dfgm | 108 |" in text
   assert "except `synthetic/`, `g2_model/` and `privacy/summary.json`" in text
+
+
+def test_the_models_steps_are_counted_alike_for_federated_and_central_training(tmp_path):
+  w = str(tmp_path / "W")
+  # The demo's numbers: G1 federated, 3 rounds of 50 local steps over two
+  # clients (150 per client); the anomalydiffusion model central, 300 steps.
+  _write(os.path.join(w, "g1", "metrics.jsonl"), json.dumps(
+      {"step": 150, "round": 3.0, "loss": 0.08, "CBICA/loss": 0.085, "TCIA/loss": 0.076}))
+  ad = os.path.join(w, "baselines", "anomalydiffusion", "g1", "metrics.jsonl")
+  _write(ad, json.dumps({"step": 300, "loss": 0.07}))
+  text = report.build(w)
+  assert "| anomalydiffusion | baselines/anomalydiffusion/g1 | central | 300 | 0.0700 |" in text
+  assert "The anomalydiffusion model trained 300 steps, G1 300: the same budget" in text
+  assert "the same number of steps" not in text
+  _write(ad, json.dumps({"step": 200, "loss": 0.07}))
+  assert "trained 200 steps, G1 300: not the same budget" in report.build(w)

@@ -156,10 +156,50 @@ def test_relative_gain_matches_a_naive_bootstrap():
     sel = np.concatenate([np.flatnonzero(ids == p) for p in row])
     gains.append((after[sel].mean() - before[sel].mean()) / before[sel].mean())
   np.testing.assert_allclose([out["low"], out["high"]], np.percentile(gains, [5, 95]))
-  # Seeds on a leading axis: the per-slice mean over seeds is used.
-  two = sm.relative_gain_ci(np.stack([before - 0.1, before + 0.1]),
-                            np.stack([after, after]), ids, n_boot=500, seed=7, alpha=0.1)
-  assert (two["low"], two["high"]) == pytest.approx((out["low"], out["high"]))
+  assert out["n_seeds"] == 1
+
+
+def test_relative_gain_resamples_seeds_with_the_patients():
+  rng = np.random.default_rng(4)
+  ids = np.repeat(np.arange(8), 4)  # 8 patients, 4 slices each
+  before = rng.uniform(0.4, 0.6, 32)
+  # Two seeds with opposite gains (+20 % and -18 %): the seed-averaged
+  # after run is about the before run (+1 %), slice by slice.
+  after = np.stack([before * 1.2, before * 0.82])
+  befores = np.stack([before, before])
+  out = sm.relative_gain_ci(befores, after, ids, n_boot=1000, seed=3)
+  assert out["gain"] == pytest.approx(0.01) and out["n_seeds"] == 2
+  assert out["low"] < 0 < out["high"]  # which seeds are drawn decides the sign.
+  # The old interval (seeds averaged first, patients resampled) excluded 0.
+  averaged = sm.relative_gain_ci(before, after.mean(axis=0), ids, n_boot=1000, seed=3)
+  assert averaged["low"] > 0 and averaged["high"] - averaged["low"] < 1e-9
+  assert out["high"] - out["low"] > 0.3
+  # Deterministic in its seed; another seed draws other resamples.
+  again = sm.relative_gain_ci(befores, after, ids, n_boot=1000, seed=3)
+  assert (again["low"], again["high"]) == (out["low"], out["high"])
+  other = sm.relative_gain_ci(befores, after, ids, n_boot=1000, seed=4)
+  assert (other["low"], other["high"]) != (out["low"], out["high"])
+
+
+def test_relative_gain_pairs_the_seeds_and_matches_a_naive_bootstrap():
+  rng = np.random.default_rng(5)
+  ids = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4])
+  before = rng.uniform(0.2, 0.8, (3, len(ids)))
+  after = np.clip(before + rng.normal(0.03, 0.1, before.shape), 0, 1)
+  out = sm.relative_gain_ci(before, after, ids, n_boot=300, seed=9)
+  # The same draws: patients first, then seeds; drawn seed i of after with
+  # drawn seed i of before, every slice of each drawn patient.
+  r = np.random.default_rng(9)
+  patients = r.integers(0, 5, size=(300, 5))
+  seeds = r.integers(0, 3, size=(300, 3))
+  gains = []
+  for prow, srow in zip(patients, seeds):
+    sel = np.concatenate([np.flatnonzero(ids == p) for p in prow])
+    b = np.concatenate([before[s][sel] for s in srow])
+    a = np.concatenate([after[s][sel] for s in srow])
+    gains.append((a.mean() - b.mean()) / b.mean())
+  np.testing.assert_allclose([out["low"], out["high"]], np.percentile(gains, [2.5, 97.5]))
+  assert out["before"] == pytest.approx(before.mean())
 
 
 def test_evaluator_accumulates_batches():

@@ -7,6 +7,7 @@ on a 2-core CPU) to one per scenario.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,8 @@ def make_config(seeds=(0, 1)):
   config.seg.depth = 1  # compiles 3x faster than depth 2 on XLA:CPU
   config.seg.lr = 1e-2
   config.seg.batch_size = 8
+  # The paper's epoch rule: EPOCHS * STEPS_PER_EPOCH steps.
+  config.seg.budget = "epochs"
   config.seg.epochs = EPOCHS
   config.seg.seeds = tuple(seeds)
   config.seg.log_every = 4
@@ -159,6 +162,30 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(reference, tmp_path):
   rows = lambda d: [json.loads(l)["step"]
                     for l in open(os.path.join(d, "seeds_0_1", "metrics.jsonl"))]
   assert rows(workdir) == rows(str(tmp_path))  # one row per logged step
+
+
+def test_a_step_budget_counts_steps_and_a_longer_one_continues_the_run(reference, tmp_path):
+  config, data, workdir, result = reference
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  config = make_config()
+  config.seg.budget = "steps"
+  # How long is not part of a seed group's identity: the epoch rule's run
+  # is this budget's at its step count, and more steps continue it.
+  config.seg.steps = EPOCHS * STEPS_PER_EPOCH + 6
+  assert seg_lib.total_steps(config.seg, 64) == EPOCHS * STEPS_PER_EPOCH + 6
+  assert seg_lib.total_steps(make_config().seg, 64) == EPOCHS * STEPS_PER_EPOCH
+  longer = seg_lib.train(config, copy, data, progress=False)
+  assert longer["step"] == longer["total_steps"] == EPOCHS * STEPS_PER_EPOCH + 6
+  rows = [json.loads(l)["step"] for l in open(os.path.join(copy, "seeds_0_1",
+                                                           "metrics.jsonl"))]
+  assert rows[-3:] == [32, 36, 38]  # continued from the epoch run's 32.
+  config.seg.steps = 0
+  with pytest.raises(errors.ConfigError, match="config.seg.steps"):
+    seg_lib.validate(config)
+  config.seg.steps, config.seg.budget = 10, "minutes"
+  with pytest.raises(errors.ConfigError, match="config.seg.budget"):
+    seg_lib.validate(config)
 
 
 _TWO_DEVICES = """
