@@ -98,7 +98,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seg.width = 8
   config.seg.depth = 3
   config.seg.batch_size = 8
-  # Every run 300 optimizer steps, before and after alike (issue 20): what
+  # Every run 300 optimizer steps, before and after alike: what
   # run B took under the old rule of 15 epochs (A took 90, its loss still
   # at 0.43-0.48 when it stopped). The evaluation's convergence check says
   # whether A's and C's loss is flat by then: measured (2-core CPU), not by

@@ -35,7 +35,7 @@ def get_seg_config() -> ml_collections.ConfigDict:
   # that adding a synthetic set adds data, not updates; "epochs" is the
   # paper's fixed epoch rule (`epochs` passes over the run's own training
   # set), under which a run with the synthetic set added takes ~2-3x the
-  # steps of its before run (issue 20: that alone read as a +30 % gain).
+  # steps of its before run (on the demo that alone read as a +30 % gain).
   c.budget = "steps"
   # Optimizer steps of every run with budget=steps. 1500 = 50 epochs of
   # center 1's real set at paper scale (CBICA, 483 slices: 30 steps of 16
@@ -88,7 +88,7 @@ def get_evaluation_config() -> ml_collections.ConfigDict:
   # Slices per synthetic set (a fixed subsample) the quality table's VGG16
   # features are computed on; 0: all.
   c.quality_max_slices = 512
-  # KID (kernel inception distance, issue 20) on the same features: the
+  # KID (kernel inception distance) on the same features: the
   # unbiased MMD^2 averaged over this many random subsets of
   # min(n_real, n_synthetic, quality_kid_subset_size) slices a side (a kernel
   # on at most 2 x 512 rows, computed once: the subsets cost next to nothing

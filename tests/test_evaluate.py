@@ -514,7 +514,7 @@ def test_training_curves_put_each_gains_runs_on_one_axis(tmp_path, monkeypatch):
                                       "B: 2 seeds, 4 steps (mean)"]
 
 
-# --- Equal budgets, intervals, verdicts (issue 20) --------------------------------
+# --- Equal budgets, intervals, verdicts -------------------------------------
 
 
 def _gain_record(before, after, patients, seeds=("0",)):
@@ -645,7 +645,7 @@ def _toy_config(budget, **seg):
 
 
 def test_training_longer_on_the_same_slices_is_no_gain_once_steps_are_matched(tmp_path):
-  """The done-when of issue 20: the "synthetic" set is a copy of the real
+  """The control a reviewer asks for: the "synthetic" set is a copy of the real
   training split, so the after run only trains longer on the same slices.
   The epoch rule gives it twice the steps of an under-trained before run
   (16 against 32) and reads a gain; with both at 64 steps there is none."""

@@ -179,7 +179,7 @@ def test_set_quality():
   assert same["diversity"] == pytest.approx(same["real_diversity"])
 
 
-# --- KID and the real-vs-real noise floor (issue 20) ----------------------------
+# --- KID and the real-vs-real noise floor ---------------------------------
 
 
 def brute_mmd2(x, y):

@@ -228,7 +228,7 @@ def test_vgg_features_by_default(sets, tmp_path):
   assert result["settings"]["r_out"] == 1  # 6 px at 240 -> 1 px at 32
 
 
-# --- KID and the real-vs-real noise floor (issue 20) ----------------------------
+# --- KID and the real-vs-real noise floor ---------------------------------
 
 
 def test_kid_and_the_real_vs_real_row_are_in_the_table(measured):

@@ -277,7 +277,7 @@ def set_quality(images, masks, real_images, real_masks, sources=None,
   return out
 
 
-# --- Kernel distance and the real-vs-real noise floor (issue 20) ---------------
+# --- Kernel distance and the real-vs-real noise floor ----------------------
 #
 # A Frechet distance alone cannot say whether two sets differ: it is biased by
 # the sample size and noisy at a few hundred slices (two halves of the same

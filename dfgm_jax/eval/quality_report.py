@@ -19,7 +19,7 @@ from):
   diversity        mean pairwise feature distance within the set (the real
                    slices' own is in `reference`).
 
-The real-vs-real noise floor (issue 20): at a few hundred slices two halves
+The real-vs-real noise floor: at a few hundred slices two halves
 of the same real slices are as far apart as a synthetic set is from all of
 them, so a distance says nothing by itself. `floor` splits the real patients
 (the feature subsample's case ids) into random halves A and B,
@@ -743,7 +743,7 @@ def table(quality_numbers: dict) -> str:
       out += _floor_words(center, fl)
   elif sets:
     out += ["", "No real-vs-real noise floor was measured (a quality.json from before "
-            "issue 20): the distances above cannot be told from sampling noise."]
+            "the noise floor was added): the distances above cannot be told from sampling noise."]
   for name in sorted(sets):
     for center, r in sorted(sets[name].items()):
       gone = {k: v for k, v in r["preservation_left_out"].items() if v}

@@ -163,7 +163,7 @@ def relative_gain_ci(before, after, patient_ids: Sequence, n_boot: int = 2000,
   replacement, and takes the gain of the mean per-slice Dice over the drawn
   seeds and slices. It is paired: before and after use the same patients
   and the same seeds (seed i of the after run with seed i of the before
-  run). Averaging the seeds first would hide their variance (issue 20:
+  run). Averaging the seeds first would hide their variance (the demo's
   seeds gaining +0.07 % and +20.4 % read [+9.2 %, +9.4 %]); drawing them
   widens the interval by what another choice of seeds could give.
 

@@ -343,7 +343,7 @@ def _is_group_dir(name: str) -> bool:
 
 # config.seg.budget: how long a run trains. "steps": config.seg.steps
 # optimizer steps whatever the training set's size, so the before and the
-# after run of a comparison get the same number of updates (issue 20: with
+# after run of a comparison get the same number of updates (on the demo, with
 # a fixed epoch count the run with the synthetic set added took ~3x the
 # steps, and that alone read as a gain). "epochs": the paper's fixed epoch
 # count, config.seg.epochs * (num_examples // batch_size) steps.
