@@ -42,7 +42,8 @@ def test_phantom_folder_preprocesses_with_the_sites_centers(tmp_path, tiny_data_
   info = phantom.generate(str(tmp_path / "raw"), version=version, num_cases=8,
                           scale=0.25)
   assert info.data_dir.endswith(brats.DATA_FOLDER_NAMES[version])
-  grades = {g for g in os.listdir(info.data_dir)}
+  grades = {g for g in os.listdir(info.data_dir)
+            if os.path.isdir(os.path.join(info.data_dir, g))}
   assert grades == {"HGG", "LGG"}  # the releases' grade folders.
   out = str(tmp_path / "out")
   manifest = preprocess.run(info.data_dir, out, dict(tiny_data_cfg, **AR_ONLY),
