@@ -148,7 +148,8 @@ def test_results_hold_runs_a_to_e_per_seed_with_gains(evaluated):
     assert g["after"] == pytest.approx(results["runs"][g["after_run"]]["mean"]["dice"])
   text = open(os.path.join(workdir, "eval", "results.md")).read()
   assert "0.51 -> 0.53" in text and "0.65 -> 0.68" in text
-  assert text.count("too few test patients to tell") == 2 and "interval" not in text
+  # Two gains and their two false-positive comparisons, none with an interval.
+  assert text.count("too few test patients to tell") == 4 and "interval" not in text
   assert "cutpaste" in text  # the stand-in is said.
   assert "phantom data: its Dice is not the paper's Dice (BraTS)" in text
   assert "| test patients / slices |" in text and "reproduce" not in text
@@ -265,6 +266,39 @@ def test_false_positives_on_tumor_free_test_slices_are_recorded_and_reported(eva
   assert "| run | tumor-free slices (patients) | FP area per slice" in text
   assert "B's false-positive area per tumor-free slice is" in text
   assert "D's false-positive area per tumor-free slice is" in text
+  # The fixture's one test patient: no interval, no reading of the difference.
+  d = result["gains"]["D_vs_C"]["false_positives"]
+  assert d["low"] is None and d["verdict"].startswith("too few test patients to tell")
+  assert "predicts" not in text and "too few test patients to tell (n = 1 < 5)." in text
+
+
+def _fp_record(per_slice: dict, patients: list) -> dict:
+  return {"per_slice": per_slice, "patients": patients}
+
+
+def test_false_positive_difference_reads_only_what_its_interval_shows():
+  patients = [f"p{i // 2}" for i in range(12)]  # 6 patients, 2 slices each.
+  zeros = [0] * 12
+  # After predicts 20 px on every slice of every patient and seed: more.
+  more = runs.false_positive_difference(
+      _fp_record({"0": [20] * 12, "1": [20] * 12}, patients),
+      _fp_record({"0": zeros, "1": zeros}, patients), ["0", "1"], 5)
+  assert more["difference"] == 20 and more["low"] > 0 and more["verdict"] == "more false positives"
+  # One patient's slices and one seed carry the whole difference: the
+  # resampled patients and seeds put 0 inside the interval.
+  one = [30, 30] + [0] * 10
+  noisy = runs.false_positive_difference(
+      _fp_record({"0": one, "1": zeros}, patients),
+      _fp_record({"0": zeros, "1": zeros}, patients), ["0", "1"], 5)
+  assert noisy["difference"] > 0 and noisy["low"] <= 0 <= noisy["high"]
+  assert noisy["verdict"] == "no evidence of a difference in false positives"
+  fewer = runs.false_positive_difference(
+      _fp_record({"0": zeros, "1": zeros}, patients),
+      _fp_record({"0": [5] * 12, "1": [7] * 12}, patients), ["0", "1"], 5)
+  assert fewer["high"] < 0 and fewer["verdict"] == "fewer false positives"
+  small = runs.false_positive_difference(
+      _fp_record({"0": [20] * 12}, patients), _fp_record({"0": zeros}, patients), ["0"], 7)
+  assert small["low"] is None and small["verdict"] == "too few test patients to tell (n = 6 < 7)"
 
 
 def test_pick_slices_takes_the_largest_tumors_one_patient_first():

@@ -181,6 +181,45 @@ def relative_gain_ci(before, after, patient_ids: Sequence, n_boot: int = 2000,
     `before`, `after` (the two means), `n_patients`, `n_slices`, `n_seeds`,
     `n_boot`, `alpha`.
   """
+  boot = _paired_bootstrap(before, after, patient_ids, n_boot, seed, alpha)
+
+  def gain(mb, ma):
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.where(mb > 0, (ma - mb) / np.where(mb > 0, mb, 1.0), np.nan)
+
+  low, high = np.nanpercentile(gain(boot["mean_b"], boot["mean_a"]),
+                               [100 * alpha / 2, 100 * (1 - alpha / 2)])
+  return {"gain": float(gain(boot["before"], boot["after"])), "low": float(low),
+          "high": float(high), **boot["info"]}
+
+
+def difference_ci(before, after, patient_ids: Sequence, n_boot: int = 2000,
+                  seed: int = 0, alpha: float = 0.05) -> dict:
+  """Difference of means, after - before, with relative_gain_ci's paired
+  hierarchical bootstrap (patients and seeds together).
+
+  For measures whose 'before' may be 0, e.g. the false-positive area on
+  tumor-free slices. Same arguments as relative_gain_ci.
+
+  Returns:
+    dict with `difference` (point estimate), `low`, `high`, `before`,
+    `after`, `n_patients`, `n_slices`, `n_seeds`, `n_boot`, `alpha`.
+  """
+  boot = _paired_bootstrap(before, after, patient_ids, n_boot, seed, alpha)
+  low, high = np.percentile(boot["mean_a"] - boot["mean_b"],
+                            [100 * alpha / 2, 100 * (1 - alpha / 2)])
+  return {"difference": float(boot["after"] - boot["before"]), "low": float(low),
+          "high": float(high), **boot["info"]}
+
+
+def _paired_bootstrap(before, after, patient_ids: Sequence, n_boot: int, seed: int,
+                      alpha: float) -> dict:
+  """The resampled means of relative_gain_ci and difference_ci.
+
+  Returns:
+    mean_b, mean_a ((n_boot,) means over the drawn seeds and slices),
+    before, after (the means over all), info (the counts and settings).
+  """
   before = np.asarray(before, np.float64)
   after = np.asarray(after, np.float64)
   if before.shape != after.shape or before.ndim not in (1, 2):
@@ -190,20 +229,15 @@ def relative_gain_ci(before, after, patient_ids: Sequence, n_boot: int = 2000,
     before, after = before[None], after[None]
   n_seeds, n = before.shape
   if n == 0 or n_seeds == 0:
-    raise ValueError("relative_gain_ci: no test slices")
+    raise ValueError("paired bootstrap: no test slices")
   if not 0 < alpha < 1:
     raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
   keys, inverse = _group(patient_ids, n)
   p = len(keys)
-  # Per seed and patient: the sums of per-slice Dice, (n_seeds, p).
+  # Per seed and patient: the sums of the per-slice values, (n_seeds, p).
   sum_b = np.stack([np.bincount(inverse, b, p) for b in before])
   sum_a = np.stack([np.bincount(inverse, a, p) for a in after])
   count = np.bincount(inverse, minlength=p).astype(np.float64)
-
-  def gain(mb, ma):
-    with np.errstate(invalid="ignore", divide="ignore"):
-      return np.where(mb > 0, (ma - mb) / np.where(mb > 0, mb, 1.0), np.nan)
-
   rng = np.random.default_rng(seed)
   # How often each patient (n_boot, p) and each seed (n_boot, n_seeds) is
   # drawn in each resample. One seed: always drawn, the patients alone
@@ -212,14 +246,12 @@ def relative_gain_ci(before, after, patient_ids: Sequence, n_boot: int = 2000,
   seeds = (_draw_counts(rng, n_boot, n_seeds) if n_seeds > 1
            else np.ones((n_boot, 1), np.float64))
   slices = (patients @ count) * seeds.sum(axis=1)
-  mean_b = np.einsum("rs,sp,rp->r", seeds, sum_b, patients) / slices
-  mean_a = np.einsum("rs,sp,rp->r", seeds, sum_a, patients) / slices
-  low, high = np.nanpercentile(gain(mean_b, mean_a), [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  mb, ma = before.mean(), after.mean()
-  return {"gain": float(gain(mb, ma)), "low": float(low), "high": float(high),
-          "before": float(mb), "after": float(ma), "n_patients": int(p),
-          "n_slices": int(n), "n_seeds": int(n_seeds), "n_boot": int(n_boot),
-          "alpha": float(alpha)}
+  return {"mean_b": np.einsum("rs,sp,rp->r", seeds, sum_b, patients) / slices,
+          "mean_a": np.einsum("rs,sp,rp->r", seeds, sum_a, patients) / slices,
+          "before": float(before.mean()), "after": float(after.mean()),
+          "info": {"before": float(before.mean()), "after": float(after.mean()),
+                   "n_patients": int(p), "n_slices": int(n), "n_seeds": int(n_seeds),
+                   "n_boot": int(n_boot), "alpha": float(alpha)}}
 
 
 def _draw_counts(rng, n_boot: int, k: int) -> np.ndarray:
