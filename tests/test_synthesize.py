@@ -270,6 +270,8 @@ def test_stopped_synthesis_resumes_at_the_next_batch(trained, tmp_path):
   assert not (tmp_path / "private" / "synthesis" / "staging").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
   portpicker = pytest.importorskip("portpicker")
   data_dir, _, _, export, reference, _ = trained

@@ -46,6 +46,8 @@ def _assert_same_params(a, b, atol):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_loss_falls_on_phantom_data(preprocessed_2020, tmp_path):
   out, manifest = preprocessed_2020
   _, sampler, result = train_tiny(out, tmp_path, "TCIA", 200, log_every=10,
@@ -62,6 +64,8 @@ def test_loss_falls_on_phantom_data(preprocessed_2020, tmp_path):
   assert "200" in os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow
 def test_one_and_eight_devices_agree(tmp_path):
   one = _run_worker(tmp_path, "one", devices=1, env_devices=8)
   eight = _run_worker(tmp_path, "eight", devices=8, env_devices=8)
