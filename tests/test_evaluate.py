@@ -5,6 +5,7 @@ diffusion model, stands in for the dfgm set; tiny segmenter, one epoch, two
 stacked seeds) serves every test.
 """
 
+import contextlib
 import json
 import os
 
@@ -81,6 +82,24 @@ def _stand_in_synthetic_set(data, out_dir):
   return slice_sets.SliceData(out_dir)
 
 
+@contextlib.contextmanager
+def _compilation_cache(path):
+  """A persistent compilation cache in `path` for the block: runs that
+  compile the same step compile it once; the settings are restored after,
+  for the other tests."""
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def evaluated(preprocessed_2020, tmp_path_factory):
   data_dir, manifest = preprocessed_2020
@@ -89,19 +108,9 @@ def evaluated(preprocessed_2020, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("evaluate")
   real = _BorrowedTest(slice_sets.SliceData(data_dir))
   synthetic = {runs.DFGM: _stand_in_synthetic_set(real.data, str(workdir / "synthetic"))}
-  # The five runs compile the same training step: a persistent compilation
-  # cache compiles it once (restored afterwards for the other tests).
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
+  # The five runs compile the same training step: compiled once.
+  with _compilation_cache(workdir / "xla_cache"):
     result = runs.run(config, str(workdir), real, synthetic, progress=False)
-  finally:
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
   return config, str(workdir), real, synthetic, result
 
 
@@ -692,19 +701,10 @@ def test_training_longer_on_the_same_slices_is_no_gain_once_steps_are_matched(tm
                                "case_id": np.repeat([f"p{i}" for i in range(6)], 4)}},
                  manifest={"source": {"kind": "phantom"}})
   copy = _ToySet({"TOY_synthetic": {k: v.copy() for k, v in train.items()}})
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
+  with _compilation_cache(tmp_path / "xla_cache"):
     out = {budget: runs.run(_toy_config(budget, epochs=4, steps=64), str(tmp_path / budget),
                             real, {"cutpaste": copy}, progress=False)
            for budget in ("epochs", "steps")}
-  finally:
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
   for budget, result in out.items():
     assert result["trained"] == ["A", "B_cutpaste"], budget
   epochs, steps = (out[b]["gains"]["B_cutpaste_vs_A"] for b in ("epochs", "steps"))
