@@ -421,14 +421,30 @@ def _gain(after: dict, before: dict, seeds: Sequence[str], min_patients: int) ->
   """
   a = np.asarray([after["per_slice"][s]["dice"] for s in seeds])
   b = np.asarray([before["per_slice"][s]["dice"] for s in seeds])
-  out = metrics_lib.relative_gain_ci(b, a, before["patients"])
-  out["min_test_patients"] = int(min_patients)
-  if out["n_patients"] < min_patients:
-    out["low"] = out["high"] = None
+  out = _withhold_small(metrics_lib.relative_gain_ci(b, a, before["patients"]),
+                        min_patients)
   out["per_seed"] = {s: (float(a[i].mean() - b[i].mean()) / float(b[i].mean())
                          if b[i].mean() > 0 else None) for i, s in enumerate(seeds)}
   out["verdict"] = gain_verdict(out)
   return out
+
+
+def _withhold_small(out: dict, min_patients: int) -> dict:
+  """A bootstrap result (relative_gain_ci, difference_ci) with no interval
+  (low, high None) below `min_patients` test patients: a bootstrap over 1
+  or 2 patients gives a narrow interval that means nothing."""
+  out["min_test_patients"] = int(min_patients)
+  if out["n_patients"] < min_patients:
+    out["low"] = out["high"] = None
+  return out
+
+
+def _too_few(g: dict) -> str | None:
+  """The verdict of a result _withhold_small left without an interval."""
+  if g["n_patients"] < g["min_test_patients"]:
+    return (f"too few test patients to tell (n = {g['n_patients']} < "
+            f"{g['min_test_patients']})")
+  return None
 
 
 def gain_verdict(g: dict) -> str:
@@ -438,9 +454,8 @@ def gain_verdict(g: dict) -> str:
   (it includes 0), consistent with a loss (below 0), too few test patients
   to tell (no interval), or undefined (a mean Dice of 0 before).
   """
-  if g["n_patients"] < g["min_test_patients"]:
-    return (f"too few test patients to tell (n = {g['n_patients']} < "
-            f"{g['min_test_patients']})")
+  if _too_few(g):
+    return _too_few(g)
   values = (g["gain"], g["low"], g["high"])
   if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
     return "undefined (a mean Dice of 0 before)"
@@ -824,12 +839,9 @@ def false_positive_difference(after: dict, before: dict, seeds: Sequence[str],
   below `min_patients` test patients."""
   a = np.asarray([after["per_slice"][s] for s in seeds], np.float64)
   b = np.asarray([before["per_slice"][s] for s in seeds], np.float64)
-  out = metrics_lib.difference_ci(b, a, before["patients"])
-  out["min_test_patients"] = int(min_patients)
-  if out["n_patients"] < min_patients:
-    out["low"] = out["high"] = None
-    out["verdict"] = (f"too few test patients to tell (n = {out['n_patients']} < "
-                      f"{min_patients})")
+  out = _withhold_small(metrics_lib.difference_ci(b, a, before["patients"]), min_patients)
+  if _too_few(out):
+    out["verdict"] = _too_few(out)
   elif out["low"] > 0:
     out["verdict"] = "more false positives"
   elif out["high"] < 0:
