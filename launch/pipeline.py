@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 from absl import logging
 
+from dfgm_jax import compile_cache
 from dfgm_jax import errors
 
 
@@ -399,10 +400,16 @@ STAGES = (
 
 
 def run_stages(run: Run, stages=STAGES) -> dict:
-  """Runs `stages` in order; returns every stage's artifacts (stage -> dict)."""
-  for s in stages:
-    start = time.perf_counter()
-    logging.info("stage %s ...", s.name)
-    run.outputs[s.name] = s.run(run)
-    logging.info("stage %s: done in %.1fs", s.name, time.perf_counter() - start)
+  """Runs `stages` in order; returns every stage's artifacts (stage -> dict).
+
+  The stages share one compiled-program cache in W/private/xla_cache
+  (dfgm_jax/compile_cache.py): the evaluation's runs, the samplers and a
+  rerun compile each program once.
+  """
+  with compile_cache.enabled(run.path("private", "xla_cache")):
+    for s in stages:
+      start = time.perf_counter()
+      logging.info("stage %s ...", s.name)
+      run.outputs[s.name] = s.run(run)
+      logging.info("stage %s: done in %.1fs", s.name, time.perf_counter() - start)
   return run.outputs

@@ -5,17 +5,15 @@ diffusion model, stands in for the dfgm set; tiny segmenter, one epoch, two
 stacked seeds) serves every test.
 """
 
-import contextlib
 import json
 import os
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from PIL import Image
 import pytest
 
 from data_pipeline import slice_sets
+from dfgm_jax import compile_cache
 from dfgm_jax import config_checks
 from dfgm_jax import errors
 from dfgm_jax.eval import figures
@@ -82,22 +80,11 @@ def _stand_in_synthetic_set(data, out_dir):
   return slice_sets.SliceData(out_dir)
 
 
-@contextlib.contextmanager
 def _compilation_cache(path):
-  """A persistent compilation cache in `path` for the block: runs that
-  compile the same step compile it once; the settings are restored after,
-  for the other tests."""
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
+  """A persistent compilation cache in `path` for the block (every program,
+  however fast its compile): runs that compile the same step compile it
+  once; the settings are restored after, for the other tests."""
+  return compile_cache.enabled(str(path), min_compile_s=0)
 
 
 @pytest.fixture(scope="module")

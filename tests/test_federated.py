@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import tiny
+from dfgm_jax import compile_cache
 from dfgm_jax import config_checks
 from dfgm_jax import errors
 from dfgm_jax import model_io
@@ -30,16 +30,9 @@ from tests.conftest import ROOT
 def _compilation_cache(tmp_path_factory):
   # The engine runs below compile the same client programs several times
   # (each train() compiles its own); a persistent cache compiles each once.
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  compilation_cache.reset_cache()
+  with compile_cache.enabled(str(tmp_path_factory.mktemp("xla_cache")),
+                             min_compile_s=0):
+    yield
 
 
 def _config(**fed):
