@@ -82,6 +82,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.fed.centers = "CBICA,TCIA"
   config.fed.rounds = 3
   config.fed.local_steps = 50
+  # The clients one after another: on the 2-core CPU the vmapped (stacked)
+  # program took about 1.7x the CPU time per client step of one client's
+  # program (docs/benchmark_log.md), and the two clients share that program.
+  config.fed.engine = "sequential"
   # Synthesis: a short blended DDIM run (the paper-scale default is 195 NFE).
   config.sampler.steps = 25
   config.sampler.resamples = 1
@@ -111,6 +115,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seg.steps = 300
   config.seg.epochs = 15
   config.seg.seeds = (0, 1)
+  # One seed at a time: stacked, the seeds' grouped convolutions took about
+  # 2x the CPU time per seed on the 2-core CPU (docs/benchmark_log.md); every
+  # run and seed then trains one program, compiled once through the
+  # pipeline's compilation cache (dfgm_jax/compile_cache.py).
+  config.seg.stack_seeds = "sequential"
   # What the pipeline compares dfgm with (baseline sets, quality table):
   # both baselines; the quality table's VGG16 features (224 px on the CPU)
   # on 48 slices per set.

@@ -54,10 +54,13 @@ def get_seg_config() -> ml_collections.ConfigDict:
   # How the seeds are trained: stacked (one compiled program, vmap over the
   # models; on out-of-memory the trainer falls back to one seed at a time by
   # itself), sequential (one at a time), or auto: stacked on CPUs (one
-  # compile instead of one per seed, at 0.82-1.23x the throughput) and
-  # sequential on accelerators (on an H200 the vmapped convolutions ran at
-  # 0.34x: 474 against 1,378 images/s at width 64). Same results up to float
-  # rounding either way.
+  # compile instead of one per seed; the throughput per seed was 0.82-1.23x,
+  # and about 0.5x in CPU time at the demo's width 8, docs/benchmark_log.md)
+  # and sequential on accelerators (on an H200 the vmapped convolutions ran
+  # at 0.34x: 474 against 1,378 images/s at width 64). With a compilation
+  # cache (run_pipeline and launch.evaluate keep one) the seeds share one
+  # compile, so sequential wins there: the demo sets it. Same results up to
+  # float rounding either way.
   c.stack_seeds = "auto"
   # Write metrics every this many steps (and at the end).
   c.log_every = 10
