@@ -55,6 +55,7 @@ tail; the same epsilon with the rdp accountant).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -62,13 +63,15 @@ import json
 import os
 import re
 import secrets
+import signal
+import threading
 import time
 
-from absl import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dfgm_jax import errors
+from launch.flower_app import logs
 from launch.flower_app import secure
 from launch.flower_app import settings
 
@@ -287,7 +290,7 @@ def run_round(config, site: settings.Site, run_key, arrays,
         f"config.fed.centers={','.join(centers)}")
   index = centers.index(site.center)
   if config.train.reader != "synthetic" and not os.path.isdir(site.data_dir):
-    raise errors.UserError(f"--node-config data_dir={site.data_dir}: no such "
+    raise errors.UserError(f"--node-config data-dir={site.data_dir}: no such "
                            "folder")
   directory = _state_dir(site, run_key)
   use_dp = diffusion.dp_enabled(config)
@@ -367,11 +370,117 @@ def reply_content(site: settings.Site, index: int, round_index: int, update,
   })
 
 
+# --- What a site's failure tells the server -------------------------------------
+
+
+class SiteFailure(Exception):
+  """A site's round failed; its text is what the server is told (what
+  failed, not where: no local path or split name). The SuperNode's log keeps
+  the full error with its traceback."""
+
+
+# Absolute paths, and names of preprocessing splits (<center>_train, ...).
+_PATH = re.compile(r"(?<![\w<>])/[^\s:'\",;()\[\]{}]+")
+_SPLIT = re.compile(r"\b[\w.-]+_(?:train|val|test|healthy)\b")
+
+
+def public_reason(site: settings.Site | None, center: str, error: BaseException) -> str:
+  """The one line the server gets for a site's failure: 'site <center>:
+  <what failed>', the site's folders and any other absolute path or split
+  name replaced by what they are (<data-dir>, <state-dir>, <cache-dir>,
+  <path>, <split>)."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  if site is not None:
+    for name, path in (("<data-dir>", site.data_dir),
+                       ("<state-dir>", site.state_dir),
+                       ("<cache-dir>", site.cache_dir)):
+      text = re.sub(re.escape(path.rstrip("/")) + r"(/[^\s:'\",;]*)?", name, text)
+  text = _SPLIT.sub("<split>", _PATH.sub("<path>", text))
+  if not isinstance(error, errors.UserError):  # a bug, not the site's input.
+    text = f"{type(error).__name__}: {text}"
+  return f"site {center}: {text} (details in the site's SuperNode log)"
+
+
+def _center(node_config) -> str:
+  """The node config's center for a message, '?' without one."""
+  return str(node_config.get("center", "") or "?")
+
+
+# --- Stop means stop ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exit_on_stop(center: str, exit_fn=os._exit):  # pylint: disable=protected-access
+  """Within it, a SIGINT or SIGTERM ends this process at once.
+
+  Flower tells a ClientApp process that its run was stopped (`flwr stop`),
+  or that its SuperNode is gone, by raising SIGINT in it; Python runs the
+  handler only when the main thread is back in the interpreter, which a
+  round's compiled training is not for tens of seconds. The signal's
+  wake-up byte (signal.set_wakeup_fd) is written at once: a thread reading
+  it ends the process (exit status 128 + the signal), so the round's
+  training stops with its run. Nothing is lost: the site writes its state
+  only after training, and the server never got this round's reply.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield  # set_wakeup_fd works in the main thread only.
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not data:  # the write end closed: the round is over.
+        return
+      for number in (signal.SIGINT, signal.SIGTERM):
+        if number in data:
+          logs.say("site %s: stopped (%s), this round ends here", center,
+                   signal.Signals(number).name)
+          exit_fn(128 + number)
+          return
+
+  watcher = threading.Thread(target=watch, daemon=True, name="exit_on_stop")
+  watcher.start()
+  try:
+    yield
+  finally:
+    signal.set_wakeup_fd(previous)
+    os.close(write_fd)
+    watcher.join(timeout=5)
+    os.close(read_fd)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+  """Which center this SuperNode is (the server names the sites that never
+  came by the centers of those that did)."""
+  return Message(content=RecordDict({settings.SITE_KEY: ConfigRecord({
+      "center": _center(context.node_config)})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-  """FedAvg's train message -> this site's params, EMA and private count."""
+  """FedAvg's train message -> this site's params, EMA and private count.
+
+  A failure is logged here in full and reaches the server as SiteFailure
+  (public_reason)."""
+  site = None
+  try:
+    site = settings.site(context.node_config)
+    with exit_on_stop(site.center):
+      return _train(msg, context, site)
+  except Exception as e:  # pylint: disable=broad-except  (told, then raised)
+    logs.error(f"site {_center(context.node_config)}: {e}")
+    raise SiteFailure(public_reason(site, _center(context.node_config), e)) from e
+
+
+def _train(msg: Message, context: Context, site: settings.Site) -> Message:
   started = _process_age()  # the process's start and imports, before this.
-  site = settings.site(context.node_config)
   settings.use_compilation_cache(site.cache_dir)
   config = settings.load_config(context.run_config)
   legacy = secure.is_legacy_fit(msg.content)  # SecAgg+'s FitIns.
@@ -386,11 +495,9 @@ def train(msg: Message, context: Context) -> Message:
     key = run_key(msg.content)
   update, index, seconds, privacy = run_round(
       config, site, key, arrays, round_index)
-  logging.info("site %s round %d: %d private slices, loss %.4f, setup %.1fs, "
-               "train %.1fs%s", site.center, round_index + 1,
-               update.num_examples, update.metrics["loss"], seconds["setup_s"],
-               seconds["train_s"],
-               f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else "")
+  logs.say(round_line(site.center, round_index, config.fed.rounds,
+                      config.fed.local_steps, update.num_examples,
+                      update.metrics["loss"], seconds, privacy))
   if started is not None:
     seconds["start_s"] = started
   content = reply_content(site, index, round_index, update, seconds, privacy)
@@ -400,3 +507,15 @@ def train(msg: Message, context: Context) -> Message:
                                   update.num_examples, dict(metrics),
                                   dict(content[settings.SITE_KEY]))
   return Message(content=content, reply_to=msg)
+
+
+def round_line(center: str, round_index: int, rounds: int, local_steps: int,
+               num_examples: int, loss: float, seconds: dict,
+               privacy: dict) -> str:
+  """The site's line of a round in its SuperNode's log: loss, local steps,
+  seconds, and with DP its epsilon."""
+  return (f"site {center} round {round_index + 1} of "
+          f"{max(rounds, round_index + 1)}: {local_steps} local steps on "
+          f"{num_examples} private slices, loss {float(loss):.4f}, setup "
+          f"{seconds['setup_s']:.1f}s, train {seconds['train_s']:.1f}s"
+          + (f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else ""))

@@ -1,0 +1,295 @@
+"""Operating the Flower app: a bounded wait for the sites that names the
+missing ones, a site's failure told to the server without its paths, the
+sites' round lines, each log line once, the run's own round numbers, a
+ClientApp that stops when told, the typed run config and kebab-case node
+config, and launch.flower_run's verdict on how a run ended. Fast: no
+SuperLink (tests/test_flower.py runs them on localhost)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.supercore.task_identity import TaskIdentity
+import numpy as np
+
+from dfgm_jax import errors
+from launch.flower_app import client_app
+from launch.flower_app import logs
+from launch.flower_app import runner
+from launch.flower_app import server_app
+from launch.flower_app import settings
+from tests.conftest import ROOT
+
+TINY = {"config": "configs/tiny.py",
+        "overrides": ("train.reader=grain fed.rounds=2 fed.local_steps=2 "
+                      "fed.centers=CBICA,TCIA")}
+
+
+# --- The wait for the sites -----------------------------------------------------
+
+
+class _Clock:
+  """A clock that sleep() advances."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.now += seconds
+
+
+class _Grid:
+  def __init__(self, connected):
+    self.connected = connected  # [(time from which, node id)]
+    self.clock = None
+
+  def get_node_ids(self):
+    now = self.clock() if self.clock else 0.0
+    return [n for t, n in self.connected if t <= now]
+
+
+def test_the_server_waits_a_bounded_time_then_names_the_sites_that_never_came():
+  clock = _Clock()
+  grid = _Grid([(0.0, 11), (20.0, 12)])
+  grid.clock = clock
+  # Both come within the wait: their nodes, once the second is there.
+  assert server_app.wait_for_sites(grid, ["CBICA", "TCIA"], 30.0,
+                                   clock=clock, sleep=clock.sleep) == [11, 12]
+  assert clock.now == pytest.approx(20.0)
+  # One never comes: after the wait (not forever), its center is named.
+  clock.now = 0.0
+  grid.connected = [(0.0, 11)]
+  asked = []
+  with pytest.raises(errors.UserError) as e:
+    server_app.wait_for_sites(
+        grid, ["CBICA", "TCIA"], 30.0, clock=clock, sleep=clock.sleep,
+        ask=lambda nodes: asked.append(nodes) or ["CBICA"])
+  assert asked == [[11]] and clock.now == pytest.approx(30.0)
+  assert "the sites never came: TCIA (1 of 2 connected after the run config's " \
+         "site-wait=30 s)" in str(e.value)
+  # A site that cannot say who it is: the count and the run's centers.
+  clock.now = 0.0
+  with pytest.raises(errors.UserError, match=r"never came: 1 of CBICA, TCIA"):
+    server_app.wait_for_sites(grid, ["CBICA", "TCIA"], 5.0, clock=clock,
+                              sleep=clock.sleep, ask=lambda nodes: [])
+
+
+def test_each_round_waits_for_the_sites_and_asks_the_connected_their_center(
+    monkeypatch):
+  for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):
+    monkeypatch.setattr(TaskIdentity, name, value)
+
+  class Grid:
+    sent = []
+
+    def get_node_ids(self):
+      return [11]
+
+    def send_and_receive(self, messages, timeout):
+      self.sent += list(messages)
+      return [Message(RecordDict({settings.SITE_KEY: ConfigRecord(
+          {"center": "CBICA"})}), reply_to=m) for m in self.sent]
+
+  grid = Grid()
+  strategy = server_app.SiteFedAvg(
+      centers=["CBICA", "TCIA"], on_round=None, site_wait_s=0.0,
+      min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+  with pytest.raises(errors.UserError, match="the sites never came: TCIA"):
+    strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+  [query] = grid.sent
+  assert query.metadata.message_type == "query"
+  # The ClientApp's answer: its node config's center, nothing else.
+  reply = client_app.query(query, Context(run_id=7, node_id=11, node_config={
+      "center": "TCIA", "data-dir": "/private/x"}, state=RecordDict(),
+                                          run_config={}))
+  assert dict(reply.content[settings.SITE_KEY]) == {"center": "TCIA"}
+
+
+# --- A site's failure, as the server gets it ------------------------------------
+
+
+def _train_message(round_number=1):
+  return Message(RecordDict({
+      settings.ARRAYS_KEY: ArrayRecord({"params/w": Array(np.zeros(2, np.float32))}),
+      "config": ConfigRecord({"server-round": round_number,
+                              settings.RUN_KEY: "0123abcd"})}),
+                 dst_node_id=11, message_type="train")
+
+
+def test_a_sites_failure_reaches_the_server_as_what_failed_not_where(
+    tmp_path, monkeypatch):
+  for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):
+    monkeypatch.setattr(TaskIdentity, name, value)
+  monkeypatch.setattr(settings, "use_compilation_cache", lambda d: None)
+  private = str(tmp_path / "hospital" / "slices")
+  context = Context(run_id=7, node_id=11, node_config={
+      "center": "TCIA", "data-dir": private, "state-dir": str(tmp_path / "s")},
+                    state=RecordDict(), run_config=TINY)
+  with pytest.raises(client_app.SiteFailure) as e:
+    client_app.train(_train_message(), context)
+  text = str(e.value)
+  assert text == ("site TCIA: --node-config data-dir=<data-dir>: no such folder "
+                  "(details in the site's SuperNode log)")
+  assert private in str(e.value.__cause__)  # the site's own log has it.
+  # Other paths and split names are left out too; a bug says its type.
+  site = settings.site(context.node_config)
+  assert client_app.public_reason(site, "TCIA", errors.UserError(
+      f"{private}/TCIA_train/slices.npz: unreadable, see /etc/x.conf")) == (
+          "site TCIA: <data-dir>: unreadable, see <path> (details in the "
+          "site's SuperNode log)")
+  assert client_app.public_reason(None, "TCIA", KeyError("TCIA_train")) == (
+      "site TCIA: KeyError: '<split>' (details in the site's SuperNode log)")
+  # The server's error: Flower's wrapping of the exception removed.
+  reply = Message(Error(code=2, reason=f"<class '{type(e.value).__module__}."
+                        f"SiteFailure'>:<'{text}'>"), reply_to=_train_message())
+  strategy = server_app.SiteFedAvg(
+      centers=["CBICA", "TCIA"], on_round=None, min_train_nodes=2,
+      min_available_nodes=2, fraction_evaluate=0.0)
+  with pytest.raises(errors.UserError) as failed:
+    strategy.aggregate_train(1, [reply])
+  assert str(failed.value) == f"round 1: 1 site(s) failed: {text}"
+
+
+# --- Log lines: the site's rounds, each line once, the run's round numbers ------
+
+
+def test_a_site_logs_its_round_where_its_operator_looks(caplog):
+  line = client_app.round_line("TCIA", 1, 2, 50, 30, 0.123456,
+                               {"setup_s": 1.25, "train_s": 20.5},
+                               {"dp_epsilon": 1.5})
+  assert line == ("site TCIA round 2 of 2: 50 local steps on 30 private slices, "
+                  "loss 0.1235, setup 1.2s, train 20.5s, DP epsilon 1.500")
+  # Through Flower's logger, which a SuperNode's log shows (absl's INFO
+  # lines are dropped in an app process, its flags never parsed).
+  flwr_logger = logging.getLogger(logs.FLOWER_LOGGER)
+  flwr_logger.addHandler(caplog.handler)
+  try:
+    logs.say(line)
+  finally:
+    flwr_logger.removeHandler(caplog.handler)
+  assert [r.getMessage() for r in caplog.records] == [line]
+
+
+def test_each_line_of_the_server_stream_is_printed_once():
+  # An app process: importing the app, then absl's first log call (orbax's,
+  # JAX's) adds a root handler; Flower's lines must not be printed twice.
+  code = textwrap.dedent("""
+      from launch.flower_app import server_app
+      from absl import logging
+      logging.warning("a library's warning")
+      server_app.logs.say("the server's line")
+      """)
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                        capture_output=True, timeout=120,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert done.returncode == 0, done.stderr
+  output = done.stdout + done.stderr
+  assert output.count("the server's line") == 1, output
+  assert output.count("a library's warning") == 1, output
+
+
+def test_flowers_round_banner_says_the_runs_round_after_a_resume(caplog):
+  from flwr.common import log
+  flwr_logger = logging.getLogger(logs.FLOWER_LOGGER)
+  flwr_logger.addHandler(caplog.handler)
+  try:
+    with logs.run_rounds(1, 2):  # resumed after round 1 of 2.
+      log(logging.INFO, "[ROUND %s/%s]", 1, 1)  # Flower's FedAvg.start
+      log(logging.INFO, "[ROUND %s]", 1)  # the legacy (SecAgg+) workflow
+    log(logging.INFO, "[ROUND %s/%s]", 1, 1)  # another run, not resumed
+  finally:
+    flwr_logger.removeHandler(caplog.handler)
+  assert [r.getMessage() for r in caplog.records] == [
+      "[ROUND 2/2]", "[ROUND 2/2]", "[ROUND 1/1]"]
+
+
+# --- Stop means stop --------------------------------------------------------------
+
+
+def test_a_sigint_ends_the_client_process_while_its_main_thread_is_busy():
+  # Flower raises SIGINT in a ClientApp process whose run was stopped; a
+  # Python handler would only run after the round's compiled training. Here
+  # the main thread never acts on it (its handler does nothing).
+  code = textwrap.dedent("""
+      import os, signal, threading, time
+      from launch.flower_app import client_app
+      signal.signal(signal.SIGINT, lambda *a: None)
+      with client_app.exit_on_stop("TCIA"):
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+          time.sleep(0.05)
+      print("trained on")
+      """)
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                        capture_output=True, timeout=120,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert done.returncode == 128 + signal.SIGINT, done.stdout + done.stderr
+  assert "trained on" not in done.stdout
+  assert "site TCIA: stopped (SIGINT)" in done.stdout + done.stderr
+
+
+# --- Run config and node config ---------------------------------------------------
+
+
+def test_the_typed_run_config_keys_and_one_naming_style():
+  config = settings.load_config({"config": "configs/tiny.py", "rounds": 3,
+                                 "local-steps": 5, "centers": "CBICA,TCIA",
+                                 "overrides": "train.batch_size=4"})
+  assert (config.fed.rounds, config.fed.local_steps, config.fed.centers,
+          config.train.batch_size) == (3, 5, "CBICA,TCIA", 4)
+  # 0 and "": the config file's values.
+  default = settings.load_config({"config": "configs/tiny.py", "rounds": 0,
+                                  "centers": "A,B"})
+  assert default.fed.rounds == settings.load_config(
+      {"config": "configs/tiny.py", "overrides": "fed.centers=A,B"}).fed.rounds
+  with pytest.raises(errors.ConfigError, match=r"run config rounds=3 and "
+                     r"overrides fed.rounds=\.\.\.: set fed.rounds once"):
+    settings.load_config({"config": "configs/tiny.py", "rounds": 3,
+                          "overrides": "fed.rounds=2 fed.centers=A,B"})
+  with pytest.raises(errors.ConfigError, match="local-steps='5'"):
+    settings.load_config({"config": "configs/tiny.py", "local-steps": "5",
+                          "centers": "A,B"})
+  # The node config: kebab-case as the run config; old names refused by name.
+  site = settings.site({"center": "A", "data-dir": "/d", "state-dir": "/s",
+                        "dp-seed": "3"})
+  assert (site.data_dir, site.cache_dir, site.dp_seed) == ("/d", "/s/xla_cache", 3)
+  with pytest.raises(errors.ConfigError,
+                     match="--node-config data_dir: renamed data-dir"):
+    settings.site({"center": "A", "data_dir": "/d", "state-dir": "/s"})
+
+
+# --- launch.flower_run: how a run ended -------------------------------------------
+
+
+def test_flower_run_exits_zero_only_for_a_completed_run_that_wrote_its_record(
+    tmp_path):
+  done = str(tmp_path / "flower_run.json")
+  assert runner.verdict(3, "finished:completed", "", [], done)[0] == 1
+  open(done, "w").close()
+  assert runner.verdict(3, "finished:completed", "", [], done) == (
+      0, f"Flower run 3 completed: {done}")
+  assert runner.verdict(3, "finished:completed", "", [], None)[0] == 0
+  assert runner.verdict(3, "finished:stopped", "", [], done) == (
+      1, "Flower run 3 was stopped (flwr stop) before it finished")
+  # A failed run: the server's error line, else Flower's details.
+  line = "\x1b[91mERROR \x1b[0m:      error: round 1: 1 site(s) failed: site TCIA: x"
+  reason = runner.error_line(line)
+  assert reason == "round 1: 1 site(s) failed: site TCIA: x"
+  assert runner.error_line("INFO :      [ROUND 1/2]") is None
+  assert runner.verdict(3, "finished:failed", "ServerApp raised", [reason],
+                        done) == (1, f"Flower run 3 failed: {reason}")
+  assert runner.verdict(3, "finished:failed", "ServerApp raised", [], done) == (
+      1, "Flower run 3 failed: ServerApp raised")
+  # The local deployment's SuperNodes: kebab-case node config.
+  assert runner.node_config("TCIA", "/d", "/s") == (
+      'center="TCIA" data-dir="/d" state-dir="/s"')
