@@ -7,10 +7,12 @@ SuperLink (tests/test_flower.py runs them on localhost)."""
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
@@ -146,8 +148,19 @@ def test_a_sites_failure_reaches_the_server_as_what_failed_not_where(
       f"{private}/TCIA_train/slices.npz: unreadable, see /etc/x.conf")) == (
           "site TCIA: <data-dir>: unreadable, see <path> (details in the "
           "site's SuperNode log)")
-  assert client_app.public_reason(None, "TCIA", KeyError("TCIA_train")) == (
+  assert client_app.public_reason(None, "TCIA", KeyError("CBICA_train")) == (
       "site TCIA: KeyError: '<split>' (details in the site's SuperNode log)")
+  # A center with no data at its site: said before loading anything.
+  os.makedirs(private)
+  with open(os.path.join(private, "manifest.json"), "w") as f:
+    f.write('{"splits": {"CBICA_train": {"num_slices": 3}, "healthy": {}}}')
+  with pytest.raises(errors.UserError) as no_data:
+    client_app.check_data_dir(site)
+  assert client_app.public_reason(site, "TCIA", no_data.value) == (
+      "site TCIA: --node-config data-dir=<data-dir>: no private slices of "
+      "center TCIA (its split TCIA_train is missing or empty); preprocess the "
+      "site's volumes with TCIA among config.data.centers (details in the "
+      "site's SuperNode log)")
   # The server's error: Flower's wrapping of the exception removed.
   reply = Message(Error(code=2, reason=f"<class '{type(e.value).__module__}."
                         f"SiteFailure'>:<'{text}'>"), reply_to=_train_message())
@@ -293,3 +306,137 @@ def test_flower_run_exits_zero_only_for_a_completed_run_that_wrote_its_record(
   # The local deployment's SuperNodes: kebab-case node config.
   assert runner.node_config("TCIA", "/d", "/s") == (
       'center="TCIA" data-dir="/d" state-dir="/s"')
+
+
+# --- On localhost: launch.flower_run over a SuperLink and SuperNodes -------------
+
+# The tiny config, one round of two local steps, reading the phantom slices.
+LOCAL_RUN_CONFIG = (
+    "config='configs/tiny.py' rounds={rounds} local-steps=2 centers='{centers}' "
+    "site-wait={wait} overrides='train.reader=grain train.batch_size=4 "
+    "train.tensorboard=False model.overrides.attention_resolutions=() "
+    "fed.engine=sequential'")
+
+
+def _flower_run_args(tmp_path, sites, data_dirs, *, centers=None, rounds=1,
+                     wait=60):
+  return [sys.executable, "-m", "launch.flower_run",
+          f"--local_sites={','.join(sites)}",
+          *[f"--data_dir={d}" for d in data_dirs],
+          f"--state_dir={tmp_path / 'fl'}", f"--workdir={tmp_path / 'server'}",
+          "--run_config=" + LOCAL_RUN_CONFIG.format(
+              rounds=rounds, centers=centers or ",".join(sites), wait=wait)]
+
+
+def _env():
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("PYTHONPATH", None)  # the apps run from the FAB the SuperLink sent.
+  return env
+
+
+def _flower_run(tmp_path, *args, **kwargs):
+  done = subprocess.run(_flower_run_args(tmp_path, *args, **kwargs), cwd=ROOT,
+                        env=_env(), text=True, capture_output=True, timeout=600)
+  return done.returncode, done.stdout, done.stderr.strip().splitlines()
+
+
+@pytest.mark.slow  # about 70 s: a deployment whose round 1 fails at both sites.
+@pytest.mark.ci_slow
+def test_flower_run_fails_loudly_for_a_wrong_data_dir_and_a_center_without_data(
+    preprocessed_2020, tmp_path):
+  data_dir, _ = preprocessed_2020
+  wrong = str(tmp_path / "no_such_slices")
+  code, stream, stderr = _flower_run(
+      tmp_path, ["CBICA", "TCGA"], [f"CBICA={wrong}", f"TCGA={data_dir}"])
+  assert code == 1, stream
+  # One line: what failed at each site, not where.
+  assert stderr[-1].startswith("error: Flower run ") and " failed: round 1: 2 " \
+      "site(s) failed: " in stderr[-1], stderr
+  assert ("site CBICA: --node-config data-dir=<data-dir>: no such folder"
+          in stderr[-1])
+  assert "site TCGA: --node-config data-dir=<data-dir>: no private slices of " \
+         "center TCGA" in stderr[-1]
+  for text in (stream, stderr[-1]):  # the server's stream has no site path.
+    assert wrong not in text and data_dir not in text
+    assert "CBICA_train" not in text
+  # Each site's own log has the full error, with its path.
+  with open(tmp_path / "fl" / "supernode_CBICA.log") as f:
+    assert f"data-dir={wrong}: no such folder" in f.read()
+  assert not os.path.exists(tmp_path / "server" / "flower_run.json")
+
+
+@pytest.mark.slow  # about 50 s: a deployment with one of two sites.
+@pytest.mark.ci_slow
+def test_flower_run_names_a_missing_site_after_the_bounded_wait(
+    preprocessed_2020, tmp_path):
+  data_dir, _ = preprocessed_2020
+  start = time.monotonic()
+  code, stream, stderr = _flower_run(tmp_path, ["CBICA"], [data_dir],
+                                     centers="CBICA,TCIA", wait=5)
+  assert code == 1, stream
+  assert "the sites never came: TCIA (1 of 2 connected after the run " \
+         "config's site-wait=5 s)" in stderr[-1], stderr
+  assert stream.count("waiting for the sites: 1 of 2 connected") == 1
+  print(f"missing site: flower_run exited after {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.slow  # about 70 s: a deployment stopped in its first round.
+@pytest.mark.ci_slow
+def test_a_stopped_run_fails_and_its_sites_clientapps_end_with_their_supernodes(
+    preprocessed_2020, tmp_path):
+  import psutil  # pylint: disable=g-import-not-at-top
+  data_dir, _ = preprocessed_2020
+  out = open(tmp_path / "flower_run.out", "w+")  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(
+      _flower_run_args(tmp_path, ["CBICA", "TCIA"], [data_dir], rounds=2),
+      cwd=ROOT, env=_env(), text=True, stdout=out, stderr=subprocess.STDOUT)
+
+  def below(name):
+    found = []
+    try:
+      for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+          if (p.status() != psutil.STATUS_ZOMBIE
+              and name in " ".join(p.cmdline())):
+            found.append(p)
+        except psutil.Error:
+          pass
+    except psutil.Error:
+      pass
+    return found
+
+  try:
+    deadline = time.monotonic() + 300
+    while len(below("flwr-clientapp")) < 2:  # both sites are in round 1.
+      assert proc.poll() is None and time.monotonic() < deadline, (
+          open(tmp_path / "flower_run.out").read())
+      time.sleep(0.5)
+    time.sleep(5)  # into their imports, data and compile.
+    with open(tmp_path / "flower_run.out") as f:
+      run_id = re.search(r"Flower run (\d+) submitted", f.read()).group(1)
+    env = runner.flwr_env(str(tmp_path / "fl" / "flwr_cli"))
+    stop = subprocess.run([os.path.join(runner.bin_dir(), "flwr"), "stop",
+                           run_id, "local"], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    # The sites stop their SuperNodes: the ClientApps of the stopped round
+    # end with them (mid-training), not orphaned.
+    for node in below("flower-supernode"):
+      node.terminate()
+    stopped = time.monotonic()
+    while below("flwr-clientapp") and time.monotonic() - stopped < 20:
+      time.sleep(0.5)
+    left = below("flwr-clientapp")
+    assert not left, f"ClientApps left after their SuperNodes stopped: {left}"
+    print(f"ClientApps ended {time.monotonic() - stopped:.1f}s after their "
+          "SuperNodes")
+    assert proc.wait(timeout=120) == 1
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  out.seek(0)
+  lines = out.read().strip().splitlines()
+  assert lines[-1] == (f"error: Flower run {run_id} was stopped (flwr stop) "
+                       "before it finished")
+  assert not os.path.exists(tmp_path / "server" / "flower_run.json")

@@ -263,6 +263,26 @@ def dp_check_round(config, center: str, accountant, ledger: dict,
 # --- The round --------------------------------------------------------------------
 
 
+def check_data_dir(site: settings.Site) -> None:
+  """Refuses a data-dir that is no folder, or holds no private slices of the
+  site's center (before the work of loading anything).
+
+  Raises:
+    errors.UserError: naming the node config's key and what is wrong.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(site.data_dir):
+    raise errors.UserError(f"--node-config data-dir={site.data_dir}: no such "
+                           "folder")
+  split = f"{site.center}_train"
+  splits = slice_sets.load_manifest(site.data_dir).get("splits", {})
+  if not (splits.get(split) or {}).get("num_slices"):
+    raise errors.UserError(
+        f"--node-config data-dir={site.data_dir}: no private slices of center "
+        f"{site.center} (its split {split} is missing or empty); preprocess "
+        f"the site's volumes with {site.center} among config.data.centers")
+
+
 def run_round(config, site: settings.Site, run_key, arrays,
               round_index: int) -> tuple:
   """One round at this site: (update, client index, seconds by phase,
@@ -289,9 +309,8 @@ def run_round(config, site: settings.Site, run_key, arrays,
         f"--node-config center={site.center!r}: not one of the run's "
         f"config.fed.centers={','.join(centers)}")
   index = centers.index(site.center)
-  if config.train.reader != "synthetic" and not os.path.isdir(site.data_dir):
-    raise errors.UserError(f"--node-config data-dir={site.data_dir}: no such "
-                           "folder")
+  if config.train.reader != "synthetic":
+    check_data_dir(site)
   directory = _state_dir(site, run_key)
   use_dp = diffusion.dp_enabled(config)
   if use_dp:
@@ -387,15 +406,17 @@ _SPLIT = re.compile(r"\b[\w.-]+_(?:train|val|test|healthy)\b")
 def public_reason(site: settings.Site | None, center: str, error: BaseException) -> str:
   """The one line the server gets for a site's failure: 'site <center>:
   <what failed>', the site's folders and any other absolute path or split
-  name replaced by what they are (<data-dir>, <state-dir>, <cache-dir>,
-  <path>, <split>)."""
+  name of another center replaced by what they are (<data-dir>,
+  <state-dir>, <cache-dir>, <path>, <split>)."""
   text = " ".join(str(error).split()) or type(error).__name__
   if site is not None:
     for name, path in (("<data-dir>", site.data_dir),
                        ("<state-dir>", site.state_dir),
                        ("<cache-dir>", site.cache_dir)):
       text = re.sub(re.escape(path.rstrip("/")) + r"(/[^\s:'\",;]*)?", name, text)
-  text = _SPLIT.sub("<split>", _PATH.sub("<path>", text))
+  # The site's own center's splits name nothing the server does not know.
+  text = _SPLIT.sub(lambda m: m.group(0) if m.group(0).startswith(f"{center}_")
+                    else "<split>", _PATH.sub("<path>", text))
   if not isinstance(error, errors.UserError):  # a bug, not the site's input.
     text = f"{type(error).__name__}: {text}"
   return f"site {center}: {text} (details in the site's SuperNode log)"
