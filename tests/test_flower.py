@@ -665,7 +665,17 @@ def test_two_supernodes_resume_a_stopped_run(preprocessed_2020, tmp_path):
   assert (record["rounds"], record["resumed_after"]) == (2, 1)
   assert len(record["round_s"]) == 1
   with open(tmp_path / "resumed" / "flwr_run.log") as f:
-    assert "after round 1 of 2" in f.read()
+    stream = f.read()
+  assert "after round 1 of 2" in stream
+  # Flower's banner says the run's round (its own count is 1 of 1), and the
+  # server's stream has each of its lines once (Flower's lines were also
+  # printed by the root handler absl's first log call adds).
+  assert "[ROUND 2/2]" in stream and "[ROUND 1/1]" not in stream
+  assert stream.count("resuming ") == 1 and stream.count("[ROUND 2/2]") == 1
+  # Each site logs its round in its SuperNode's log.
+  for center in states:
+    with open(tmp_path / "resumed" / f"supernode_{center}.log") as f:
+      assert f"site {center} round 2 of 2: 2 local steps on " in f.read()
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [2, 4]
   # Both sites continued under the same run key: the final global params,
