@@ -14,10 +14,10 @@ round (FedAvg ignores it; the ServerApp checks that every center answered).
 
 A SuperNode starts a new ClientApp process per message, so what a client
 keeps across rounds lives on the site's disk: its AdamW state after round r
-in state_dir/run-<run key>/<center>/opt_state_<r>.npz (the previous round's
+in state-dir/run-<run key>/<center>/opt_state_<r>.npz (the previous round's
 file is kept too, so a message delivered twice, or a round the server asks
 again after a restart, finds its input), and the compiled program in JAX's
-persistent compilation cache (cache_dir). The run key comes in every train
+persistent compilation cache (cache-dir). The run key comes in every train
 message's ConfigRecord (settings.RUN_KEY, server_app.run_key), not Flower's
 run id: a stopped run resumed by a new `flwr run` (another run id) asks
 round r+1 of the same key, and the site continues from its own state after
@@ -31,8 +31,8 @@ per-patient clipping, Gaussian noise), with two differences a real
 deployment needs:
 - The randomness is the site's secret: config.seed is known to the server,
   which could otherwise regenerate the noise (and the sampled patients, so
-  no amplification). The site's seed (node config dp_seed, else drawn once
-  at its first round and kept in state_dir/run-<key>/<center>/dp_seed.json)
+  no amplification). The site's seed (node config dp-seed, else drawn once
+  at its first round and kept in state-dir/run-<key>/<center>/dp_seed.json)
   replaces config.seed and train.sampler_seed at the site; keys and batches
   stay pure functions of (seed, round, step), so rounds differ.
 - The site accounts what it released itself (dp_ledger.json beside the
@@ -83,7 +83,7 @@ app = ClientApp(mods=[secure.secure_mod])
 
 
 def _state_dir(site: settings.Site, run_key) -> str:
-  """state_dir/run-<run key>/<center>; the key is the server's, so it must
+  """state-dir/run-<run key>/<center>; the key is the server's, so it must
   be one plain folder name (letters, digits, '-', '_')."""
   run_key = str(run_key)
   if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key):
@@ -134,7 +134,7 @@ def load_opt_state(directory: str, rounds_done: int, template):
 
   Raises:
     errors.UserError: no such file (the site missed a round, or its
-      state_dir changed within the run) or one that does not fit.
+      state-dir changed within the run) or one that does not fit.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -142,7 +142,7 @@ def load_opt_state(directory: str, rounds_done: int, template):
   if not os.path.exists(path):
     raise errors.UserError(
         f"{path}: no optimizer state of round {rounds_done}; this site must "
-        "train every round of a run with the same state_dir")
+        "train every round of a run with the same state-dir")
   leaves, treedef = jax.tree.flatten(template)
   with np.load(path) as stored:
     names = sorted(stored.files)
@@ -167,7 +167,7 @@ DP_LEDGER_FILE = "dp_ledger.json"
 
 
 def dp_seed(site: settings.Site, directory: str) -> int:
-  """The site's secret seed: node config dp_seed, else the one it drew at
+  """The site's secret seed: node config dp-seed, else the one it drew at
   its first round (kept in `directory`, readable by the site only)."""
   from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
   if site.dp_seed is not None:
