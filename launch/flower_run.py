@@ -49,7 +49,10 @@ def _data_dirs(values, centers) -> dict:
   default, named = None, {}
   for value in values or []:
     center, sep, folder = value.partition("=")
-    if sep and center in centers:
+    if sep and "/" not in center:
+      if center not in centers:
+        raise errors.UserError(f"--data_dir={value}: {center} is not one of "
+                               f"--local_sites={','.join(centers)}")
       named[center] = folder
     else:
       default = value

@@ -292,6 +292,8 @@ def test_flower_run_exits_zero_only_for_a_completed_run_that_wrote_its_record(
   assert runner.verdict(3, "finished:completed", "", [], done) == (
       0, f"Flower run 3 completed: {done}")
   assert runner.verdict(3, "finished:completed", "", [], None)[0] == 0
+  assert runner.verdict(3, "finished:completed", "", ["x"], done) == (
+      1, "Flower run 3 completed but logged an error: x")
   assert runner.verdict(3, "finished:stopped", "", [], done) == (
       1, "Flower run 3 was stopped (flwr stop) before it finished")
   # A failed run: the server's error line, else Flower's details.
@@ -440,3 +442,16 @@ def test_a_stopped_run_fails_and_its_sites_clientapps_end_with_their_supernodes(
   assert lines[-1] == (f"error: Flower run {run_id} was stopped (flwr stop) "
                        "before it finished")
   assert not os.path.exists(tmp_path / "server" / "flower_run.json")
+
+
+def test_flower_run_refuses_a_data_dir_for_a_site_it_does_not_run(tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.flower_run", "--local_sites=CBICA,TCIA",
+       f"--state_dir={tmp_path / 'fl'}", f"--workdir={tmp_path / 'server'}",
+       "--data_dir=/slices", "--data_dir=TCGA=/other"], cwd=ROOT, text=True,
+      capture_output=True, timeout=120, env=_env())
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      "error: --data_dir=TCGA=/other: TCGA is not one of "
+      "--local_sites=CBICA,TCIA"]
+  assert not os.path.exists(tmp_path / "fl")  # refused before starting anything.

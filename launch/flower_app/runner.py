@@ -76,7 +76,9 @@ def verdict(run_id, status: str, details: str, errors_seen: list[str],
   flower_run.json when its workdir is on this machine, else None.
   """
   where = f"Flower run {run_id}"
-  if status == COMPLETED and not errors_seen:
+  if status == COMPLETED:
+    if errors_seen:
+      return 1, f"{where} completed but logged an error: {errors_seen[-1]}"
     if done_file is not None and not os.path.exists(done_file):
       return 1, (f"{where} completed but wrote no {done_file}: the ServerApp "
                  "ended before its last round")
