@@ -7,7 +7,15 @@ with weights n_k / sum n, n_k the site's private slice count (its
 MetricRecord's settings.COUNT_KEY): parameters and EMA alike, as
 federated.aggregate does. config.fed.rounds rounds, every site every round
 (min_train_nodes = min_available_nodes = K = len(config.fed.centers)); no
-federated evaluation.
+federated evaluation. Before each round (with SecAgg+, before the first)
+the server waits at most the run config's site-wait seconds for all K
+sites to be connected (Flower's own wait has no limit), then stops naming
+the centers that never came (wait_for_sites; the connected SuperNodes say
+theirs). A site's failure arrives as its SiteFailure text (what failed, not
+where: client_app.public_reason) and stops the run with it; a user error
+ends the ServerApp after one `error: ...` line (launch.flower_run reports
+it). Flower's round banners carry the run's rounds ('[ROUND 2/2]' for a
+resumed run's round 2), not its count of this `flwr run`'s.
 
 The server's workdir (run config `workdir`) gets what the in-job engine
 writes: a checkpoint per round (checkpoints/<rounds x tau>: `state`
