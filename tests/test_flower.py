@@ -53,6 +53,18 @@ RUN_CONFIG = {
 }
 
 
+@contextlib.contextmanager
+def _flower_records(caplog):
+  """caplog also gets Flower's logger's records (the app stops them from
+  propagating to the root logger: logs.one_stream)."""
+  flwr_logger = logging.getLogger("flwr")
+  flwr_logger.addHandler(caplog.handler)
+  try:
+    yield
+  finally:
+    flwr_logger.removeHandler(caplog.handler)
+
+
 def _leaves_close(a, b, atol):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
@@ -72,13 +84,13 @@ def test_the_run_config_is_the_binaries_config_flags():
     with pytest.raises(errors.ConfigError, match=field):
       settings.load_config({"config": "configs/tiny.py", "overrides": overrides})
   with pytest.raises(errors.ConfigError, match="center is missing"):
-    settings.site({"data_dir": "/x", "state_dir": "/y"})
+    settings.site({"data-dir": "/x", "state-dir": "/y"})
   # A site refuses a center the run does not name, or slices it lacks,
   # before any work.
   for center, data_dir, message in (("TCGA", "/nonexistent", "not one of"),
                                     ("TCIA", "/nonexistent", "no such folder")):
-    site = settings.site({"center": center, "data_dir": data_dir,
-                          "state_dir": "/nonexistent"})
+    site = settings.site({"center": center, "data-dir": data_dir,
+                          "state-dir": "/nonexistent"})
     with pytest.raises(errors.UserError, match=message):
       client_app.run_round(config, site, 1, None, round_index=0)
 
@@ -215,7 +227,8 @@ def test_the_server_resumes_after_its_last_checkpoint(tmp_path, caplog):
   # grid) and records the finished run.
   _save_round(workdir, config, 2, *one)
   caplog.set_level(logging.INFO, logger="flwr")  # what `flwr run` streams.
-  result = server_app.run(config, workdir, grid=None)
+  with _flower_records(caplog):
+    result = server_app.run(config, workdir, grid=None)
   assert (result["rounds"], result["finished"], result["round_s"]) == (2, True, [])
   assert "already holds 2 rounds (config.fed.rounds=2); nothing to do" in caplog.text
   with open(os.path.join(workdir, server_app.DONE_FILE)) as f:
@@ -280,8 +293,8 @@ def test_a_resumed_run_asks_the_sites_its_own_round_under_its_run_key(
   np.testing.assert_array_equal(arrays[0], np.ones(2, np.float32))
 
   # The site keeps its state under the run key, whatever Flower's run id.
-  site = settings.site({"center": "TCIA", "data_dir": "/unused",
-                        "state_dir": str(tmp_path / "site")})
+  site = settings.site({"center": "TCIA", "data-dir": "/unused",
+                        "state-dir": str(tmp_path / "site")})
   assert client_app._state_dir(site, "0123abcd") == str(  # pylint: disable=protected-access
       tmp_path / "site" / "run-0123abcd" / "TCIA")
   for bad in ("../x", "a/b", "", "x" * 65):
@@ -457,8 +470,8 @@ def _flower_run(tmp_path, data_dir, *, stop_after_round=None, log_dir=None,
         _env(str(tmp_path / "home_link"), cache))
     _wait_for_port(link_port, link)
     for (center, state), port in zip(states.items(), node_ports):
-      node_config = (f'center="{center}" data_dir="{data_dir}" '
-                     f'state_dir="{state}" cache_dir="{cache}"')
+      node_config = (f'center="{center}" data-dir="{data_dir}" '
+                     f'state-dir="{state}" cache-dir="{cache}"')
       procs.start(f"supernode_{center}", [
           os.path.join(BIN, "flower-supernode"), "--insecure", "--superlink",
           f"127.0.0.1:{link_port}", "--port", str(port), "--node-config",
@@ -652,7 +665,17 @@ def test_two_supernodes_resume_a_stopped_run(preprocessed_2020, tmp_path):
   assert (record["rounds"], record["resumed_after"]) == (2, 1)
   assert len(record["round_s"]) == 1
   with open(tmp_path / "resumed" / "flwr_run.log") as f:
-    assert "after round 1 of 2" in f.read()
+    stream = f.read()
+  assert "after round 1 of 2" in stream
+  # Flower's banner says the run's round (its own count is 1 of 1), and the
+  # server's stream has each of its lines once (Flower's lines were also
+  # printed by the root handler absl's first log call adds).
+  assert "[ROUND 2/2]" in stream and "[ROUND 1/1]" not in stream
+  assert stream.count("resuming ") == 1 and stream.count("[ROUND 2/2]") == 1
+  # Each site logs its round in its SuperNode's log.
+  for center in states:
+    with open(tmp_path / "resumed" / f"supernode_{center}.log") as f:
+      assert f"site {center} round 2 of 2: 2 local steps on " in f.read()
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [2, 4]
   # Both sites continued under the same run key: the final global params,

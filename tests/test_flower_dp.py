@@ -47,8 +47,8 @@ def _config(**overrides):
 
 
 def _site(tmp_path, center="A", **extra):
-  return settings.site({"center": center, "data_dir": "/unused",
-                        "state_dir": str(tmp_path / f"site_{center}"), **extra})
+  return settings.site({"center": center, "data-dir": "/unused",
+                        "state-dir": str(tmp_path / f"site_{center}"), **extra})
 
 
 def _rdp_epsilon(q, steps, sigma=1.0, delta=1e-5):
@@ -71,9 +71,9 @@ def test_a_dp_site_draws_its_own_secret_seed_once(tmp_path):
              & 0o777) == "0o600"
   other = client_app.dp_seed(site, str(tmp_path / "other_run"))
   assert other != seed  # drawn, not derived from the (shared) config.
-  assert client_app.dp_seed(_site(tmp_path, dp_seed="7"), directory) == 7
-  with pytest.raises(errors.ConfigError, match="dp_seed='x'"):
-    _site(tmp_path, dp_seed="x")
+  assert client_app.dp_seed(_site(tmp_path, **{"dp-seed": "7"}), directory) == 7
+  with pytest.raises(errors.ConfigError, match="dp-seed='x'"):
+    _site(tmp_path, **{"dp-seed": "x"})
   mine = client_app.site_config(config, seed)
   assert (mine.seed, mine.train.sampler_seed) == (seed, seed)
   assert (config.seed, config.train.sampler_seed) == (0, 0)  # a copy.
@@ -83,7 +83,7 @@ def test_a_dp_site_draws_its_own_secret_seed_once(tmp_path):
 def test_a_dp_site_refuses_a_run_over_its_budget_before_training(tmp_path):
   # q = 2/64: 2 rounds x 1 step fit epsilon 1.0; 400 rounds do not.
   config = _config(**{"dp.target_epsilon": 1.0, "fed.rounds": 400})
-  site = _site(tmp_path, dp_seed="0")
+  site = _site(tmp_path, **{"dp-seed": "0"})
   with pytest.raises(errors.ConfigError) as e:
     client_app.run_round(config, site, 1, None, round_index=0)
   msg = str(e.value)
@@ -180,7 +180,7 @@ def test_a_site_dp_round_matches_the_in_job_engine(tmp_path):
         out.append((update, index, privacy))
       return out
 
-    site = _site(tmp_path, dp_seed="0")
+    site = _site(tmp_path, **{"dp-seed": "0"})
     rounds = site_rounds(site, 1)
     secret = site_rounds(_site(tmp_path), 2)  # its own drawn seed.
 

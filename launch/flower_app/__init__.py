@@ -15,8 +15,12 @@
                   `flwr run`s of one run), not Flower's run id.
 
 secure.py: SecAgg+ (run config secure-aggregation=true), Flower's legacy
-server workflow and secaggplus_mod. settings.py holds what both read: the run config (the ml_collections config
-file and overrides), the site's node config and the arrays' wire format.
+server workflow and secaggplus_mod. settings.py holds what both read: the
+run config (the ml_collections config file, typed keys and overrides), the
+site's node config and the arrays' wire format; logs.py their log lines
+(each once, the run's round numbers). runner.py is not part of the app:
+launch.flower_run's logic (submit a run, follow it, say how it ended; a
+SuperLink and SuperNodes on this machine).
 Lives in launch/ because the ClientApp reads slices (data_pipeline); the
 library dfgm_jax/ imports neither. README: "train G1 federated with Flower".
 """

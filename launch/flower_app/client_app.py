@@ -14,10 +14,10 @@ round (FedAvg ignores it; the ServerApp checks that every center answered).
 
 A SuperNode starts a new ClientApp process per message, so what a client
 keeps across rounds lives on the site's disk: its AdamW state after round r
-in state_dir/run-<run key>/<center>/opt_state_<r>.npz (the previous round's
+in state-dir/run-<run key>/<center>/opt_state_<r>.npz (the previous round's
 file is kept too, so a message delivered twice, or a round the server asks
 again after a restart, finds its input), and the compiled program in JAX's
-persistent compilation cache (cache_dir). The run key comes in every train
+persistent compilation cache (cache-dir). The run key comes in every train
 message's ConfigRecord (settings.RUN_KEY, server_app.run_key), not Flower's
 run id: a stopped run resumed by a new `flwr run` (another run id) asks
 round r+1 of the same key, and the site continues from its own state after
@@ -31,8 +31,8 @@ per-patient clipping, Gaussian noise), with two differences a real
 deployment needs:
 - The randomness is the site's secret: config.seed is known to the server,
   which could otherwise regenerate the noise (and the sampled patients, so
-  no amplification). The site's seed (node config dp_seed, else drawn once
-  at its first round and kept in state_dir/run-<key>/<center>/dp_seed.json)
+  no amplification). The site's seed (node config dp-seed, else drawn once
+  at its first round and kept in state-dir/run-<key>/<center>/dp_seed.json)
   replaces config.seed and train.sampler_seed at the site; keys and batches
   stay pure functions of (seed, round, step), so rounds differ.
 - The site accounts what it released itself (dp_ledger.json beside the
@@ -55,6 +55,7 @@ tail; the same epsilon with the rdp accountant).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -62,13 +63,15 @@ import json
 import os
 import re
 import secrets
+import signal
+import threading
 import time
 
-from absl import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dfgm_jax import errors
+from launch.flower_app import logs
 from launch.flower_app import secure
 from launch.flower_app import settings
 
@@ -80,7 +83,7 @@ app = ClientApp(mods=[secure.secure_mod])
 
 
 def _state_dir(site: settings.Site, run_key) -> str:
-  """state_dir/run-<run key>/<center>; the key is the server's, so it must
+  """state-dir/run-<run key>/<center>; the key is the server's, so it must
   be one plain folder name (letters, digits, '-', '_')."""
   run_key = str(run_key)
   if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key):
@@ -131,7 +134,7 @@ def load_opt_state(directory: str, rounds_done: int, template):
 
   Raises:
     errors.UserError: no such file (the site missed a round, or its
-      state_dir changed within the run) or one that does not fit.
+      state-dir changed within the run) or one that does not fit.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -139,7 +142,7 @@ def load_opt_state(directory: str, rounds_done: int, template):
   if not os.path.exists(path):
     raise errors.UserError(
         f"{path}: no optimizer state of round {rounds_done}; this site must "
-        "train every round of a run with the same state_dir")
+        "train every round of a run with the same state-dir")
   leaves, treedef = jax.tree.flatten(template)
   with np.load(path) as stored:
     names = sorted(stored.files)
@@ -164,7 +167,7 @@ DP_LEDGER_FILE = "dp_ledger.json"
 
 
 def dp_seed(site: settings.Site, directory: str) -> int:
-  """The site's secret seed: node config dp_seed, else the one it drew at
+  """The site's secret seed: node config dp-seed, else the one it drew at
   its first round (kept in `directory`, readable by the site only)."""
   from dfgm_jax import stage_io  # pylint: disable=g-import-not-at-top
   if site.dp_seed is not None:
@@ -260,6 +263,26 @@ def dp_check_round(config, center: str, accountant, ledger: dict,
 # --- The round --------------------------------------------------------------------
 
 
+def check_data_dir(site: settings.Site) -> None:
+  """Refuses a data-dir that is no folder, or holds no private slices of the
+  site's center (before the work of loading anything).
+
+  Raises:
+    errors.UserError: naming the node config's key and what is wrong.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(site.data_dir):
+    raise errors.UserError(f"--node-config data-dir={site.data_dir}: no such "
+                           "folder")
+  split = f"{site.center}_train"
+  splits = slice_sets.load_manifest(site.data_dir).get("splits", {})
+  if not (splits.get(split) or {}).get("num_slices"):
+    raise errors.UserError(
+        f"--node-config data-dir={site.data_dir}: no private slices of center "
+        f"{site.center} (its split {split} is missing or empty); preprocess "
+        f"the site's volumes with {site.center} among config.data.centers")
+
+
 def run_round(config, site: settings.Site, run_key, arrays,
               round_index: int) -> tuple:
   """One round at this site: (update, client index, seconds by phase,
@@ -286,9 +309,8 @@ def run_round(config, site: settings.Site, run_key, arrays,
         f"--node-config center={site.center!r}: not one of the run's "
         f"config.fed.centers={','.join(centers)}")
   index = centers.index(site.center)
-  if config.train.reader != "synthetic" and not os.path.isdir(site.data_dir):
-    raise errors.UserError(f"--node-config data_dir={site.data_dir}: no such "
-                           "folder")
+  if config.train.reader != "synthetic":
+    check_data_dir(site)
   directory = _state_dir(site, run_key)
   use_dp = diffusion.dp_enabled(config)
   if use_dp:
@@ -367,11 +389,119 @@ def reply_content(site: settings.Site, index: int, round_index: int, update,
   })
 
 
+# --- What a site's failure tells the server -------------------------------------
+
+
+class SiteFailure(Exception):
+  """A site's round failed; its text is what the server is told (what
+  failed, not where: no local path or split name). The SuperNode's log keeps
+  the full error with its traceback."""
+
+
+# Absolute paths, and names of preprocessing splits (<center>_train, ...).
+_PATH = re.compile(r"(?<![\w<>])/[^\s:'\",;()\[\]{}]+")
+_SPLIT = re.compile(r"\b[\w.-]+_(?:train|val|test|healthy)\b")
+
+
+def public_reason(site: settings.Site | None, center: str, error: BaseException) -> str:
+  """The one line the server gets for a site's failure: 'site <center>:
+  <what failed>', the site's folders and any other absolute path or split
+  name of another center replaced by what they are (<data-dir>,
+  <state-dir>, <cache-dir>, <path>, <split>)."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  if site is not None:
+    for name, path in (("<data-dir>", site.data_dir),
+                       ("<state-dir>", site.state_dir),
+                       ("<cache-dir>", site.cache_dir)):
+      text = re.sub(re.escape(path.rstrip("/")) + r"(/[^\s:'\",;]*)?", name, text)
+  # The site's own center's splits name nothing the server does not know.
+  text = _SPLIT.sub(lambda m: m.group(0) if m.group(0).startswith(f"{center}_")
+                    else "<split>", _PATH.sub("<path>", text))
+  if not isinstance(error, errors.UserError):  # a bug, not the site's input.
+    text = f"{type(error).__name__}: {text}"
+  return f"site {center}: {text} (details in the site's SuperNode log)"
+
+
+def _center(node_config) -> str:
+  """The node config's center for a message, '?' without one."""
+  return str(node_config.get("center", "") or "?")
+
+
+# --- Stop means stop ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exit_on_stop(center: str, exit_fn=os._exit):  # pylint: disable=protected-access
+  """Within it, a SIGINT or SIGTERM ends this process at once.
+
+  Flower tells a ClientApp process that its run was stopped (`flwr stop`),
+  or that its SuperNode is gone, by raising SIGINT in it; Python runs the
+  handler only when the main thread is back in the interpreter, which a
+  round's compiled training is not for tens of seconds. The signal's
+  wake-up byte (signal.set_wakeup_fd) is written at once: a thread reading
+  it ends the process (exit status 128 + the signal), so the round's
+  training stops with its run. Nothing is lost: the site writes its state
+  only after training, and the server never got this round's reply.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield  # set_wakeup_fd works in the main thread only.
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      if not data:  # the write end closed: the round is over.
+        return
+      for number in (signal.SIGINT, signal.SIGTERM):
+        if number in data:
+          logs.say("site %s: stopped (%s), this round ends here", center,
+                   signal.Signals(number).name)
+          exit_fn(128 + number)
+          return
+
+  watcher = threading.Thread(target=watch, daemon=True, name="exit_on_stop")
+  watcher.start()
+  try:
+    yield
+  finally:
+    signal.set_wakeup_fd(previous)
+    os.close(write_fd)
+    watcher.join(timeout=5)
+    os.close(read_fd)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+  """Which center this SuperNode is (the server names the sites that never
+  came by the centers of those that did)."""
+  return Message(content=RecordDict({settings.SITE_KEY: ConfigRecord({
+      "center": _center(context.node_config)})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-  """FedAvg's train message -> this site's params, EMA and private count."""
+  """FedAvg's train message -> this site's params, EMA and private count.
+
+  A failure is logged here in full and reaches the server as SiteFailure
+  (public_reason)."""
+  site = None
+  try:
+    site = settings.site(context.node_config)
+    with exit_on_stop(site.center):
+      return _train(msg, context, site)
+  except Exception as e:  # pylint: disable=broad-except  (told, then raised)
+    logs.error(f"site {_center(context.node_config)}: {e}")
+    raise SiteFailure(public_reason(site, _center(context.node_config), e)) from e
+
+
+def _train(msg: Message, context: Context, site: settings.Site) -> Message:
   started = _process_age()  # the process's start and imports, before this.
-  site = settings.site(context.node_config)
   settings.use_compilation_cache(site.cache_dir)
   config = settings.load_config(context.run_config)
   legacy = secure.is_legacy_fit(msg.content)  # SecAgg+'s FitIns.
@@ -386,11 +516,9 @@ def train(msg: Message, context: Context) -> Message:
     key = run_key(msg.content)
   update, index, seconds, privacy = run_round(
       config, site, key, arrays, round_index)
-  logging.info("site %s round %d: %d private slices, loss %.4f, setup %.1fs, "
-               "train %.1fs%s", site.center, round_index + 1,
-               update.num_examples, update.metrics["loss"], seconds["setup_s"],
-               seconds["train_s"],
-               f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else "")
+  logs.say(round_line(site.center, round_index, config.fed.rounds,
+                      config.fed.local_steps, update.num_examples,
+                      update.metrics["loss"], seconds, privacy))
   if started is not None:
     seconds["start_s"] = started
   content = reply_content(site, index, round_index, update, seconds, privacy)
@@ -400,3 +528,15 @@ def train(msg: Message, context: Context) -> Message:
                                   update.num_examples, dict(metrics),
                                   dict(content[settings.SITE_KEY]))
   return Message(content=content, reply_to=msg)
+
+
+def round_line(center: str, round_index: int, rounds: int, local_steps: int,
+               num_examples: int, loss: float, seconds: dict,
+               privacy: dict) -> str:
+  """The site's line of a round in its SuperNode's log: loss, local steps,
+  seconds, and with DP its epsilon."""
+  return (f"site {center} round {round_index + 1} of "
+          f"{max(rounds, round_index + 1)}: {local_steps} local steps on "
+          f"{num_examples} private slices, loss {float(loss):.4f}, setup "
+          f"{seconds['setup_s']:.1f}s, train {seconds['train_s']:.1f}s"
+          + (f", DP epsilon {privacy['dp_epsilon']:.3f}" if privacy else ""))

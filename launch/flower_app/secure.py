@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import time
 
-from absl import logging
-
 from dfgm_jax import errors
+from launch.flower_app import logs
 from launch.flower_app import settings
 
 # SecAgg+ settings (the run config's keys and defaults; SecAggPlusWorkflow's).
@@ -105,6 +104,13 @@ def legacy_reply(record, num_examples: int, metrics: dict, site: dict):
 # --- The server -------------------------------------------------------------------
 
 
+def _failure(failure) -> str:
+  """A legacy failure (an exception, or a (proxy, FitRes) pair) as one line:
+  a site's own reason is its SiteFailure text (server_app.site_reason)."""
+  from launch.flower_app import server_app  # pylint: disable=g-import-not-at-top
+  return server_app.site_reason(str(failure))
+
+
 def _strategy_class():
   from flwr.server.strategy import FedAvg as LegacyFedAvg  # pylint: disable=g-import-not-at-top
 
@@ -133,7 +139,7 @@ def _strategy_class():
       if failures:
         raise errors.UserError(
             f"round {server_round}: {len(failures)} site(s) failed: "
-            + "; ".join(str(f)[:1500] for f in failures))
+            + "; ".join(_failure(f) for f in failures))
       answered = [str(fit.metrics.get("center")) for _, fit in results]
       if sorted(answered) != sorted(self.centers):
         raise errors.UserError(
@@ -175,7 +181,7 @@ def _workflow_class():
       if state.failures:
         raise errors.UserError(
             f"secure aggregation: {len(state.failures)} site(s) failed: "
-            + "; ".join(str(f)[:1500] for f in state.failures))
+            + "; ".join(_failure(f) for f in state.failures))
       return ok
 
   return Workflow
@@ -211,6 +217,6 @@ def run_rounds(grid, context, *, centers, initial_record, num_rounds: int,
       num_shares=1.0, reconstruction_threshold=1.0, max_weight=max_weight,
       clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
       timeout=timeout))
-  logging.info("secure aggregation (SecAgg+) over %d sites, rounds %d to %d", k,
-               first_round, num_rounds)
+  logs.say("secure aggregation (SecAgg+) over %d sites, rounds %d to %d", k,
+           first_round, num_rounds)
   workflow(grid, legacy)

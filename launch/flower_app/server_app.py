@@ -7,7 +7,15 @@ with weights n_k / sum n, n_k the site's private slice count (its
 MetricRecord's settings.COUNT_KEY): parameters and EMA alike, as
 federated.aggregate does. config.fed.rounds rounds, every site every round
 (min_train_nodes = min_available_nodes = K = len(config.fed.centers)); no
-federated evaluation.
+federated evaluation. Before each round (with SecAgg+, before the first)
+the server waits at most the run config's site-wait seconds for all K
+sites to be connected (Flower's own wait has no limit), then stops naming
+the centers that never came (wait_for_sites; the connected SuperNodes say
+theirs). A site's failure arrives as its SiteFailure text (what failed, not
+where: client_app.public_reason) and stops the run with it; a user error
+ends the ServerApp after one `error: ...` line (launch.flower_run reports
+it). Flower's round banners carry the run's rounds ('[ROUND 2/2]' for a
+resumed run's round 2), not its count of this `flwr run`'s.
 
 The server's workdir (run config `workdir`) gets what the in-job engine
 writes: a checkpoint per round (checkpoints/<rounds x tau>: `state`
@@ -52,16 +60,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
-from logging import INFO
 
-from absl import logging
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from dfgm_jax import errors
+from launch.flower_app import logs
 from launch.flower_app import secure
 from launch.flower_app import settings
 
@@ -69,6 +77,71 @@ app = ServerApp()
 
 RUN_KEY_FILE = "flower_run_key.json"
 DONE_FILE = "flower_run.json"
+SITE_WAIT_S = 600.0  # the run config's site-wait default (pyproject.toml's).
+
+
+# --- The sites: waiting for them, naming the missing, their failures -------------
+
+
+def wait_for_sites(grid, centers, wait_s: float, *, ask=None, poll_s: float = 1.0,
+                   clock=time.monotonic, sleep=time.sleep) -> list:
+  """The connected node ids once all len(centers) sites are; waits at most
+  wait_s seconds (Flower's own wait for min_available_nodes has no limit).
+
+  ask(node_ids) -> the centers of those nodes (ask_centers), used only when
+  some never came, to name them; None names none.
+
+  Raises:
+    errors.UserError: the sites not connected after wait_s, by center.
+  """
+  deadline = clock() + wait_s
+  said = -1
+  while True:
+    nodes = list(grid.get_node_ids())
+    if len(nodes) >= len(centers):
+      return nodes
+    if clock() >= deadline:
+      break
+    if len(nodes) != said:
+      logs.say("waiting for the sites: %d of %d connected (at most %.0f s, run "
+               "config site-wait)", len(nodes), len(centers), wait_s)
+      said = len(nodes)
+    sleep(poll_s)
+  came = []
+  if ask is not None and nodes:
+    try:
+      came = list(ask(nodes))
+    except Exception as e:  # pylint: disable=broad-except  (naming is best effort)
+      logs.say("could not ask the connected sites their centers: %s", e)
+  missing = [c for c in centers if c not in came]
+  named = (", ".join(missing) if len(missing) == len(centers) - len(nodes)
+           else f"{len(centers) - len(nodes)} of {', '.join(missing)}")
+  raise errors.UserError(
+      f"the sites never came: {named} ({len(nodes)} of {len(centers)} "
+      f"connected after the run config's site-wait={wait_s:g} s); start their "
+      "SuperNodes (--node-config center=...) or raise site-wait")
+
+
+def ask_centers(grid, node_ids, timeout: float = 120.0) -> list[str]:
+  """The centers of the given nodes (a query message each; the ClientApp's
+  query answers its node config's center)."""
+  from flwr.app import Message, MessageType, RecordDict  # pylint: disable=g-import-not-at-top
+  messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+              for n in node_ids]
+  return [str(r.content[settings.SITE_KEY]["center"])
+          for r in grid.send_and_receive(messages, timeout=timeout)
+          if not r.has_error()]
+
+
+# Flower's text of a ClientApp's exception: "<class '...'>:<'message'>".
+_FLOWER_REASON = re.compile(r"^<class '[\w.]+'>:<'(.*)'>$", re.S)
+
+
+def site_reason(reason: str) -> str:
+  """The message of a site's failure, from Flower's reason text (the
+  ClientApp's SiteFailure: what failed, not where), on one line."""
+  match = _FLOWER_REASON.match(reason.strip())
+  return " ".join((match.group(1) if match else reason).split())[:1500]
 
 
 class SiteFedAvg(FedAvg):
@@ -76,18 +149,23 @@ class SiteFedAvg(FedAvg):
   center answered each round and records the round: a checkpoint, a
   metrics row."""
 
-  def __init__(self, *, centers, on_round, first_round: int = 1, **kwargs):
+  def __init__(self, *, centers, on_round, first_round: int = 1,
+               site_wait_s: float = SITE_WAIT_S, **kwargs):
     """first_round: the run's round that Flower's round 1 is (a resumed run
     starts after its last checkpoint); the sites and on_round see the run's
-    rounds."""
+    rounds. site_wait_s: how long a round waits for all sites to be
+    connected (wait_for_sites) before FedAvg samples them."""
     super().__init__(weighted_by_key=settings.COUNT_KEY,
                      arrayrecord_key=settings.ARRAYS_KEY, **kwargs)
     self.centers = list(centers)
     self.on_round = on_round
     self.offset = first_round - 1
+    self.site_wait_s = site_wait_s
     self._round_start = time.perf_counter()
 
   def configure_train(self, server_round, arrays, config, grid):
+    wait_for_sites(grid, self.centers, self.site_wait_s,
+                   ask=lambda nodes: ask_centers(grid, nodes))
     self._round_start = time.perf_counter()
     return super().configure_train(server_round + self.offset, arrays, config,
                                    grid)
@@ -99,7 +177,7 @@ class SiteFedAvg(FedAvg):
     if failed:
       raise errors.UserError(
           f"round {server_round}: {len(failed)} site(s) failed: "
-          + "; ".join(m.error.reason[:1500] for m in failed))
+          + "; ".join(site_reason(m.error.reason) for m in failed))
     sites = [m.content[settings.SITE_KEY] for m in replies]
     answered = [str(s["center"]) for s in sites]
     if sorted(answered) != sorted(self.centers):
@@ -126,9 +204,9 @@ class SiteFedAvg(FedAvg):
     if epsilons:
       # FedAvg averaged the sites' epsilons; the run's is the largest.
       metrics[settings.EPSILON_KEY] = max(epsilons.values())
-      logging.info("round %d: DP epsilon per site %s, max %.4f", server_round,
-                   {c: round(e, 4) for c, e in epsilons.items()},
-                   max(epsilons.values()))
+      logs.say("round %d: DP epsilon per site %s, max %.4f", server_round,
+               {c: round(e, 4) for c, e in epsilons.items()},
+               max(epsilons.values()))
     self.on_round(server_round, arrays, per_site,
                   time.perf_counter() - self._round_start)
     return arrays, metrics
@@ -225,12 +303,6 @@ def resume_point(config, workdir: str, checkpointer, *, overwrite: bool = False)
                run_key(workdir, identity))
 
 
-def _say(message: str) -> None:
-  """A line in Flower's log (what `flwr run --stream` shows)."""
-  from flwr.common import log  # pylint: disable=g-import-not-at-top
-  log(INFO, "%s", message)
-
-
 def _last_row(workdir: str) -> dict:
   """metrics.jsonl's last row ({} without one)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -246,7 +318,7 @@ def _last_row(workdir: str) -> dict:
 
 def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
         overwrite: bool = False, secure_context=None,
-        max_weight: float = 1000.0) -> dict:
+        max_weight: float = 1000.0, site_wait_s: float = SITE_WAIT_S) -> dict:
   """Runs (or resumes) config.fed.rounds rounds of FedAvg over the grid's sites.
 
   A workdir with checkpoints of this run resumes after the newest (see the
@@ -255,6 +327,9 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
 
   secure_context: the ServerApp's Context to run SecAgg+ (secure.py) with;
   None runs Flower's FedAvg on the sites' plain replies.
+  site_wait_s: how long to wait for all sites to be connected (before each
+  round; with SecAgg+ before the first), then stop naming the missing.
+  Flower's round banners say the run's rounds (logs.run_rounds).
 
   Returns:
     dict: rounds (done in all), resumed_after (rounds done before this
@@ -291,14 +366,14 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
              "round_s": [], "metrics": _last_row(workdir),
              "params": start.params, "ema": start.ema, "run_key": start.run_key}
     if state["finished"]:
-      _say(f"{workdir}: the run already holds {start.rounds_done} rounds "
+      logs.say(f"{workdir}: the run already holds {start.rounds_done} rounds "
            f"(config.fed.rounds={config.fed.rounds}); nothing to do")
       if not os.path.exists(done_path):  # killed after its last checkpoint.
         stage_io.write_json(done_path, _done_record(state, tau, centers,
                                                     secure_context is not None))
       return state
     if start.rounds_done:
-      _say(f"resuming {workdir} after round {start.rounds_done} of "
+      logs.say(f"resuming {workdir} after round {start.rounds_done} of "
            f"{config.fed.rounds}")
     if os.path.exists(done_path):  # an extended run is not done until it ends.
       os.remove(done_path)
@@ -318,26 +393,30 @@ def run(config, workdir: str, grid: Grid, *, timeout: float = 3600.0,
       state.update(rounds=server_round, metrics=row, params=new_params,
                    ema=new_ema)
       state["round_s"].append(seconds)
-      logging.info("round %d of %d: %.1fs, loss %.4f", server_round,
-                   config.fed.rounds, seconds, row.get("loss", float("nan")))
+      logs.say("round %d of %d: %.1fs, loss %.4f", server_round,
+               config.fed.rounds, seconds, row.get("loss", float("nan")))
 
     initial = settings.to_record(start.params, start.ema)
-    if secure_context is not None:
-      secure.run_rounds(grid, secure_context, centers=centers,
-                        initial_record=initial, num_rounds=config.fed.rounds,
-                        first_round=start.rounds_done + 1,
-                        run_key=start.run_key, timeout=timeout,
-                        on_round=on_round, max_weight=max_weight)
-    else:
-      strategy = SiteFedAvg(centers=centers, on_round=on_round,
-                            first_round=start.rounds_done + 1,
-                            min_train_nodes=len(centers),
-                            min_available_nodes=len(centers),
-                            fraction_evaluate=0.0)
-      strategy.start(grid=grid, initial_arrays=initial,
-                     num_rounds=config.fed.rounds - start.rounds_done,
-                     timeout=timeout,
-                     train_config=ConfigRecord({settings.RUN_KEY: start.run_key}))
+    with logs.run_rounds(start.rounds_done, config.fed.rounds):
+      if secure_context is not None:
+        wait_for_sites(grid, centers, site_wait_s,
+                       ask=lambda nodes: ask_centers(grid, nodes))
+        secure.run_rounds(grid, secure_context, centers=centers,
+                          initial_record=initial, num_rounds=config.fed.rounds,
+                          first_round=start.rounds_done + 1,
+                          run_key=start.run_key, timeout=timeout,
+                          on_round=on_round, max_weight=max_weight)
+      else:
+        strategy = SiteFedAvg(centers=centers, on_round=on_round,
+                              first_round=start.rounds_done + 1,
+                              site_wait_s=site_wait_s,
+                              min_train_nodes=len(centers),
+                              min_available_nodes=len(centers),
+                              fraction_evaluate=0.0)
+        strategy.start(grid=grid, initial_arrays=initial,
+                       num_rounds=config.fed.rounds - start.rounds_done,
+                       timeout=timeout,
+                       train_config=ConfigRecord({settings.RUN_KEY: start.run_key}))
   finally:
     loop.close_all(checkpointer, writer)
   if state["rounds"] != config.fed.rounds:
@@ -359,7 +438,17 @@ def _done_record(state: dict, tau: int, centers, secure_aggregation: bool) -> di
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-  """The ServerApp: the run config's config and workdir (settings.py)."""
+  """The ServerApp: the run config's config and workdir (settings.py). A
+  user error ends the run (Flower marks it failed) after one `error: ...`
+  line in its log, which launch.flower_run reports."""
+  try:
+    _main(grid, context)
+  except errors.UserError as e:
+    logs.error(str(e))
+    raise
+
+
+def _main(grid: Grid, context: Context) -> None:
   run_config = context.run_config
   workdir = str(run_config.get("workdir", ""))
   if not workdir:
@@ -376,8 +465,9 @@ def main(grid: Grid, context: Context) -> None:
                overwrite=bool(run_config.get("overwrite", False)),
                secure_context=context if use_secure else None,
                max_weight=float(run_config.get("secagg-max-weight",
-                                               secure.MAX_WEIGHT)))
-  logging.info("Flower federated training done: %d rounds (%d run now, after "
-               "%d), %s s a round; checkpoints in %s", result["rounds"],
-               len(result["round_s"]), result["resumed_after"],
-               [round(s, 1) for s in result["round_s"]], workdir)
+                                               secure.MAX_WEIGHT)),
+               site_wait_s=float(run_config.get("site-wait", SITE_WAIT_S)))
+  logs.say("Flower federated training done: %d rounds (%d run now, after %d), "
+           "%s s a round; checkpoints in %s", result["rounds"],
+           len(result["round_s"]), result["resumed_after"],
+           [round(s, 1) for s in result["round_s"]], workdir)

@@ -3,34 +3,43 @@ node config and the wire format of the global model.
 
 Run config (`[tool.flwr.app.config]` in pyproject.toml; `flwr run . <fed>
 -c 'key=value'` overrides it; the same values reach the server and every
-site):
+site). Keys are kebab-case, as Flower's own, in the run and node config:
   config     the ml_collections config file, relative to the app's root
              (e.g. configs/demo.py) or absolute: the binaries' --config.
-  overrides  space-separated 'dotted.field=value' pairs, the binaries'
-             --config.dotted.field=value flags (e.g. 'fed.rounds=2
-             fed.centers=CBICA,TCIA'). config.fed.centers must name the
-             sites in order: the order is the RNG's client index.
+  rounds, local-steps, centers
+             the common settings, typed: config.fed.rounds, .local_steps,
+             .centers (0 or "": the config file's value). config.fed.centers
+             must name the sites in order: the order is the RNG's client
+             index.
+  overrides  any other field: space-separated 'dotted.field=value' pairs,
+             the binaries' --config.dotted.field=value flags (e.g.
+             'train.batch_size=4'); one set here and by its typed key too is
+             refused.
   workdir    the server's workdir (absolute): checkpoints/ (one per round,
              the global params and EMA, as the in-job engine's),
              metrics.jsonl, flower_run.json.
   round-timeout  seconds the server waits for the sites' replies of a round.
+  site-wait  seconds the server waits for all sites to be connected before
+             a round; then it stops, naming the centers that never came.
 
 Node config (each SuperNode's --node-config; it stays at the site):
   center     the site's private center, one of config.fed.centers.
-  data_dir   the site's preprocessing output (launch.preprocess --out_dir)
+  data-dir   the site's preprocessing output (launch.preprocess --out_dir)
              holding <center>_train and the public healthy split.
-  state_dir  where the site keeps its optimizer state between rounds (and,
+  state-dir  where the site keeps its optimizer state between rounds (and,
              with DP, its seed and ledger), in run-<run key>/<center>/: a
              SuperNode starts a new ClientApp process for every message, and
              a resumed run (a new `flwr run`) finds it under the same key.
-  cache_dir  JAX's persistent compilation cache (default state_dir/xla_cache):
+  cache-dir  JAX's persistent compilation cache (default state-dir/xla_cache):
              every round after the first loads the compiled program.
-  dp_seed    with config.dp.enabled, optional: the site's secret seed of its
+  dp-seed    with config.dp.enabled, optional: the site's secret seed of its
              DP randomness (Poisson sampling, noise, diffusion noise). Unset,
              the site draws one at its first round and keeps it in its
-             state_dir; set it only to reproduce a run (whoever knows it can
+             state-dir; set it only to reproduce a run (whoever knows it can
              subtract the noise). config.seed is known to the server, so a DP
              site never uses it for its randomness.
+The snake_case names of earlier versions (data_dir, ...) are refused with
+the new name, so a site is never run with half its settings ignored.
 
 Each train message's ConfigRecord carries 'server-round' (the run's round,
 from 1; a resumed run's first is the one after its last checkpoint) and
@@ -51,8 +60,10 @@ import numpy as np
 
 from dfgm_jax import errors
 from dfgm_jax import platform
+from launch.flower_app import logs
 
 platform.apply_xla_flags()  # as the binaries: before the first computation.
+logs.one_stream()  # both apps import this module first.
 
 # The key of a reply's MetricRecord that FedAvg weights by (weighted_by_key):
 # the site's private example count n_k.
@@ -84,11 +95,7 @@ def load_config(run_config):
   path = str(run_config.get("config", "configs/default.py"))
   if not os.path.isabs(path.split(":", 1)[0]):
     path = os.path.join(APP_ROOT, path)
-  overrides = shlex.split(str(run_config.get("overrides", "")))
-  bad = [o for o in overrides if "=" not in o]
-  if bad:
-    raise errors.ConfigError(f"run config overrides: {bad[0]!r} is not "
-                             "'dotted.field=value'")
+  overrides = config_overrides(run_config)
   # A private flag set parses the file and overrides exactly as the
   # binaries' --config flags do (types, locked fields).
   argv = ["flower_app", f"--config={path}"] + [f"--config.{o}" for o in overrides]
@@ -111,6 +118,41 @@ def load_config(run_config):
   config_checks.validate(config)
   centers(config)
   return config
+
+
+# The run config's typed keys: (key, the config field it sets, type).
+TYPED_KEYS = (("rounds", "fed.rounds", int), ("local-steps", "fed.local_steps", int),
+              ("centers", "fed.centers", str))
+
+
+def config_overrides(run_config) -> list[str]:
+  """The 'dotted.field=value' overrides of the run config: its `overrides`
+  string, then its typed keys that are set (not 0 or "").
+
+  Raises:
+    errors.ConfigError: an override that is not 'field=value', a typed key
+      of the wrong type, or a field set both ways.
+  """
+  overrides = shlex.split(str(run_config.get("overrides", "")))
+  bad = [o for o in overrides if "=" not in o]
+  if bad:
+    raise errors.ConfigError(f"run config overrides: {bad[0]!r} is not "
+                             "'dotted.field=value'")
+  named = {o.split("=", 1)[0].strip() for o in overrides}
+  for key, field, kind in TYPED_KEYS:
+    value = run_config.get(key)
+    if value in (None, "", 0):
+      continue
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)
+                        or value < 0):
+      raise errors.ConfigError(f"run config {key}={value!r}: not a positive "
+                               "integer")
+    if field in named:
+      raise errors.ConfigError(
+          f"run config {key}={value!r} and overrides {field}=...: set "
+          f"{field} once (the typed key {key})")
+    overrides.append(f"{field}={value}")
+  return overrides
 
 
 def centers(config) -> list[str]:
@@ -138,28 +180,39 @@ class Site:
   dp_seed: int | None = None  # None: a secret seed drawn at the site.
 
 
+NODE_KEYS = ("center", "data-dir", "state-dir", "cache-dir", "dp-seed")
+
+
 def site(node_config) -> Site:
-  """The site's settings from its node config; names a missing key."""
+  """The site's settings from its node config; names a missing key and
+  refuses an old snake_case name with its new one (other keys are Flower's
+  or the operator's, not this app's)."""
+  for key in node_config:
+    if "_" in key and key.replace("_", "-") in NODE_KEYS:
+      raise errors.ConfigError(f"--node-config {key}: renamed "
+                               f"{key.replace('_', '-')} (the app's keys are "
+                               "kebab-case, as Flower's)")
+
   def get(key, default=None):
     value = node_config.get(key, default)
     if value in (None, ""):
       raise errors.ConfigError(
           f"--node-config: {key} is missing; a SuperNode of this app needs "
-          "center=\"<center>\" data_dir=\"<slices>\" state_dir=\"<dir>\"")
+          "center=\"<center>\" data-dir=\"<slices>\" state-dir=\"<dir>\"")
     return str(value)
-  state_dir = os.path.abspath(get("state_dir"))
-  dp_seed = node_config.get("dp_seed")
+  state_dir = os.path.abspath(get("state-dir"))
+  dp_seed = node_config.get("dp-seed")
   if dp_seed not in (None, ""):
     try:
       dp_seed = int(dp_seed)
     except (TypeError, ValueError):
-      raise errors.ConfigError(f"--node-config dp_seed={dp_seed!r}: not an "
+      raise errors.ConfigError(f"--node-config dp-seed={dp_seed!r}: not an "
                                "integer") from None
   else:
     dp_seed = None
-  return Site(center=get("center"), data_dir=os.path.abspath(get("data_dir")),
+  return Site(center=get("center"), data_dir=os.path.abspath(get("data-dir")),
               state_dir=state_dir,
-              cache_dir=os.path.abspath(get("cache_dir", os.path.join(
+              cache_dir=os.path.abspath(get("cache-dir", os.path.join(
                   state_dir, "xla_cache"))), dp_seed=dp_seed)
 
 
