@@ -26,8 +26,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat
 from flwr.supercore.task_identity import TaskIdentity
-from jax.experimental.compilation_cache import compilation_cache
 
+from dfgm_jax import compile_cache
 from dfgm_jax import errors
 from dfgm_jax import model_io
 from dfgm_jax.diffusion import denoiser
@@ -416,19 +416,8 @@ def _wait_for_port(port, proc, timeout=60):
   raise AssertionError(f"nothing listens on port {port}")
 
 
-@contextlib.contextmanager
 def _compilation_cache(cache_dir):
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
+  return compile_cache.enabled(cache_dir, min_compile_s=0)
 
 
 def _env(flwr_home, cache_dir):
