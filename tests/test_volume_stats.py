@@ -139,3 +139,29 @@ def test_binary_measures_and_compares_folders(tmp_path):
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1] == (
       "error: give exactly one of --brats_dir and --phantom_cases")
+
+
+REAL_18 = f"{SHARED_DATA}/brats18_real"
+# Phantom cases measured: the first four picks cover a medium HGG, the large
+# border tumor, an LGG and the small tumor (phantom._tumor_kind).
+PHANTOM_CASES = 4
+
+
+@pytest.mark.slow
+@pytest.mark.ci_slow
+def test_phantom_statistics_lie_within_the_real_cases(tmp_path):
+  """Every statistic's phantom median (4 cases, the demo's settings) lies in
+  the range of the eleven real BraTS 2018 cases."""
+  real_dir = require_shared(REAL_18, "the eleven real BraTS 2018 cases the "
+                            "phantom is calibrated on")
+  from data_pipeline import phantom
+  real = volume_stats.summarise(volume_stats.numeric_rows(
+      volume_stats.measure_folder(real_dir)))
+  info = phantom.generate(str(tmp_path), version="2020", num_cases=PHANTOM_CASES,
+                          seed=0, num_workers=2)
+  ours = volume_stats.summarise(volume_stats.numeric_rows(
+      volume_stats.measure_folder(info.data_dir)))
+  comparison = volume_stats.compare(ours, real)
+  assert len(comparison) == len(real)  # every statistic is compared.
+  outside = {name: c for name, c in comparison.items() if not c["inside"]}
+  assert not outside, outside
