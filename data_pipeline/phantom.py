@@ -112,7 +112,14 @@ _VOLUME_GAIN = {"small": 0.93, "medium": 0.9, "large": 1.1}
 # Noise sigma as a fraction of the WM mean, per modality (fitted: the local
 # standard deviation over the healthy brain against its interquartile range,
 # volume_stats' texture).
-_NOISE_FRACTION = {"t1": 0.022, "t1ce": 0.055, "t2": 0.08, "flair": 0.045}
+_NOISE_FRACTION = {"t1": 0.022, "t1ce": 0.035, "t2": 0.08, "flair": 0.045}
+# Small bright blobs on T1ce (vessels, dura and choroid plexus enhance):
+# where a smooth field of this spacing exceeds the threshold (about 1 % of
+# the brain), intensities are multiplied by the gain. Fitted: real T1ce has
+# a long bright tail, so its tissue sits low in the normalised range.
+_VESSEL_MM = 3.0
+_VESSEL_THRESHOLD = 2.33
+_VESSEL_GAIN = {"t1ce": 1.8}
 # The brain's rim gets its partial volume with the background raised to this
 # power (fitted: real T2 and FLAIR have a longer dark tail below the
 # tissue, which sets where the normalisation's low percentile falls).
@@ -896,11 +903,18 @@ def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
   ncr_region = "ncr" if spec.with_et else "net"
 
   gain = CENTER_GAIN.get(spec.center, _DEFAULT_GAIN) * float(np.exp(rng.normal(0, 0.1)))
+  # Enhancing vessels (T1ce): their own generator, so that adding them left
+  # the other modalities' draws unchanged.
+  vessel_rng = np.random.default_rng([spec.seed, int(spec.version), spec.number, 1])
+  vessels = _smooth_field(vessel_rng, shape, _VESSEL_MM / voxel).reshape(-1)[flat]
+  vessels = vessels > np.float32(_VESSEL_THRESHOLD)
   images = {}
   for modality in brats.MODALITIES:
     mean_csf, mean_gm, mean_wm = _TISSUE_MEANS[modality]
     values = (csf * np.float32(mean_csf) + gm * np.float32(mean_gm)
               + wm * np.float32(mean_wm)) * rim ** _RIM_POWER[modality]
+    if modality in _VESSEL_GAIN:
+      values[vessels] *= np.float32(_VESSEL_GAIN[modality])
     ratios = tumor_contrast.TARGET_RATIOS[modality]
     intensities = _lesion_intensities(
         values, sel, tumor_weight, system,
