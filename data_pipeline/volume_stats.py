@@ -31,12 +31,15 @@ Per case:
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from data_pipeline import brats
 from data_pipeline import volumes
+from dfgm_jax import errors
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # Canonical labels (brats.CANONICAL_LABELS) of each tumor region.
@@ -198,10 +201,6 @@ def measure_folder(brats_dir: str, max_cases: int | None = None,
   Raises:
     errors.UserError: no case folders, or a case without a tumor.
   """
-  import time  # pylint: disable=g-import-not-at-top
-  from data_pipeline import brats  # pylint: disable=g-import-not-at-top
-  from dfgm_jax import errors  # pylint: disable=g-import-not-at-top
-
   cases = sorted(brats.discover_cases(brats_dir), key=lambda c: c.case_id)
   if not cases:
     raise errors.UserError(f"{brats_dir}: no BraTS case folders found")

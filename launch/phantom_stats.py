@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from launch import common  # pylint: disable=unused-import  (user errors)
+from launch import common
 from data_pipeline import phantom
 from data_pipeline import volume_stats
 from dfgm_jax import errors
