@@ -23,8 +23,8 @@ to the brain per modality (data_pipeline/tumor_contrast.py; T2: label 1
 about 1.9x the healthy brain's median, edema about 1.4x; T1ce enhancing rim
 about 1.4x), the brain's intensity quantiles after normalisation, the local
 texture, and tumor size and depth: the whole tumor takes 2-16 % of the brain
-(one small case of about 2.5 %, one large near the superior border of about
-14 %, the others 4-11 %), with some tumors reaching to within 5 mm of the
+(one small case of about 2 %, one large near the superior border of about
+14 %, the others 4-12 %), with some tumors reaching to within 5 mm of the
 brain's border.
 
 Everything random derives from (seed, version, case number), so a case's
