@@ -16,13 +16,16 @@ tumor's mass effect) shared by its modalities, an irregular nested tumor,
 tissue contrasts per modality, a bias field, noise and a site-dependent gain,
 so that per-volume normalisation is needed downstream.
 
-Tumors look and measure like BraTS gliomas (data_pipeline/tumor_contrast.py):
-each compartment's mean / brain mean per modality is that of a real BraTS
-case (T2: whole tumor about 1.4x the brain; FLAIR edema about 1.8x; T1ce
-enhancing rim about 1.9x, necrosis about 0.5x), with a smooth texture and
-soft edges; the whole tumor takes 1-15 % of the brain (one small case of
-about 1.5 %, one large near the superior border of about 11 %, the others
-3-8 %).
+Tumors, contrasts, noise and texture are fitted to eleven real BraTS 2018
+cases measured with data_pipeline/volume_stats.py (docs/real_data.md has
+the table; the fitted constants below say so): each compartment's contrast
+to the brain per modality (data_pipeline/tumor_contrast.py; T2: label 1
+about 1.9x the healthy brain's median, edema about 1.4x; T1ce enhancing rim
+about 1.4x), the brain's intensity quantiles after normalisation, the local
+texture, and tumor size and depth: the whole tumor takes 2-16 % of the brain
+(one small case of about 2 %, one large near the superior border of about
+14 %, the others 4-12 %), with some tumors reaching to within 5 mm of the
+brain's border.
 
 Everything random derives from (seed, version, case number), so a case's
 bytes do not depend on which other cases are generated or on num_workers.
@@ -75,32 +78,57 @@ CENTER_GAIN = {
 }
 _DEFAULT_GAIN = 1.0
 
-# Mean intensity of (CSF, GM, WM) per modality before gain, chosen so brain
-# 1-99 % percentiles land near those of a real case (BRATS_FORMAT.md 1.3).
+# The values below marked "fitted" come from measuring the eleven real BraTS
+# 2018 cases and the phantom with data_pipeline/volume_stats.py (the table
+# in docs/real_data.md): adjusted by hand, a few rounds, until each
+# statistic's phantom median sat near the real median (every one inside the
+# real cases' range; tests/test_volume_stats.py checks that).
+#
+# Mean intensity of (CSF, GM, WM) per modality before gain. Fitted: the
+# brain's quantiles after the preprocessing's normalisation (T2's CSF is only
+# about twice the WM, so the tissue does not crowd the bottom of the range).
 _TISSUE_MEANS = {
-    "t1": (380.0, 880.0, 1300.0),
-    "t1ce": (1250.0, 2900.0, 3950.0),
-    "t2": (2600.0, 720.0, 420.0),
-    "flair": (300.0, 1150.0, 950.0),
+    "t1": (380.0, 980.0, 1300.0),
+    "t1ce": (1250.0, 3100.0, 3700.0),
+    "t2": (1400.0, 760.0, 550.0),
+    "flair": (300.0, 1250.0, 950.0),
 }
-# Tumor compartments get the region / brain contrasts measured on real BraTS
-# data (tumor_contrast.TARGET_RATIOS), solved for per case (see
+# Tumor compartments get the region / brain contrasts of
+# tumor_contrast.TARGET_RATIOS (fitted), solved for per case (see
 # _lesion_intensities).
-_TEXTURE_STD = 0.1  # Smooth intensity heterogeneity inside the tumor.
+# Smooth intensity heterogeneity inside the tumor (fitted with the noise:
+# real tumors are as heterogeneous as their brightest voxels show).
+_TEXTURE_STD = 0.2
 _TEXTURE_MM = 4.0
 _EDGE_MM = 1.0  # Gaussian blur of the compartments' edges.
-# Whole tumor / brain volume per tumor kind. BraTS gliomas span about 1-15 %
-# of the brain, median about 5 % (tumor_contrast.WT_FRACTION_RANGE); the
-# real sample case has 1.9 %.
-_WT_FRACTIONS = {"small": (0.012, 0.018), "medium": (0.03, 0.08),
-                 "large": (0.1, 0.13)}
+# Whole tumor / brain volume per tumor kind (fitted: the real cases' whole
+# tumors take 2-16 % of the brain, median 8.5 %).
+_WT_FRACTIONS = {"small": (0.02, 0.03), "medium": (0.04, 0.11),
+                 "large": (0.13, 0.16)}
 # Drawn ellipsoid volume / wanted volume: the shape noise enlarges small and
 # medium tumors by about 10 % and the brain's edge trims the large border
 # tumor by about 10 % (medians over 64 cases at scale 0.4, 8 seeds).
 _VOLUME_GAIN = {"small": 0.93, "medium": 0.9, "large": 1.1}
-_NOISE_FRACTION = 0.025  # Noise sigma as a fraction of the WM mean.
+# Noise sigma as a fraction of the WM mean, per modality (fitted: the local
+# standard deviation over the healthy brain against its interquartile range,
+# volume_stats' texture).
+_NOISE_FRACTION = {"t1": 0.022, "t1ce": 0.035, "t2": 0.08, "flair": 0.045}
+# Small bright blobs on T1ce (vessels, dura and choroid plexus enhance):
+# about this fraction of the brain, in 7-voxel blobs, has its intensities
+# multiplied by the gain. Fitted: real T1ce has a long bright tail, so its
+# tissue sits low in the normalised range.
+_VESSEL_FRACTION = 0.01
+_VESSEL_GAIN = {"t1ce": 1.8}
+# The brain's rim gets its partial volume with the background raised to this
+# power (fitted: real T2 and FLAIR have a longer dark tail below the
+# tissue, which sets where the normalisation's low percentile falls).
+_RIM_POWER = {"t1": 1, "t1ce": 1, "t2": 2, "flair": 2}
 _BIAS_STD = 0.08  # Std of the log bias field.
 _BIAS_SPACING_MM = 90.0
+# Small and medium tumor centres lie this many largest semi-axes (+ 4 mm)
+# below the brain surface (fitted: real tumor centroids lie 16-31 mm deep,
+# median 24 mm, and a tenth of a real tumor lies within 5 mm of the border).
+_DEPTH_FACTOR = 0.35
 _WARP_STD_MM = 1.8  # Std of each displacement component.
 _WARP_SPACING_MM = 40.0
 _WARP_MARGIN_MM = 14.0  # Brain growth bound: warp + jitter + mass effect.
@@ -644,7 +672,7 @@ def _plan_tumor(rng: np.random.Generator, spec: _CaseSpec,
     aspect = rng.uniform(0.8, 1.2, 3)
     axes = _radius_for_volume(volume * _VOLUME_GAIN[spec.kind], aspect) * aspect
     rotation = _rotation(rng, 30.0)
-    need_depth = 1.15 * axes.max() + 4.0
+    need_depth = _DEPTH_FACTOR * axes.max() + 4.0
     mass = rng.uniform(0.1, 0.2) if spec.kind == "small" else rng.uniform(0.15, 0.3)
   depth = maps.depth_mm
   candidates = (depth >= need_depth) & (maps.csf < 0.3)
@@ -874,11 +902,25 @@ def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
   ncr_region = "ncr" if spec.with_et else "net"
 
   gain = CENTER_GAIN.get(spec.center, _DEFAULT_GAIN) * float(np.exp(rng.normal(0, 0.1)))
+  # Enhancing vessels (T1ce): their own generator, so that adding them left
+  # the other modalities' draws unchanged.
+  # Each is a voxel and its six neighbours, around seeds drawn among the
+  # brain's voxels (a smooth field thresholded costs more than the case).
+  vessel_rng = np.random.default_rng([spec.seed, int(spec.version), spec.number, 1])
+  seeds = flat[vessel_rng.integers(len(flat), size=int(_VESSEL_FRACTION / 7 * len(flat)))]
+  marked = np.zeros(int(np.prod(shape)), bool)
+  for step in (0, 1, shape[2], shape[1] * shape[2]):
+    marked[np.clip(seeds + step, 0, marked.size - 1)] = True
+    marked[np.clip(seeds - step, 0, marked.size - 1)] = True
+  vessels = marked[flat]
+  del marked
   images = {}
   for modality in brats.MODALITIES:
     mean_csf, mean_gm, mean_wm = _TISSUE_MEANS[modality]
     values = (csf * np.float32(mean_csf) + gm * np.float32(mean_gm)
-              + wm * np.float32(mean_wm)) * rim
+              + wm * np.float32(mean_wm)) * rim ** _RIM_POWER[modality]
+    if modality in _VESSEL_GAIN:
+      values[vessels] *= np.float32(_VESSEL_GAIN[modality])
     ratios = tumor_contrast.TARGET_RATIOS[modality]
     intensities = _lesion_intensities(
         values, sel, tumor_weight, system,
@@ -888,7 +930,7 @@ def _synthesize_case(spec: _CaseSpec, scale: float = 1.0
     bias = _smooth_field(rng, shape, _BIAS_SPACING_MM / voxel).reshape(-1)[flat]
     values *= np.exp(np.float32(_BIAS_STD) * bias)
     values *= np.float32(gain * np.exp(rng.normal(0, 0.03)))
-    sigma = np.float32(_NOISE_FRACTION * mean_wm * gain)
+    sigma = np.float32(_NOISE_FRACTION[modality] * mean_wm * gain)
     # Gaussian noise: at these SNRs Rician noise is indistinguishable from it.
     values += rng.standard_normal(values.shape, dtype=np.float32) * sigma
     out = np.zeros(shape, np.int16)

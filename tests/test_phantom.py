@@ -262,15 +262,14 @@ def test_tumor_contrasts_follow_real_brats(ph2020, volumes2020):
       for region, ratio in table.items():
         low, high = tumor_contrast.RATIO_RANGES[modality][region]
         assert low < ratio < high, (case_id, modality, region, ratio)
-    # What radiology reads (BRATS_FORMAT.md section 6): bright on T2 and
-    # FLAIR, dark on T1; necrosis brighter than edema on T2, darker on FLAIR
-    # and T1ce; the enhancing rim the brightest on T1ce.
+    # What the eleven real BraTS 2018 cases show (tumor_contrast's
+    # docstring): bright on T2 and FLAIR; label 1 brighter than edema on
+    # T2, darker on T1 and T1ce; the enhancing rim the brightest on T1ce.
     assert ratios["t2"]["wt"] > 1.1 and ratios["flair"]["wt"] > 1.3, case_id
-    assert ratios["t1"]["wt"] < 1.05 and ratios["t1"]["ncr"] < 0.85, case_id
+    assert ratios["t1"]["ncr"] < ratios["t1"]["ed"], case_id
     assert ratios["t2"]["ncr"] > ratios["t2"]["ed"], case_id
-    assert ratios["flair"]["ed"] > ratios["flair"]["ncr"], case_id
     if with_et:
-      assert ratios["t1ce"]["et"] > 1.3 > ratios["t1ce"]["ed"] > ratios["t1ce"]["ncr"]
+      assert ratios["t1ce"]["et"] > ratios["t1ce"]["ed"] > ratios["t1ce"]["ncr"]
 
 
 def test_tumor_sizes_follow_real_brats(ph2020, volumes2020):
@@ -290,12 +289,12 @@ def test_tumor_sizes_follow_real_brats(ph2020, volumes2020):
         assert low < fractions[name] < high, (case_id, name, fractions)
     else:  # non-enhancing tumor of a low-grade glioma (the real one: 38 %).
       assert fractions["et"] == 0 and 0.1 < fractions["ncr"] < 0.5, case_id
-  # Small to large like BraTS (median about 5 %): the small pick under 2 %,
-  # the large one over 9 %.
+  # Small to large like the real cases (2-16 %, median 8.5 %): the small
+  # pick under 3.5 %, the large one over 11 %.
   picks = phantom.select_case_numbers("2020", len(ph2020.cases))
   large, small = (brats.case_id_for("2020", picks[i]) for i in (1, 3))
-  assert wt[small] < 0.02 and wt[large] > 0.09
-  assert 0.03 < np.median(list(wt.values())) < 0.08
+  assert wt[small] < 0.035 and wt[large] > 0.11
+  assert 0.05 < np.median(list(wt.values())) < 0.12
 
 
 def _regions(maps, seg):
@@ -315,11 +314,14 @@ def test_tissue_contrast(volumes2020):
     assert mean["t2", "csf"] > mean["t2", "gm"] > mean["t2", "wm"], case_id
     assert mean["t1", "wm"] > mean["t1", "gm"] > mean["t1", "csf"], case_id
     assert mean["flair", "csf"] < mean["flair", "wm"], case_id
-    assert mean["t1ce", "wm"] > 2.5 * mean["t1", "wm"], case_id
-    # Tumor appearance relative to white matter.
+    # T1ce's WM mean is 2.85x T1's before each modality's own bias field.
+    assert mean["t1ce", "wm"] > 2.0 * mean["t1", "wm"], case_id
+    # Tumor appearance relative to white matter (the real cases' enhancing
+    # rim: about 1.4x the healthy brain's median on T1ce, and WM, the
+    # brightest tissue there, lies above that median).
     seg = vol["seg"]
     for label, modality, low, high in ((2, "t2", 1.4, 3.0), (2, "flair", 1.5, 3.5),
-                                       (4, "t1ce", 1.3, 2.5), (1, "t1ce", 0.1, 0.8)):
+                                       (4, "t1ce", 1.1, 2.5), (1, "t1ce", 0.1, 0.8)):
       core = ndimage.binary_erosion(seg == label)
       if core.sum() >= 5:
         ratio = vol[modality][core].mean() / mean[modality, "wm"]
