@@ -301,6 +301,9 @@ def plan_splits(metas: dict, arrays_z: dict, centers: list[str], cfg: dict):
       continue
     train, test = slices.split_patients(ids, cfg["test_fraction"],
                                         cfg["split_seed"], center)
+    shortfall = slices.split_shortfall(center, len(ids), cfg["test_fraction"])
+    if shortfall:
+      logging.warning("%s", shortfall)
     for part, part_ids in (("train", train), ("test", test)):
       entries = []
       for case_id in part_ids:

@@ -168,3 +168,24 @@ def split_patients(case_ids, test_fraction: float, seed: int, center: str
   test = sorted(ids[i] for i in order[:n_test])
   train = sorted(ids[i] for i in order[n_test:])
   return train, test
+
+
+def split_shortfall(center: str, n: int, test_fraction: float) -> str | None:
+  """Why `center`'s n patients leave its train or test split empty, else None.
+
+  Real collections have centers of one or two patients (two CBICA cases
+  among eleven): round-half-up(test_fraction * n) is then 0 (no test patient:
+  nothing to evaluate the center on) or n (no training patient: its
+  federated client has no data). The message names the fractions that give
+  both splits a patient (split_patients' rounding).
+  """
+  n_test = int(np.floor(test_fraction * n + 0.5))
+  if 0 < n_test < n:
+    return None
+  if n < 2:
+    fix = "one patient cannot be both; pool it with another center or leave it public"
+  else:  # round-half-up(f n) in [1, n-1] <=> f in [0.5 / n, (n - 0.5) / n).
+    fix = f"test_fraction in [{0.5 / n:.3g}, {(n - 0.5) / n:.3g}) gives both at least one"
+  empty = "test" if n_test == 0 else "train"
+  return (f"center {center}: {n} patient{'s' * (n != 1)} and test_fraction="
+          f"{test_fraction:g} leave {center}_{empty} empty ({fix})")

@@ -15,6 +15,9 @@ from data_pipeline import brats
 # Affines of one case must agree to this tolerance (mm); BraTS files are
 # written by one pipeline, so any real difference is a different grid.
 AFFINE_ATOL = 1e-3
+# Share of a volume's six outer faces that one value must fill to be read as
+# the background (background_value).
+BACKGROUND_FACE_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -86,6 +89,28 @@ def check_voxels(path: str, img) -> None:
     _check_finite(path, data)
   if not np.any(data):
     raise brats.BratsDataError(path, "empty brain: every voxel is zero")
+
+
+def background_value(data: np.ndarray) -> float:
+  """The value of a volume's background: the one filling most of its faces.
+
+  BraTS volumes are skull-stripped with background 0, but a volume can carry
+  a constant offset (an intensity shift added in conversion, float data
+  written with a scl_inter, a "zero" stored as -1024): reading every non-zero
+  voxel as brain would then take the whole volume for brain, the healthy
+  selection would accept the empty caps and the normalisation's percentiles
+  would count the background. The brain touches a face only in tight crops,
+  so the value that fills at least BACKGROUND_FACE_SHARE of the six faces
+  is the background; without one (not skull-stripped, or cropped inside the
+  brain) 0, the BraTS convention.
+  """
+  faces = np.concatenate([np.ravel(f) for f in (
+      data[0], data[-1], data[:, 0], data[:, -1], data[:, :, 0], data[:, :, -1])])
+  values, counts = np.unique(faces, return_counts=True)
+  top = int(np.argmax(counts))
+  if counts[top] >= BACKGROUND_FACE_SHARE * faces.size:
+    return float(values[top])
+  return 0.0
 
 
 def _check_geometry(path, img, ref_path, ref_img):
@@ -164,14 +189,15 @@ def load_case(case: brats.Case, modalities, require_all_modalities=True,
     data = read_data(path, headers[modality]).astype(np.float32)
     _check_finite(path, data)
     # Real BraTS has small negative values inside the brain (interpolation),
-    # so the brain is every non-zero voxel, not every positive one.
-    nonzero = data != 0
-    brain = nonzero if brain is None else (brain | nonzero)
+    # so the brain is every voxel off the background (0 in BraTS; a constant
+    # offset moves it, background_value), not every positive one.
+    inside = data != background_value(data)
+    if not np.any(inside):
+      raise brats.BratsDataError(path, "empty brain: every voxel is zero"
+                                 if not np.any(data) else
+                                 "empty brain: every voxel holds one value")
+    brain = inside if brain is None else (brain | inside)
     images[modality] = data
-  for modality in wanted:
-    if not np.any(images[modality]):
-      raise brats.BratsDataError(case.files[modality],
-                                 "empty brain: every voxel is zero")
   # The required files that are not used are read to their end too: a
   # truncated, NaN or all-zero t1 is as bad a case as a bad t2, even when
   # only t2 makes the slices. They do not touch the brain mask.

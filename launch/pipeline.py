@@ -399,6 +399,30 @@ STAGES = (
 )
 
 
+def check_synthesized_center(config) -> None:
+  """Refuses, before any stage, a synthesized center that the evaluation won't read.
+
+  Runs B, D and E read center 1's synthetic split (the first of
+  config.data.centers, dfgm_jax/eval/runs.py: centers), and synthesis makes
+  the splits of synthesis.centers or train.center. When they differ, every
+  stage runs and the evaluation then skips B, D and E (no
+  '<center 1>_synthetic'). With data.centers 'auto' or 'all', center 1 is
+  known only from the data: not checked here.
+  """
+  data, syn = config.get("data"), config.get("synthesis")
+  spec = str(data.get("centers", "auto")) if data is not None else "auto"
+  if spec in ("auto", "all") or "train" not in config:
+    return
+  first = [c.strip() for c in spec.split(",") if c.strip()][0]
+  made = str((syn.get("centers") if syn is not None else "") or config.train.center)
+  field = "synthesis.centers" if syn is not None and syn.get("centers") else "train.center"
+  if first not in [c.strip() for c in made.split(",")]:
+    raise errors.ConfigError(
+        f"config.{field}={made}: the evaluation's runs B, D and E read center 1's "
+        f"synthetic set ({first}_synthetic, the first of config.data.centers={spec}); "
+        f"synthesize {first} (set config.{field}) or put {made} first in data.centers")
+
+
 def run_stages(run: Run, stages=STAGES) -> dict:
   """Runs `stages` in order; returns every stage's artifacts (stage -> dict).
 
@@ -406,6 +430,8 @@ def run_stages(run: Run, stages=STAGES) -> dict:
   (dfgm_jax/compile_cache.py): the evaluation's runs, the samplers and a
   rerun compile each program once.
   """
+  if any(s.name == "evaluate" for s in stages):
+    check_synthesized_center(run.config)
   with compile_cache.enabled(run.path("private", "xla_cache")):
     for s in stages:
       start = time.perf_counter()

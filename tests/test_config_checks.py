@@ -8,6 +8,7 @@ import pytest
 from configs import benchmark
 from configs import default
 from configs import demo
+from configs import real_cpu
 from configs import tiny
 from dfgm_jax import config_checks
 from dfgm_jax import errors
@@ -29,8 +30,9 @@ def _with(config, path, value):
 @pytest.mark.parametrize("config", [
     default.get_config(), default.get_config("paper"), default.get_config("runlocal"),
     tiny.get_config(), demo.get_config(), benchmark.get_config(),
-    benchmark.get_config("cpu")], ids=["default", "paper", "runlocal", "tiny", "demo",
-                                       "benchmark", "benchmark_cpu"])
+    benchmark.get_config("cpu"), real_cpu.get_config()],
+    ids=["default", "paper", "runlocal", "tiny", "demo", "benchmark", "benchmark_cpu",
+         "real_cpu"])
 def test_every_shipped_config_is_valid(config):
   config_checks.validate(config)
 

@@ -14,8 +14,11 @@ import configs
 from configs import benchmark
 from configs import default
 from configs import demo
+from configs import real_cpu
 from configs import diffusion as diffusion_config
+from configs import segmentation
 from configs import tiny
+from data_pipeline import slices
 from dfgm_jax import errors
 from dfgm_jax.models import unet
 from dfgm_jax.diffusion import denoiser
@@ -83,9 +86,32 @@ def test_the_demo_config_stands_on_its_own():
   assert imported and "tiny" not in imported and "configs.tiny" not in imported
 
 
+def test_the_real_config_gives_each_private_center_a_train_and_a_test_patient():
+  # The eleven BraTS 2018 cases of docs/real_data_run.md: CBICA 2, TCIA 6.
+  config = real_cpu.get_config()
+  assert config.data.centers == config.fed.centers == "CBICA,TCIA"
+  for center, n in (("CBICA", 2), ("TCIA", 6)):
+    ids = [f"{center}_{i}" for i in range(n)]
+    train, test = slices.split_patients(ids, config.data.test_fraction,
+                                        config.data.split_seed, center)
+    assert train and test, center
+  # Three test patients in all: the evaluation must say "too few to tell",
+  # not be made to give intervals by a lowered threshold.
+  assert (config.evaluation.min_test_patients ==
+          segmentation.get_evaluation_config().min_test_patients > 3)
+
+
+def test_the_real_config_stands_on_its_own():
+  with open(configs.path("real_cpu.py")) as f:
+    tree = ast.parse(f.read())
+  imported = {alias.name for node in ast.walk(tree)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+  assert imported and not imported & {"tiny", "demo", "configs.tiny", "configs.demo"}
+
+
 @pytest.mark.parametrize("module,variants", [
     (default, ("", "paper", "runlocal")), (demo, ("",)), (tiny, ("",)),
-    (benchmark, ("", "gpu", "cpu"))])
+    (benchmark, ("", "gpu", "cpu")), (real_cpu, ("",))])
 def test_documented_variants_work_and_others_are_refused(module, variants):
   for name in (None, *variants):
     assert isinstance(module.get_config(name), ml_collections.ConfigDict)

@@ -15,6 +15,22 @@ def test_stages_are_named_in_order():
       "evaluate", "synthesis quality", "privacy audit", "report"]
 
 
+def test_a_synthesized_center_the_evaluation_does_not_read_is_refused_first(tmp_path):
+  from configs import real_cpu
+  from dfgm_jax import errors
+  config = real_cpu.get_config()
+  pipeline.check_synthesized_center(config)  # CBICA synthesized, CBICA first.
+  config.train.center = "TCIA"
+  with pytest.raises(errors.ConfigError, match=r"config.train.center=TCIA: .*CBICA_synthetic"):
+    pipeline.run_stages(pipeline.Run(config, str(tmp_path)))
+  assert not os.listdir(tmp_path)  # before any stage.
+  config.synthesis.centers = "CBICA,TCIA"
+  pipeline.check_synthesized_center(config)
+  config.data.centers = "auto"  # center 1 known only from the data.
+  config.synthesis.centers = "TCIA"
+  pipeline.check_synthesized_center(config)
+
+
 def _tiny(num_steps: int, sampler_steps: int):
   """The tiny config on phantom slices, a few training and sampler steps."""
   from configs import tiny

@@ -78,3 +78,22 @@ def test_split_is_seeded():
   assert a == slices.split_patients(list(reversed(ids)), 0.2, 0, "TCIA")
   assert a != slices.split_patients(ids, 0.2, 1, "TCIA")
   assert a != slices.split_patients(ids, 0.2, 0, "CBICA")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 129])
+def test_split_shortfall_names_an_empty_split_and_the_fractions_that_avoid_it(n):
+  ids = [f"p{i:03d}" for i in range(n)]
+  for fraction in np.arange(0.0, 1.0, 0.05):
+    train, test = slices.split_patients(ids, fraction, seed=0, center="CBICA")
+    message = slices.split_shortfall("CBICA", n, fraction)
+    assert (message is None) == bool(train and test), (n, fraction)
+    if message:
+      empty = "CBICA_test" if not test else "CBICA_train"
+      assert message.startswith(f"center CBICA: {n} patient") and f"{empty} empty" in message
+  if n >= 2:  # the range it names is exactly where both splits get a patient.
+    low, high = 0.5 / n, (n - 0.5) / n
+    assert f"test_fraction in [{low:.3g}, {high:.3g})" in slices.split_shortfall("CBICA", n, 0.0)
+    for fraction, ok in ((low, True), (high - 1e-9, True), (low - 1e-9, False), (high, False)):
+      assert (slices.split_shortfall("CBICA", n, fraction) is None) == ok, (n, fraction)
+  else:
+    assert "cannot be both" in slices.split_shortfall("CBICA", 1, 0.2)

@@ -235,3 +235,56 @@ def test_real_case_slices(real_fixture_case, tiny_data_cfg):
   assert np.all(image[:, :4, :4] == -1.0)  # corners are background.
   brain = arrays["tumor_brain"].astype(bool)
   assert np.mean(image[..., 0][brain] > -0.99) > 0.95
+
+
+def _shifted_copy(case, root, shift, dtype=None):
+  """`case` copied into a 2020 layout under `root`, its images + `shift` everywhere."""
+  import nibabel as nib
+  folder = root / "BraTS20_Training_042"
+  folder.mkdir(parents=True)
+  for m in brats.MODALITIES + ("seg",):
+    img = nib.load(case.files[m])
+    data = np.asarray(img.dataobj)
+    if m != "seg":
+      data = (data.astype(np.float64) + shift).astype(dtype or data.dtype)
+    write_nifti(str(folder / f"BraTS20_Training_042_{m}.nii.gz"), data, img.affine)
+  return brats.discover_cases(str(root))[0]
+
+
+@pytest.mark.parametrize("shift,dtype", [(-600, np.int16), (100, np.int16),
+                                         (0.25, np.float32)])
+def test_a_constant_offset_leaves_brain_and_slices_unchanged(
+    real_fixture_case, tiny_data_cfg, tmp_path, shift, dtype):
+  # The real case with every voxel shifted (background -600, 100 or 0.25):
+  # read as "every non-zero voxel", the whole volume was brain, and the
+  # healthy selection took the empty caps for brain (32 slices, not 24).
+  shifted = _shifted_copy(real_fixture_case, tmp_path, shift, dtype)
+  plain, moved = volumes.load_case(real_fixture_case, T2), volumes.load_case(shifted, T2)
+  assert volumes.background_value(moved.images["t2"]) == pytest.approx(shift)
+  np.testing.assert_array_equal(moved.brain, plain.brain)
+  cfg = dict(tiny_data_cfg, image_size=64)
+  (a, meta_a), (b, meta_b) = (case_slices.extract(c, cfg) for c in
+                              (real_fixture_case, shifted))
+  assert meta_b["num_healthy_slices"] == meta_a["num_healthy_slices"]
+  assert meta_b["brain_voxels"] == meta_a["brain_voxels"]
+  for key in ("tumor_z", "healthy_z", "tumor_brain", "healthy_brain"):
+    np.testing.assert_array_equal(b[key], a[key])
+  # Normalisation is per-volume percentiles: a shift does not change the images.
+  np.testing.assert_allclose(b["tumor_image"], a["tumor_image"], atol=1e-4)
+
+
+def test_background_value_is_zero_without_a_constant_face():
+  rng = np.random.default_rng(0)
+  assert volumes.background_value(rng.normal(size=(8, 9, 10))) == 0.0
+  vol = np.zeros((8, 9, 10), np.float32)
+  vol[2:6, 2:7, 2:8] = 5.0
+  assert volumes.background_value(vol) == 0.0
+  assert volumes.background_value(vol - 3.0) == -3.0
+
+
+def test_a_constant_volume_is_an_empty_brain(tmp_path):
+  case = _case(tmp_path)
+  write_nifti(case.files["t2"], np.full((24, 24, 20), 7, np.int16))
+  with pytest.raises(brats.BratsDataError, match="every voxel holds one value") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == case.files["t2"]
