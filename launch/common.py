@@ -4,8 +4,8 @@ Importing this module (every binary does, first) makes a user's error end the
 binary with one line on stderr, `error: <message>`, and exit status 1, while
 a bug keeps its traceback. User errors are `errors.UserError` (ConfigError,
 RunMismatch, ModelError, ...), a permission or read-only-file-system error
-(an output folder the user cannot write), and a `--config.<field>` override
-that names no field of the config.
+(an output folder the user cannot write), a full disk, a `--config.<field>`
+override that names no field of the config, and a flag absl cannot parse.
 """
 
 from __future__ import annotations
@@ -91,6 +91,29 @@ def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
 # Uncaught exceptions reach the hook after app.run re-raises them (and at
 # import, where a bad override is parsed); Python then exits with status 1.
 sys.excepthook = _excepthook
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a parse error ended like every other user error.
+
+  absl's own parser (app.parse_flags_with_usage) prints `FATAL Flags parsing
+  error` over two or more lines; here it is one line, `error: <why>`, with the
+  same exit status 1.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    why = " ".join(str(e).split())
+    sys.stderr.write(f"error: {why} (--helpshort lists the flags)\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+# Every binary imports this module and calls app.run(main); run's default
+# parser is bound when absl defines it, so it is replaced there, once, for
+# all of them (a binary passing its own flags_parser keeps it).
+app.run.__defaults__ = tuple(parse_flags if d is app.parse_flags_with_usage else d
+                             for d in app.run.__defaults__)
 
 
 def _validate_config() -> None:
