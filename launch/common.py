@@ -11,6 +11,7 @@ override that names no field of the config, and a flag absl cannot parse.
 from __future__ import annotations
 
 import errno
+import logging as logging_std
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 import configs
 from dfgm_jax import config_checks
+from dfgm_jax import disk_full
 from dfgm_jax import errors
 from dfgm_jax import paths
 from dfgm_jax import platform
@@ -70,12 +72,35 @@ def _config_field_error(exc: BaseException) -> str | None:
 
 def user_error_message(exc: BaseException) -> str | None:
   """The one line a binary prints for an error that is the user's, else None."""
+  full = disk_full.path_of(exc)
+  if full is not None:  # whichever library met it (orbax, tfds, a write).
+    return f"{full}: {disk_full.NO_SPACE}" if full else disk_full.NO_SPACE
   if isinstance(exc, errors.UserError):
-    return str(exc)
+    return " ".join(str(exc).split("\n"))  # one line, whatever it quotes.
   if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror or exc}"
   return _config_field_error(exc)
+
+
+class _NoDiskFullTraceback(logging_std.Filter):
+  """Drops the traceback from a log record about a full disk.
+
+  orbax logs each failed background save thread with its traceback (and
+  asyncio each of its write tasks) before the save's error reaches the
+  binary, which then prints the one line. On absl's handler, which every
+  logger's records reach.
+  """
+
+  def filter(self, record):
+    if record.exc_info and disk_full.path_of(record.exc_info[1]) is not None:
+      if record.name == "asyncio":
+        return False  # "exception was never retrieved", once per array.
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.get_absl_handler().addFilter(_NoDiskFullTraceback())
 
 
 def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
@@ -86,6 +111,14 @@ def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
     return
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
+  if disk_full.path_of(exc) is not None:
+    # A full disk leaves orbax's write coroutines pending; collected at
+    # interpreter shutdown they print tracebacks after the line above. The
+    # stack has unwound (files closed, the failed step in its temporary
+    # folder), so the process ends here.
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 # Uncaught exceptions reach the hook after app.run re-raises them (and at
