@@ -142,6 +142,19 @@ def make_dp_sampler(config, data_dir: str | None):
   return dp.make_sampler(config, healthy, tumor, ids)
 
 
+def refuse_an_unread_data_dir(config, data_dir: str | None) -> None:
+  """A binary's --data_dir with config.train.reader=synthetic, which reads none.
+
+  The synthetic reader draws random batches of the right shapes; without
+  this, a user's slices would be silently ignored (configs/tiny.py sets it).
+  """
+  if data_dir and config.train.reader == "synthetic":
+    raise errors.ConfigError(
+        f"--data_dir={data_dir}: config.train.reader=synthetic reads no data "
+        "(random batches of the right shapes); pass --config.train.reader=grain "
+        "(or tf) to train on these slices, or leave --data_dir out")
+
+
 def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
   """The host-local sampler of train.batch_size / process_count examples.
 

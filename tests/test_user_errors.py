@@ -76,6 +76,18 @@ def test_a_flag_absl_cannot_parse_ends_in_one_line(binary, flags, says, tmp_path
   assert "FATAL" not in r.stderr
 
 
+@pytest.mark.parametrize("binary", ["launch.train_diffusion", "launch.train_federated"])
+def test_a_data_dir_the_synthetic_reader_would_ignore_is_refused(binary, tmp_path):
+  slices, workdir = tmp_path / "slices", tmp_path / "g1"
+  r = _run([binary, "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--data_dir={slices}"], cwd=ROOT)
+  assert _one_error_line(r) == (
+      f"error: --data_dir={slices}: config.train.reader=synthetic reads no data "
+      "(random batches of the right shapes); pass --config.train.reader=grain "
+      "(or tf) to train on these slices, or leave --data_dir out")
+  assert not workdir.exists()  # refused before training.
+
+
 def test_a_read_only_output_folder_ends_in_one_line(tmp_path):
   # chmod does not stop root, so as root the binary runs as `nobody`, in a
   # folder nobody can reach.
