@@ -97,8 +97,11 @@ class BratsDataError(errors.UserError, ValueError):
 
   def __init__(self, path: str | os.PathLike, reason: str):
     self.path = os.fspath(path)
-    self.reason = reason
-    super().__init__(f"{self.path}: {reason}")
+    # One line: a binary prints it as `error: <path>: <reason>`, and a
+    # library's text (nibabel's "...\n - could the file be damaged?") may
+    # hold line breaks.
+    self.reason = " ".join(reason.split())
+    super().__init__(f"{self.path}: {self.reason}")
 
   def __reduce__(self):  # picklable across worker processes.
     return (BratsDataError, (self.path, self.reason))

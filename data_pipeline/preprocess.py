@@ -150,7 +150,9 @@ def fingerprint(brats_dir: str, cases, cfg: dict) -> str:
   """Hash of the input files (names, sizes, mtimes) and the slicing config."""
   h = hashlib.sha256()
   content_cfg = {k: v for k, v in cfg.items() if k not in ("formats", "num_shards_hint")}
-  h.update(json.dumps([PIPELINE_VERSION, os.path.abspath(brats_dir), content_cfg],
+  # Not the folder's path: a moved or copied folder (times kept) is the same input.
+  del brats_dir
+  h.update(json.dumps([PIPELINE_VERSION, content_cfg],
                       sort_keys=True, default=list).encode())
   for case in cases:
     for modality, path in sorted(case.files.items()):
@@ -172,8 +174,8 @@ def identity(brats_dir: str, cases, cfg: dict) -> dict:
       st = os.stat(path)
       files.update(f"{case.case_id}/{modality}/{os.path.basename(path)}/"
                    f"{st.st_size}/{st.st_mtime_ns}/{case.center}".encode())
+  del brats_dir  # the files define the input, not where they are (see fingerprint).
   return {"pipeline_version": PIPELINE_VERSION,
-          "brats_dir": os.path.abspath(brats_dir),
           "input_files": f"{len(cases)} cases, sha256 {files.hexdigest()[:16]}",
           "config": {k: v for k, v in cfg.items()
                      if k not in ("formats", "num_shards_hint")}}
@@ -223,6 +225,9 @@ def _check_existing(out_dir: str, print_id: str, ident: dict,
     raise PreprocessMismatch(
         f"{out_dir} holds a finished preprocessing of another input or "
         f"config. {remedy}")
+  recorded = {k: v for k, v in existing["identity"].items() if k != "brats_dir"}
+  if not stage_io.differences(recorded, stage_io.normalise(ident)):
+    return existing  # the same input, recorded with its folder's path (older runs).
   try:
     stage_io.check_done(path, ident, what="a preprocessing", remedy=remedy)
   except errors.RunMismatch as e:

@@ -27,6 +27,7 @@ import numpy as np
 
 from data_pipeline import brats
 from data_pipeline import builder
+from dfgm_jax import disk_full
 from dfgm_jax import errors
 from dfgm_jax import stage_io
 
@@ -194,9 +195,16 @@ def write_set(out_dir: str, dataset_name: str, feature_dict,
   """
   build_dir = os.path.join(out_dir, BUILD)
   shutil.rmtree(build_dir, ignore_errors=True)
-  for file_format in formats:
-    builder.build_generic(build_dir, file_format, dataset_name, feature_dict,
-                          splits, description)
+  try:
+    for file_format in formats:
+      builder.build_generic(build_dir, file_format, dataset_name, feature_dict,
+                            splits, description)
+  except Exception as e:  # tfds wraps a full disk in a RuntimeError.
+    full = disk_full.as_disk_full(e, out_dir)
+    if full is None:
+      raise
+    shutil.rmtree(build_dir, ignore_errors=True)  # give the space back.
+    raise full from e
   # Every format is complete before any is moved: a failure above leaves the
   # previous copies (if any) untouched.
   for file_format in formats:

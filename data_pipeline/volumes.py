@@ -119,9 +119,13 @@ def _check_geometry(path, img, ref_path, ref_img):
         path, f"shape {tuple(img.shape[:3])} differs from "
         f"{tuple(ref_img.shape[:3])} of {ref_path}")
   if not np.allclose(img.affine, ref_img.affine, atol=AFFINE_ATOL):
+    # The largest difference and where it is, not two 4x4 matrices.
+    diff = np.abs(np.asarray(img.affine) - np.asarray(ref_img.affine))
+    row, col = np.unravel_index(int(np.argmax(diff)), diff.shape)
     raise brats.BratsDataError(
-        path, f"affine differs from that of {ref_path}:\n{img.affine}\nvs\n"
-        f"{ref_img.affine}")
+        path, f"affine differs from that of {ref_path} (by up to "
+        f"{diff[row, col]:.4g} at [{row}, {col}]: {img.affine[row, col]:.4g} vs "
+        f"{ref_img.affine[row, col]:.4g}; tolerance {AFFINE_ATOL})")
 
 
 def canonical_labels(path: str, seg: np.ndarray, version: str) -> np.ndarray:

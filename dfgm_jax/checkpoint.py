@@ -18,6 +18,7 @@ opposite answers:
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dfgm_jax import disk_full
 from dfgm_jax import errors
 from dfgm_jax import parallel
 from dfgm_jax import paths
@@ -54,10 +56,28 @@ class Checkpointer:
     """Saves when `step` is on the save interval (or `force`); async."""
     if step in self._manager.all_steps():
       return False  # already saved (e.g. a forced final save on an interval).
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        force=force)
+    with self._disk_full_named():
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          force=force)
+
+  @contextlib.contextmanager
+  def _disk_full_named(self):
+    """A full disk as DiskFull naming this folder, whichever call meets it.
+
+    An async save fails in orbax's threads and surfaces in the next save,
+    wait or close as tensorstore's RESOURCE_EXHAUSTED ValueError. The failed
+    step stays in orbax's temporary folder, never listed, so the previous
+    checkpoints are what a resume sees.
+    """
+    try:
+      yield
+    except Exception as e:  # orbax/tensorstore raise many types.
+      full = disk_full.as_disk_full(e, self.directory)
+      if full is None:
+        raise
+      raise full from e
 
   def restore(self, step: int, target):
     """Restores `step` into the structure/shardings of `target`.
@@ -168,11 +188,15 @@ class Checkpointer:
     return None, None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_full_named():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with self._disk_full_named():
+      try:
+        self._manager.wait_until_finished()
+      finally:
+        self._manager.close()
 
 
 def _abstract(x):

@@ -109,12 +109,15 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
   code block). Written inside the folder before it is renamed into place.
   """
   out_dir = os.path.abspath(out_dir)
+  arrays = flatten(params)
   if os.path.exists(out_dir) and not overwrite:
-    raise ModelError(f"{out_dir} exists; pass overwrite to replace it")
+    if card is None and _holds(out_dir, arrays, step):
+      return out_dir  # this export already: a rerun rewrites nothing.
+    raise ModelError(f"{out_dir} holds another export (or other files); pass "
+                     "--overwrite to replace it")
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  arrays = flatten(params)
   np.savez(os.path.join(tmp, PARAMS), **arrays)
   record = {
       "format": FORMAT, "step": int(step),
@@ -137,6 +140,20 @@ def export(params, config, step: int, out_dir: str, *, overwrite: bool = False,
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
+
+
+def _holds(directory: str, arrays: dict, step: int) -> bool:
+  """Whether `directory` is an export of these weights at this step.
+
+  The weights are compared, not params_sha256: the zip of params.npz stores
+  the time it was written, so a new write of the same weights hashes apart.
+  """
+  try:
+    record, stored = read_export(directory)
+  except ModelError:
+    return False
+  return (record["step"] == int(step) and stored.keys() == arrays.keys()
+          and all(np.array_equal(stored[k], arrays[k]) for k in arrays))
 
 
 def replace_card(directory: str, card: dict,

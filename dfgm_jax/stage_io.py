@@ -24,8 +24,17 @@ from dfgm_jax import errors
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to `path` through a temporary file and a rename."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+  except OSError as e:
+    # A failed write (a full disk) leaves no partial file, and names the
+    # file: a failing f.write raises an OSError without one.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
   os.replace(tmp, path)
 
 

@@ -4,13 +4,14 @@ Importing this module (every binary does, first) makes a user's error end the
 binary with one line on stderr, `error: <message>`, and exit status 1, while
 a bug keeps its traceback. User errors are `errors.UserError` (ConfigError,
 RunMismatch, ModelError, ...), a permission or read-only-file-system error
-(an output folder the user cannot write), and a `--config.<field>` override
-that names no field of the config.
+(an output folder the user cannot write), a full disk, a `--config.<field>`
+override that names no field of the config, and a flag absl cannot parse.
 """
 
 from __future__ import annotations
 
 import errno
+import logging as logging_std
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 import configs
 from dfgm_jax import config_checks
+from dfgm_jax import disk_full
 from dfgm_jax import errors
 from dfgm_jax import paths
 from dfgm_jax import platform
@@ -70,12 +72,35 @@ def _config_field_error(exc: BaseException) -> str | None:
 
 def user_error_message(exc: BaseException) -> str | None:
   """The one line a binary prints for an error that is the user's, else None."""
+  full = disk_full.path_of(exc)
+  if full is not None:  # whichever library met it (orbax, tfds, a write).
+    return f"{full}: {disk_full.NO_SPACE}" if full else disk_full.NO_SPACE
   if isinstance(exc, errors.UserError):
-    return str(exc)
+    return " ".join(str(exc).split("\n"))  # one line, whatever it quotes.
   if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror or exc}"
   return _config_field_error(exc)
+
+
+class _NoDiskFullTraceback(logging_std.Filter):
+  """Drops the traceback from a log record about a full disk.
+
+  orbax logs each failed background save thread with its traceback (and
+  asyncio each of its write tasks) before the save's error reaches the
+  binary, which then prints the one line. On absl's handler, which every
+  logger's records reach.
+  """
+
+  def filter(self, record):
+    if record.exc_info and disk_full.path_of(record.exc_info[1]) is not None:
+      if record.name == "asyncio":
+        return False  # "exception was never retrieved", once per array.
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.get_absl_handler().addFilter(_NoDiskFullTraceback())
 
 
 def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
@@ -86,11 +111,42 @@ def _excepthook(exc_type, exc, tb, previous=sys.excepthook):
     return
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
+  if disk_full.path_of(exc) is not None:
+    # A full disk leaves orbax's write coroutines pending; collected at
+    # interpreter shutdown they print tracebacks after the line above. The
+    # stack has unwound (files closed, the failed step in its temporary
+    # folder), so the process ends here.
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 # Uncaught exceptions reach the hook after app.run re-raises them (and at
 # import, where a bad override is parsed); Python then exits with status 1.
 sys.excepthook = _excepthook
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a parse error ended like every other user error.
+
+  absl's own parser (app.parse_flags_with_usage) prints `FATAL Flags parsing
+  error` over two or more lines; here it is one line, `error: <why>`, with the
+  same exit status 1.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    why = " ".join(str(e).split())
+    sys.stderr.write(f"error: {why} (--helpshort lists the flags)\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+# Every binary imports this module and calls app.run(main); run's default
+# parser is bound when absl defines it, so it is replaced there, once, for
+# all of them (a binary passing its own flags_parser keeps it).
+app.run.__defaults__ = tuple(parse_flags if d is app.parse_flags_with_usage else d
+                             for d in app.run.__defaults__)
 
 
 def _validate_config() -> None:

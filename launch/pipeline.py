@@ -303,25 +303,38 @@ def evaluation_sets(workdir: str, config, *, data_dir: str | None = None,
   one exists) and W/baselines/<mode>/set for each
   mode of `modes` (default config.evaluation.baselines); `local_dir`, center
   2's local synthesis with G2 (launch.synthesize_local's W2/synthetic), adds
-  run D_local.
+  run D_local. Only a missing default is skipped: a set the caller named
+  (`data_dir`, `synthetic_dir`, `modes`, `local_dir`) that is missing is a
+  UserError naming its flag.
   """
   from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
   from dfgm_jax.eval import runs  # pylint: disable=g-import-not-at-top
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
-  dirs = {runs.DFGM: synthetic_dir or stage.synthetic_dir(workdir)}
+  # name -> (folder, the flag that named it; None for a default).
+  dirs = {runs.DFGM: (synthetic_dir, "--synthetic_dir") if synthetic_dir
+          else (stage.synthetic_dir(workdir), None)}
   for mode in baselines(config) if modes is None else modes:
-    dirs[mode] = stage.layout(workdir, mode)["shared"]
+    dirs[mode] = (stage.layout(workdir, mode)["shared"],
+                  None if modes is None else "--baselines")
   if local_dir:
-    dirs[runs.LOCAL] = local_dir
+    dirs[runs.LOCAL] = (local_dir, "--local_dir")
   synthetic = {}
-  for name, path in dirs.items():
+  for name, (path, flag) in dirs.items():
     data = slice_sets.SliceData(path)
     try:
       data.manifest  # pylint: disable=pointless-statement
-    except errors.UserError:
+    except errors.UserError as e:
+      if flag:  # a set the user named is an error; a missing default is skipped.
+        raise errors.UserError(f"{flag}: {name}'s set: {e}") from None
       data = None
     synthetic[name] = data
-  return slice_sets.SliceData(data_dir or os.path.join(workdir, "slices")), synthetic
+  real = slice_sets.SliceData(data_dir or os.path.join(workdir, "slices"))
+  if data_dir:
+    try:
+      real.manifest  # pylint: disable=pointless-statement
+    except errors.UserError as e:
+      raise errors.UserError(f"--data_dir: {e}") from None
+  return real, synthetic
 
 
 def evaluate(run: Run) -> dict:

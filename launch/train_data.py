@@ -6,6 +6,8 @@ sampler); dfgm_jax itself never imports data_pipeline.
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 
@@ -125,6 +127,34 @@ def _pools(config, data_dir: str | None, fields=("image", "mask")):
                                                t.sampler_seed)
 
 
+def data_fingerprint(config, data_dir: str, tumor: dict, keep) -> dict:
+  """What G1 learns from, in a run's identity (its run.json).
+
+  The private n_shot slices by content (a few images: cheap), the public
+  healthy pool by its split record (slice and case counts), so that a
+  finished run continued on other slices is refused.
+
+  Args:
+    config: train.center names the private split.
+    data_dir: the slice set (its manifest is read).
+    tumor: the center's whole private split (image, mask arrays).
+    keep: the indices of the n_shot subset within it.
+  """
+  from data_pipeline import slice_sets  # pylint: disable=g-import-not-at-top
+  from dfgm_jax import provenance  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for name in ("image", "mask"):
+    h.update(np.ascontiguousarray(np.asarray(tumor[name])[keep]).tobytes())
+  split = f"{config.train.center}_train"
+  healthy = slice_sets.load_manifest(data_dir)["splits"][provenance.HEALTHY]
+  return {
+      "private": f"{split}: {len(keep)} of {len(tumor['image'])} slices, "
+                 f"sha256 {h.hexdigest()[:16]}",
+      "public": f"{provenance.HEALTHY}: {healthy.get('num_slices')} slices of "
+                f"{healthy.get('num_cases')} cases",
+  }
+
+
 def make_dp_sampler(config, data_dir: str | None):
   """DP-SGD batches (config.dp): the whole private split, with its patients.
 
@@ -135,11 +165,27 @@ def make_dp_sampler(config, data_dir: str | None):
   if config.train.reader != "synthetic" and data_dir:
     check_dp_public_pool(config, data_dir)
   healthy, tumor, keep = _pools(config, data_dir, ("image", "mask", "case_id"))
-  ids = None
+  ids = fingerprint = None
   if keep is not None:
+    fingerprint = data_fingerprint(config, data_dir, tumor, keep)
     ids = [tumor["case_id"][i] for i in keep]
     tumor = {k: tumor[k][keep] for k in ("image", "mask")}
-  return dp.make_sampler(config, healthy, tumor, ids)
+  sampler = dp.make_sampler(config, healthy, tumor, ids)
+  sampler.data_fingerprint = fingerprint  # read by diffusion.train.
+  return sampler
+
+
+def refuse_an_unread_data_dir(config, data_dir: str | None) -> None:
+  """A binary's --data_dir with config.train.reader=synthetic, which reads none.
+
+  The synthetic reader draws random batches of the right shapes; without
+  this, a user's slices would be silently ignored (configs/tiny.py sets it).
+  """
+  if data_dir and config.train.reader == "synthetic":
+    raise errors.ConfigError(
+        f"--data_dir={data_dir}: config.train.reader=synthetic reads no data "
+        "(random batches of the right shapes); pass --config.train.reader=grain "
+        "(or tf) to train on these slices, or leave --data_dir out")
 
 
 def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
@@ -151,14 +197,18 @@ def make_sampler(config, data_dir: str | None) -> batches.MixedSampler:
   if "dp" in config and config.dp.enabled:
     return make_dp_sampler(config, data_dir)
   healthy, tumor, keep = _pools(config, data_dir)
+  fingerprint = None
   if keep is not None:  # each process keeps its share of the n_shot subset.
+    fingerprint = data_fingerprint(config, data_dir, tumor, keep)
     keep = np.array_split(keep, jax.process_count())[jax.process_index()]
     tumor = {k: v[keep] for k, v in tumor.items()}
   if t.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={t.batch_size} not divisible by "
                      f"{jax.process_count()} processes")
-  return batches.MixedSampler(healthy, tumor, t.batch_size // jax.process_count(),
-                              t.p_healthy, t.sampler_seed, jax.process_index())
+  sampler = batches.MixedSampler(healthy, tumor, t.batch_size // jax.process_count(),
+                                 t.p_healthy, t.sampler_seed, jax.process_index())
+  sampler.data_fingerprint = fingerprint  # read by diffusion.train.
+  return sampler
 
 
 # --- Federated clients -------------------------------------------------------------

@@ -50,9 +50,10 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from launch import train_data  # pylint: disable=g-import-not-at-top
+  train_data.refuse_an_unread_data_dir(flags.FLAGS.config, _DATA_DIR.value)
   import jax  # pylint: disable=g-import-not-at-top
   from dfgm_jax.train import federated  # pylint: disable=g-import-not-at-top
-  from launch import train_data  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   logging.info("%d local devices (%s)", jax.local_device_count(),
                jax.devices()[0].platform)

@@ -415,6 +415,24 @@ def test_runs_without_their_inputs_are_skipped_and_listed(evaluated, monkeypatch
       "dice_per_run.png", "training_curves.png"]
 
 
+def test_a_set_the_user_named_that_is_missing_is_an_error_not_a_skip(tmp_path):
+  from launch import pipeline  # pylint: disable=g-import-not-at-top
+  config, workdir = _config(), str(tmp_path / "w")
+  config.evaluation.baselines = ("cutpaste",)
+  # Missing defaults: their runs are skipped (None), as before.
+  _, synthetic = pipeline.evaluation_sets(workdir, config)
+  assert synthetic == {runs.DFGM: None, "cutpaste": None}
+  typo = str(tmp_path / "synthetc")
+  for kwargs, flag, path in (
+      ({"synthetic_dir": typo}, "--synthetic_dir", typo),
+      ({"local_dir": typo}, "--local_dir", typo),
+      ({"modes": ["cutpaste"]}, "--baselines", os.path.join(workdir, "baselines")),
+      ({"data_dir": typo}, "--data_dir", typo)):
+    with pytest.raises(errors.UserError) as e:
+      pipeline.evaluation_sets(workdir, config, **kwargs)
+    assert str(e.value).startswith(f"{flag}: ") and path in str(e.value), str(e.value)
+
+
 def test_a_figure_that_fails_is_listed_not_raised(evaluated, monkeypatch):
   config, workdir, real, synthetic, _ = evaluated
   monkeypatch.setattr(segmentation, "train", lambda *a, **k: pytest.fail("trained"))

@@ -215,6 +215,27 @@ def test_unknown_center_and_mode_are_refused(institute, tmp_path):
     local.synthesis_mode("paint")
 
 
+def test_private_slices_as_the_tumor_set_are_refused_as_no_synthetic_set(tmp_path):
+  # Two manifests only: the refusal comes before any slice or model is read.
+  def slice_set(name, splits):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"image_size": 32, "splits": {s: {"num_slices": 3} for s in splits}}))
+    return slice_sets.SliceData(str(folder))
+
+  own = slice_set("own_slices", ["healthy"])
+  private = slice_set("private_slices", ["CBICA_train", "CBICA_test", "healthy"])
+  with pytest.raises(errors.UserError) as e:
+    local.run(_config(), str(tmp_path / "w2"), own, private,
+              model_dir=str(tmp_path / "g2_model"))
+  assert str(e.value).startswith(
+      f"{private.data_dir}: holds no public synthetic set (no <center>_synthetic "
+      "split; its splits: ['CBICA_test', 'CBICA_train', 'healthy'])")
+  assert "train.center" not in str(e.value)
+  assert not (tmp_path / "w2").exists()
+
+
 @pytest.mark.slow
 def test_binaries_train_g2_then_synthesize_locally(preprocessed_2020, tmp_path):
   """launch.train_g2 then launch.synthesize_local, each its own process."""

@@ -49,8 +49,16 @@ def test_model_error_is_a_user_error():
 
 def test_existing_export_is_not_overwritten_silently(exported):
   config, params, out = exported
-  with pytest.raises(model_io.ModelError, match="exists"):
-    model_io.export(params, config, 8, out)
+  with pytest.raises(model_io.ModelError, match="holds another export") as e:
+    model_io.export(params, config, 8, out)  # another step.
+  assert str(e.value).endswith("pass --overwrite to replace it")
+  other = jax.tree.map(lambda x: x + 1, params)
+  with pytest.raises(model_io.ModelError, match="holds another export"):
+    model_io.export(other, config, 7, out)  # other weights.
+  # The same export again (a pasted command rerun): reused, nothing rewritten.
+  mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+  assert model_io.export(params, config, 7, out) == out
+  assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == mtimes
 
 
 def test_wrong_format_missing_leaf_and_wrong_shape_are_refused(exported, tmp_path):

@@ -100,6 +100,28 @@ def test_finished_output_is_reused_and_other_config_refused(preprocessed_2020,
   assert "config.image_size: 32 -> 16" in str(e.value)  # says what differs.
 
 
+def test_a_moved_or_copied_input_and_output_are_reused(preprocessed_2020, phantom_2020,
+                                                        tiny_data_cfg, tmp_path):
+  """The identity is the input's files and the config, not the folders' paths."""
+  out, manifest = preprocessed_2020
+  phantom_root = os.path.dirname(os.path.normpath(phantom_2020.data_dir))
+  shutil.copytree(phantom_root, tmp_path / "phantom")  # times kept, as mv and cp -a.
+  shutil.copytree(out, tmp_path / "slices")
+  data_dir = os.path.join(tmp_path / "phantom",
+                          os.path.relpath(phantom_2020.data_dir, phantom_root))
+  calls = []
+  again = preprocess.run(data_dir, str(tmp_path / "slices"), tiny_data_cfg,
+                         progress=False, on_case_done=lambda *a: calls.append(a))
+  assert again == manifest and calls == []
+  # A manifest written when the identity held the input's path is reused too.
+  legacy = json.loads((tmp_path / "slices" / "manifest.json").read_text())
+  legacy["identity"]["brats_dir"] = phantom_2020.data_dir
+  legacy["fingerprint"] = "0" * 16
+  (tmp_path / "slices" / "manifest.json").write_text(json.dumps(legacy))
+  assert preprocess.run(data_dir, str(tmp_path / "slices"), tiny_data_cfg,
+                        progress=False)["fingerprint"] == "0" * 16
+
+
 @pytest.mark.parametrize("field,value,says", [
     ("image_size", 0, "config.data.image_size=0: must be a positive integer"),
     ("image_size", 12.5, "config.data.image_size=12.5: must be a positive integer"),

@@ -138,8 +138,10 @@ def test_synthetic_set_outputs_reuse_and_refusal(workdir):
   again = _audit(workdir, out_dir)
   assert again["reused"] and again["summary"] == saved["summary"]
   assert {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in mtimes} == mtimes
-  with pytest.raises(errors.RunMismatch, match="settings.carlini_n"):
+  with pytest.raises(errors.RunMismatch, match="settings.carlini_n") as refused:
     _audit(workdir, out_dir, carlini_n=10)
+  # The remedy names the audit's own flags: its output folder is --out.
+  assert str(refused.value).endswith("or use another --out.")
   with pytest.raises(errors.RunMismatch, match="candidate_split"):
     _audit(workdir, out_dir, f"{workdir}/slices:{CENTER}_train")
 

@@ -139,6 +139,22 @@ def _shared_files(workdir):
   return {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
 
 
+def test_a_copied_workdir_reuses_its_set_and_names_its_own_folders(trained, tmp_path):
+  data_dir, _, _, export, reference, result = trained
+  copied = {name: str(tmp_path / name) for name in ("w", "slices", "model")}
+  shutil.copytree(reference, copied["w"])
+  shutil.copytree(data_dir, copied["slices"])
+  shutil.copytree(export, copied["model"])
+  again = _run(copied["w"], copied["model"], copied["slices"])
+  assert again["reused"] and again["synthetic_total"] == result["synthetic_total"]
+  assert again["paths"] == {k: v.replace(str(reference), copied["w"])
+                            for k, v in result["paths"].items()}
+  # The record names them relative to the workdir, which may move again.
+  record = json.load(open(os.path.join(copied["w"], "private", "synthesis",
+                                       "record.json")))
+  assert not any(os.path.isabs(p) for p in record["paths"].values())
+
+
 def test_shared_folder_does_not_reveal_the_patients(trained):
   data_dir, _, _, _, reference, _ = trained
   files = _shared_files(reference)

@@ -182,3 +182,52 @@ def test_binary_refuses_another_run_in_one_line(tmp_path):
   assert "--overwrite" in r.stderr
   assert (tmp_path / loop.RUN_RECORD).read_text() == record
   assert os.listdir(tmp_path / "checkpoints") == ["10"]
+
+
+def test_a_finished_run_continued_on_other_slices_is_refused(preprocessed_2020, tmp_path):
+  """run.json holds what G1 learnt from; other slices are another run."""
+  from configs import tiny
+  from dfgm_jax import errors
+  from dfgm_jax.train import diffusion
+  from dfgm_jax.train import loop
+  from launch import train_data
+  data_dir, manifest = preprocessed_2020
+  config = tiny.get_config()
+  config.train.reader, config.train.center = "grain", "TCIA"
+  sampler = train_data.make_sampler(config, data_dir)
+  from dfgm_jax.train import batches
+  n = manifest["splits"]["TCIA_train"]["num_slices"]
+  keep = batches.select_n_shot(n, config.train.n_shot, config.train.sampler_seed)
+  fingerprint = sampler.data_fingerprint
+  assert fingerprint["private"].startswith(f"TCIA_train: {len(keep)} of {n} slices, "
+                                           "sha256 ")
+  healthy = manifest["splits"]["healthy"]
+  assert fingerprint["public"] == (f"healthy: {healthy['num_slices']} slices of "
+                                   f"{healthy['num_cases']} cases")
+  # A run of these slices that saved a step.
+  identity = diffusion.run_identity(json.loads(config.to_json_best_effort()))
+  loop.claim_workdir(str(tmp_path), {**identity, diffusion.TRAINING_DATA: fingerprint},
+                     identity_fn=diffusion.run_identity, what="a diffusion training run")
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  record = (tmp_path / loop.RUN_RECORD).read_text()
+  # Continued on other slices (one private pixel differs): refused before training.
+  tumor = train_data.load_split(data_dir, "TCIA_train", "grain", shard=False)
+  tumor["image"] = tumor["image"].copy()
+  tumor["image"][:, 0, 0, 0] += 0.5
+  sampler.data_fingerprint = train_data.data_fingerprint(config, data_dir, tumor, keep)
+  config.train.num_steps *= 2  # a longer run of the same config would continue.
+  with pytest.raises(errors.RunMismatch) as e:
+    diffusion.train(config, str(tmp_path), sampler.batch, progress=False)
+  assert "training_data.private: 'TCIA_train: " in str(e.value)
+  assert (tmp_path / loop.RUN_RECORD).read_text() == record
+  assert os.listdir(tmp_path / "checkpoints") == ["10"]
+  # A run recorded before the data was (no training_data) is not refused.
+  old = tmp_path / "old"
+  loop.claim_workdir(str(old), identity, identity_fn=diffusion.run_identity,
+                     what="a diffusion training run")
+  (old / "checkpoints" / "10").mkdir(parents=True)
+  loop.claim_workdir(str(old), {**identity, diffusion.TRAINING_DATA: fingerprint},
+                     identity_fn=diffusion.run_identity, what="a diffusion training run",
+                     recorded_since=(diffusion.TRAINING_DATA,))
+  assert json.loads((old / loop.RUN_RECORD).read_text())["identity"][
+      diffusion.TRAINING_DATA] == fingerprint

@@ -61,6 +61,33 @@ def test_a_bad_config_ends_in_one_line_naming_field_and_value(flags, says, tmp_p
   assert not out.exists()  # refused before any I/O.
 
 
+@pytest.mark.parametrize("binary,flags,says", [
+    ("launch.synthesize_local", ["--mode=magic"],
+     "error: flag --mode=magic: value should be one of <harmonise|generate>"),
+    ("launch.preprocess", ["--brats_dir=b", "--out_dir=o", "--config.train.batch_size=abc"],
+     "error: flag --config.train.batch_size=abc: invalid literal for int()"),
+    ("launch.evaluate", ["--workdir=w", "--no_such_flag=1"],
+     "error: Unknown command line flag 'no_such_flag'"),
+])
+def test_a_flag_absl_cannot_parse_ends_in_one_line(binary, flags, says, tmp_path):
+  r = _run([binary, *flags], cwd=tmp_path)
+  line = _one_error_line(r)
+  assert line.startswith(says) and line.endswith("(--helpshort lists the flags)")
+  assert "FATAL" not in r.stderr
+
+
+@pytest.mark.parametrize("binary", ["launch.train_diffusion", "launch.train_federated"])
+def test_a_data_dir_the_synthetic_reader_would_ignore_is_refused(binary, tmp_path):
+  slices, workdir = tmp_path / "slices", tmp_path / "g1"
+  r = _run([binary, "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--data_dir={slices}"], cwd=ROOT)
+  assert _one_error_line(r) == (
+      f"error: --data_dir={slices}: config.train.reader=synthetic reads no data "
+      "(random batches of the right shapes); pass --config.train.reader=grain "
+      "(or tf) to train on these slices, or leave --data_dir out")
+  assert not workdir.exists()  # refused before training.
+
+
 def test_a_read_only_output_folder_ends_in_one_line(tmp_path):
   # chmod does not stop root, so as root the binary runs as `nobody`, in a
   # folder nobody can reach.

@@ -91,6 +91,26 @@ def test_affine_mismatch_names_the_file(tmp_path):
   with pytest.raises(brats.BratsDataError, match="affine differs") as e:
     volumes.load_case(case, T2)
   assert e.value.path == case.files["flair"]
+  # One line with the largest difference, not two 4x4 matrices.
+  assert "\n" not in str(e.value)
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  most = np.abs(nib.load(case.files["flair"]).affine
+                - nib.load(case.files["t1"]).affine).max()
+  assert f"(by up to {most:.4g} at [" in str(e.value)
+  assert str(e.value).endswith(f"; tolerance {volumes.AFFINE_ATOL})")
+
+
+def test_a_header_only_nifti_is_one_line(tmp_path):
+  case = _case(tmp_path)
+  path = case.files["flair"]
+  with open(path, "rb") as f:  # keep only the 352-byte header.
+    header = (gzip.decompress(f.read()) if path.endswith(".gz") else f.read())[:352]
+  with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+    f.write(header)
+  with pytest.raises(brats.BratsDataError, match="truncated or corrupt voxel data") as e:
+    volumes.load_case(case, T2)
+  assert e.value.path == path and "\n" not in str(e.value)
+  assert "could the file be damaged?" in str(e.value)  # nibabel's text, kept.
 
 
 def test_label_3_in_a_2020_case_is_rejected(tmp_path):

@@ -1030,8 +1030,10 @@ def run(config, inputs: Inputs, out_dir: str, *, settings: Settings | None = Non
       ("privacy.json", PRIVACY_JSON), ("privacy.md", PRIVACY_MD),
       ("summary.json (SHAREABLE)", SUMMARY_JSON))}
   record_path = os.path.join(out_dir, RECORD)
-  record = stage_io.check_done(record_path, identity, what="a privacy audit",
-                               overwrite=overwrite)
+  # The audit's output folder is its own flag (--out), not the workdir.
+  record = stage_io.check_done(
+      record_path, identity, what="a privacy audit", overwrite=overwrite,
+      remedy="Pass --overwrite to replace it, or use another --out.")
   if record is not None and all(os.path.exists(p) for p in paths.values()):
     progress(f"privacy audit: {out_dir} is done for these inputs; reusing it")
     if os.path.exists(os.path.join(out_dir, FIGURE)):

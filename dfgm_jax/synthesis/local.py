@@ -221,6 +221,13 @@ def run(config, workdir: str, healthy, tumors, *, model_dir: str, mode: str = "h
   from dfgm_jax.synthesis import stage  # pylint: disable=g-import-not-at-top
   data = LocalSlices(healthy, tumors, healthy_split)
   known = data.centers()
+  if not known:  # e.g. a preprocessing output: private slices, no synthetic set.
+    splits = sorted(tumors.manifest.get("splits", {}))
+    raise errors.UserError(
+        f"{tumors.data_dir}: holds no public synthetic set (no "
+        f"<center>{SYNTHETIC_SUFFIX} split; its splits: {splits}); the tumors "
+        "come from a published set, launch.synthesize's W/synthetic, never "
+        "from private slices")
   centers = list(centers or known)
   missing = sorted(set(centers) - set(known))
   if missing:

@@ -102,6 +102,19 @@ def layout(workdir: str, baseline: str | None = None, shareable: bool = True) ->
           "staging": os.path.join(state, "staging")}
 
 
+FIGURE_KEY = "figure (private)"
+
+
+def _artifacts(paths: dict, figure_name: str | None) -> dict:
+  """What a finished set's stage made, under the layout's (current) folders."""
+  out = {"synthetic set": paths["shared"],
+         "summary": os.path.join(paths["shared"], "summary.json"),
+         "private state": paths["private"]}
+  if figure_name and paths["figures"]:
+    out[FIGURE_KEY] = os.path.join(paths["figures"], figure_name)
+  return out
+
+
 def synthetic_dir(workdir: str) -> str:
   """W's synthetic set: W/synthetic, else W/private/synthetic when only that
   one is finished (made on private-patient backgrounds), else W/synthetic."""
@@ -280,8 +293,12 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
   finished, record = _status(paths, identity, overwrite)
   if finished:
     logging.info("%s is complete for this model and config; reusing it", paths["shared"])
-    return {**record.get("summary", {}), "paths": record.get("paths", {}), "reused": True,
-            "stopped": False, "batches": {}}
+    # Where the set is now: a moved or copied workdir names its own folders,
+    # not those of the workdir the set was made in.
+    figure = record.get("paths", {}).get(FIGURE_KEY)
+    return {**record.get("summary", {}), "reused": True, "stopped": False,
+            "paths": _artifacts(paths, figure and os.path.basename(figure)),
+            "batches": {}}
   if main:
     for d in (paths["shared"], paths["figures"], paths["state"]):
       if d:
@@ -391,12 +408,10 @@ def run(config, workdir: str, data, *, model_dir: str | None = None,
                   "num_cases": _num_cases(r, tumors_by_center[c], settings.salt)}
                          for c, r in results.items()}}
   stage_io.write_json(os.path.join(paths["shared"], "manifest.json"), manifest)
-  out_paths = {"synthetic set": paths["shared"],
-               "summary": os.path.join(paths["shared"], "summary.json"),
-               "private state": paths["private"]}
-  if figure:
-    out_paths["figure (private)"] = figure
-  stage_io.mark_done(paths["record"], identity, summary=summary, paths=out_paths,
+  out_paths = _artifacts(paths, figure and os.path.basename(figure))
+  # The record names them relative to the workdir (it may be moved).
+  stage_io.mark_done(paths["record"], identity, summary=summary,
+                     paths={k: os.path.relpath(v, workdir) for k, v in out_paths.items()},
                      model={"folder": os.path.basename(os.path.normpath(model_dir or ""))
                             or None, "sha256": model.model_id})
   shutil.rmtree(staging, ignore_errors=True)

@@ -224,6 +224,10 @@ _FREE_FIELDS = {
 }
 
 
+# The identity's record of the training data, when the sampler gives one.
+TRAINING_DATA = "training_data"
+
+
 def run_identity(config: dict) -> dict:
   """The defining fields of a config (as JSON, e.g. a checkpoint's meta)."""
   identity = loop.identity_of(config, _RUN_SECTIONS, _FREE_FIELDS)
@@ -326,8 +330,15 @@ def train(config, workdir: str, batch_fn: Callable[[int], dict], *,
                  config.dp.accountant)
   mesh = mesh or parallel.make_mesh()
   config_json = json.loads(config.to_json_best_effort())
-  loop.claim_workdir(workdir, run_identity(config_json), identity_fn=run_identity,
-                     what="a diffusion training run", overwrite=overwrite)
+  identity = run_identity(config_json)
+  # What the batches are drawn from (launch/train_data.py's samplers say it):
+  # a finished run continued on other slices is another run.
+  data = getattr(getattr(batch_fn, "__self__", None), "data_fingerprint", None)
+  if data is not None:
+    identity[TRAINING_DATA] = data
+  loop.claim_workdir(workdir, identity, identity_fn=run_identity,
+                     what="a diffusion training run", overwrite=overwrite,
+                     recorded_since=(TRAINING_DATA,))
   graphdef, rest, state = init_state(config)
   state = jax.device_put(state, parallel.replicated(mesh))
   checkpointer = loop.make_checkpointer(workdir, t)

@@ -131,7 +131,8 @@ def claim_workdir(workdir: str, identity: dict, *,
                   overwrite: bool = False,
                   remedy: str = ("Pass --overwrite to delete that run's "
                                  "checkpoints, metrics and TensorBoard events, "
-                                 "or use another --workdir.")) -> None:
+                                 "or use another --workdir."),
+                  recorded_since: tuple[str, ...] = ()) -> None:
   """Makes `workdir` this run's: refuses another run's, records this one.
 
   Compares `identity` with the run record (or, for an older workdir, the
@@ -140,7 +141,9 @@ def claim_workdir(workdir: str, identity: dict, *,
   saved no checkpoint has nothing to resume or lose (e.g. it ran out of
   memory while compiling), so this run takes its place. With `overwrite`,
   the old run's outputs (RUN_OUTPUTS) are deleted first. Runs on every
-  process (all read the same record); process 0 writes.
+  process (all read the same record); process 0 writes. The top-level
+  fields of `recorded_since` are compared only when the stored record has
+  them (a run recorded before they existed resumes, and is recorded anew).
 
   Raises:
     errors.RunMismatch: the workdir holds another run, naming what differs.
@@ -161,7 +164,9 @@ def claim_workdir(workdir: str, identity: dict, *,
     parallel.barrier("dfgm_claim_overwrite")
   else:
     stored, source = _stored_identity(wd, identity_fn)
-    diffs = (stage_io.differences(stored, stage_io.normalise(identity))
+    compared = {k: v for k, v in identity.items()
+                if k not in recorded_since or (stored and k in stored)}
+    diffs = (stage_io.differences(stored, stage_io.normalise(compared))
              if stored is not None else [])
     if diffs and _has_checkpoints(wd):
       raise errors.RunMismatch(stage_io.mismatch_message(
