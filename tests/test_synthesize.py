@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import portpicker
 import pytest
 
 from data_pipeline import input_pipeline
@@ -289,7 +290,6 @@ def test_stopped_synthesis_resumes_at_the_next_batch(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ci_slow
 def test_two_processes_of_two_devices_match_one_device(trained, tmp_path):
-  portpicker = pytest.importorskip("portpicker")
   data_dir, _, _, export, reference, _ = trained
   _share_salt(reference, tmp_path)
 

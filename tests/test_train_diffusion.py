@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import numpy as np
+import portpicker
 import pytest
 
 from tests.conftest import ROOT, train_tiny
@@ -76,7 +77,6 @@ def test_one_and_eight_devices_agree(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ci_slow
 def test_two_processes_match_one(tmp_path):
-  portpicker = pytest.importorskip("portpicker")
   port = portpicker.pick_unused_port()
   single = _run_worker(tmp_path, "single")
   procs = []
