@@ -3,7 +3,7 @@
 The tiny CPU network on full-size phantom volumes (32 cases) and 64 x 64
 slices: G1 trained federated over CBICA and TCIA for a few hundred steps, a
 short blended DDIM synthesis, the baselines, G2 and TCIA's local synthesis,
-the segmentation runs, the privacy audit and the report (about 30 minutes on
+the segmentation runs, the privacy audit and the report (about 25 minutes on
 a 2-core CPU).
 It stands on its own (tests/test_configs.py compares it with a frozen copy,
 tests/data/demo_config.json), so changing the test config never changes the
