@@ -35,6 +35,7 @@ from dfgm_jax.train import federated
 from dfgm_jax.train import loop
 from launch import train_data
 from launch.flower_app import client_app
+from launch.flower_app import runner
 from launch.flower_app import secure
 from launch.flower_app import server_app
 from launch.flower_app import settings
@@ -394,18 +395,6 @@ class _Processes:
       log.close()
 
 
-def _free_ports(n):
-  """n ports free now (bound together, so distinct; released for the servers)."""
-  sockets = [socket.socket() for _ in range(n)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 def _wait_for_port(port, proc, timeout=60):
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
@@ -448,7 +437,7 @@ def _flower_run(tmp_path, data_dir, *, stop_after_round=None, log_dir=None,
   os.makedirs(log_dir, exist_ok=True)
   procs = _Processes(log_dir)
   cache = str(tmp_path / "xla_cache")
-  link_port, *node_ports = _free_ports(3)
+  link_port, *node_ports = runner.free_ports(3)
   workdir = str(tmp_path / "server")
   states = {c: str(tmp_path / f"site_{c}") for c in ("CBICA", "TCIA")}
   try:
