@@ -72,6 +72,19 @@ def test_bank_cache_is_reused(tmp_path):
   assert not np.all(c.features == 7)  # another bank: recomputed.
 
 
+def test_the_bank_cache_is_keyed_on_the_seed_only_where_features_depend_on_it():
+  keys = ["k0", "k1"]
+  # The seeded random VGG trunk: another seed, other features, another key.
+  assert (pipeline.bank_fingerprint(keys, "vgg16_random", 0)
+          != pipeline.bank_fingerprint(keys, "vgg16_random", 1))
+  # ImageNet weights and pixels do not depend on it: the cache stays valid.
+  for backend in ("vgg16_imagenet", "pixels"):
+    assert (pipeline.bank_fingerprint(keys, backend, 0)
+            == pipeline.bank_fingerprint(keys, backend, 1))
+  assert (pipeline.bank_fingerprint(keys, "pixels", 0)
+          != pipeline.bank_fingerprint(keys[::-1], "pixels", 0))
+
+
 def test_center_without_valid_matches_gives_an_empty_set():
   bank, tumors = _data()
   settings = pipeline.SynthesisSettings(

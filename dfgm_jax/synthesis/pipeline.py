@@ -76,6 +76,15 @@ class MemoryBank:
   backend: str
 
 
+def bank_fingerprint(keys, backend: str, seed: int) -> str:
+  """What a cached bank's features depend on: the slices (by key), the
+  backend and, for the seeded random VGG trunk only, the seed."""
+  text = "|".join(keys) + backend
+  if backend == "vgg16_random":
+    text += f"|seed={int(seed)}"
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def build_bank(images, brain, case_ids, keys, backend: str, seed: int = 0,
                cache_path: str | None = None, compute_features: bool = True
                ) -> MemoryBank:
@@ -87,7 +96,7 @@ def build_bank(images, brain, case_ids, keys, backend: str, seed: int = 0,
   patients = np.array([patient_code(c) for c in case_ids], np.int32)
   if not compute_features:
     return MemoryBank(images, brain, patients, list(keys), None, backend)
-  fingerprint = hashlib.sha256(("|".join(keys) + backend).encode()).hexdigest()[:16]
+  fingerprint = bank_fingerprint(keys, backend, seed)
   if cache_path and os.path.exists(cache_path):
     with np.load(cache_path) as f:
       if str(f["fingerprint"]) == fingerprint:
