@@ -147,9 +147,11 @@ def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict
   bank_features = jnp.asarray(bank.features)
   bank_brain = jnp.asarray(bank.brain)
   bank_patients = jnp.asarray(bank.patients)
-  match_fn = jax.jit(lambda fp, img, t, d, q: matching.match(
-      settings.match, feat_fn(fp, img).astype(jnp.float16), t, d, q,
-      bank_features, bank_brain, bank_patients))
+  # The bank goes in as arguments, not closed over: as constants XLA would
+  # fold them at every compile, and each bank would be a program of its own
+  # (no reuse through the compilation cache).
+  match_fn = jax.jit(lambda fp, img, t, d, q, bf, bb, bp: matching.match(
+      settings.match, feat_fn(fp, img).astype(jnp.float16), t, d, q, bf, bb, bp))
   rows = []
   n = len(tumors["image"])
   for lo in range(0, n, settings.batch_size):
@@ -157,7 +159,8 @@ def plan_pairs(settings: SynthesisSettings, bank: MemoryBank, tumors: dict
     t = jnp.asarray(tumors["mask"][sl], jnp.float32)
     codes = jnp.asarray([patient_code(c) for c in tumors["case_id"][sl]], jnp.int32)
     idx, _, valid = match_fn(feat_params, jnp.asarray(tumors["image"][sl]), t,
-                             masks.dilate(t, settings.r_out), codes)
+                             masks.dilate(t, settings.r_out), codes,
+                             bank_features, bank_brain, bank_patients)
     idx, valid = np.asarray(idx), np.asarray(valid)
     for qi in range(idx.shape[0]):
       for rank in range(idx.shape[1]):
