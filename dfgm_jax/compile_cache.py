@@ -3,11 +3,11 @@
 A pipeline compiles the same program many times: every segmentation run and
 seed of the evaluation trains one network shape (only the data and the
 initial values differ, and those are arguments, not part of the program),
-the samplers of G1, the baseline model and G2 share one UNet, and a rerun of
-a finished workdir recompiles what it reloads. JAX's persistent compilation
-cache keys a compiled program on its HLO and the backend, so each of these
-compiles once per workdir; later ones are loaded from disk. Results are
-unchanged: a hit returns the executable the same HLO compiled to.
+and a rerun of a finished workdir recompiles what it reloads. JAX's
+persistent compilation cache keys a compiled program on its HLO and the
+backend, so such a program compiles once per workdir and later ones are
+loaded from disk (any stage whose programs match gains the same way).
+Results are unchanged: a hit returns the executable the same HLO compiled to.
 
 The user's own setting wins: with JAX_COMPILATION_CACHE_DIR set (or the
 jax_compilation_cache_dir option already set) nothing is changed. A bucket

@@ -11,7 +11,6 @@ import glob
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import time
 
 import jax
 import numpy as np
-import psutil
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters
@@ -371,25 +369,7 @@ class _Processes:
     return "\n".join(text)
 
   def stop(self):
-    tree = []
-    for _, proc, _ in self.started:
-      try:
-        tree += [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(
-            recursive=True)
-      except psutil.NoSuchProcess:
-        pass
-    for p in tree:
-      try:
-        p.send_signal(signal.SIGTERM)
-      except psutil.NoSuchProcess:
-        pass
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for p in alive:
-      try:
-        p.kill()
-      except psutil.NoSuchProcess:
-        pass
-    psutil.wait_procs(alive, timeout=5)
+    runner.stop_process_trees([proc.pid for _, proc, _ in self.started], grace_s=10)
     for _, proc, log in self.started:
       proc.wait(timeout=5)
       log.close()

@@ -216,6 +216,31 @@ def run_and_follow(app: str, superlink: str, run_config: list[str], env: dict, *
 # --- A deployment on this machine ---------------------------------------------------
 
 
+def stop_process_trees(pids, grace_s: float = 15.0) -> None:
+  """SIGTERM to each process and every process below it, SIGKILL to those
+  still alive after grace_s; processes already gone are skipped."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  tree = []
+  for pid in pids:
+    try:
+      parent = psutil.Process(pid)
+      tree += [parent] + parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+      pass
+  for p in tree:
+    try:
+      p.terminate()
+    except psutil.NoSuchProcess:
+      pass
+  _, alive = psutil.wait_procs(tree, timeout=grace_s)
+  for p in alive:
+    try:
+      p.kill()
+    except psutil.NoSuchProcess:
+      pass
+  psutil.wait_procs(alive, timeout=5)
+
+
 def free_ports(n: int) -> list[int]:
   """n distinct ports free now on 127.0.0.1."""
   sockets = [socket.socket() for _ in range(n)]
@@ -318,26 +343,7 @@ class LocalDeployment:
     """SIGTERM to every started process and every process below it (the
     SuperLink's and SuperNodes' SuperExec and app processes, some in
     sessions of their own), then SIGKILL to what is left."""
-    import psutil  # pylint: disable=g-import-not-at-top
-    tree = []
-    for _, proc in self.procs:
-      try:
-        parent = psutil.Process(proc.pid)
-        tree += [parent] + parent.children(recursive=True)
-      except psutil.NoSuchProcess:
-        pass
-    for p in tree:
-      try:
-        p.terminate()
-      except psutil.NoSuchProcess:
-        pass
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
-      try:
-        p.kill()
-      except psutil.NoSuchProcess:
-        pass
-    psutil.wait_procs(alive, timeout=5)
+    stop_process_trees([proc.pid for _, proc in self.procs], grace_s)
     for _, proc in self.procs:
       proc.wait(timeout=5)  # reaped.
     self.procs = []
